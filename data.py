@@ -1,0 +1,131 @@
+"""
+The eight GLUE tasks: read from the hub through `datasets`, or from a folder in the official GLUE TSV layout
+(--data_dir, as written by GLUE's download_glue_data.py), tokenized once, then batched with dynamic padding.
+Labels follow the HF `glue` configs (e.g. RTE/QNLI: entailment = 0). The GLUE dev split is the reported "test".
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Task:
+    name: str           # HF glue config name
+    folder: str         # GLUE TSV folder
+    text: tuple         # HF column names of the one or two sentences
+    tsv_text: tuple     # TSV column names (CoLA, headerless: column indices)
+    tsv_label: object   # TSV label column
+    labels: tuple       # TSV label strings in HF label order; () = regression
+    dev: str = "dev.tsv"
+    max_len: int = 128  # SPEC §1.4
+
+    @property
+    def num_labels(self):
+        return len(self.labels) or 1
+
+
+TASKS = {
+    "cola": Task("cola", "CoLA", ("sentence",), (3,), 1, ("0", "1")),
+    "sst2": Task("sst2", "SST-2", ("sentence",), ("sentence",), "label", ("0", "1")),
+    "mrpc": Task("mrpc", "MRPC", ("sentence1", "sentence2"), ("#1 String", "#2 String"), "Quality", ("0", "1")),
+    "stsb": Task("stsb", "STS-B", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "score", ()),
+    "qqp": Task("qqp", "QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate", ("0", "1")),
+    "mnli": Task("mnli", "MNLI", ("premise", "hypothesis"), ("sentence1", "sentence2"), "gold_label",
+                 ("entailment", "neutral", "contradiction"), dev="dev_matched.tsv"),
+    "qnli": Task("qnli", "QNLI", ("question", "sentence"), ("question", "sentence"), "label",
+                 ("entailment", "not_entailment"), max_len=256),
+    "rte": Task("rte", "RTE", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label",
+                ("entailment", "not_entailment"), max_len=256),
+}
+
+
+def get_task(name):
+    if name not in TASKS:
+        raise SystemExit(f"error: unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def read_tsv(task, path):
+    """-> list of (texts, label) from one GLUE TSV file (no quoting: GLUE text holds stray quotes)."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path} not found; --data_dir must hold {task.folder}/train.tsv and "
+                         f"{task.folder}/{task.dev} in the GLUE layout")
+    with open(path, encoding="utf-8-sig") as f:  # MRPC's header starts with a byte-order mark
+        rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    if isinstance(task.tsv_label, int):  # CoLA: no header
+        cols, label_col, rows = task.tsv_text, task.tsv_label, rows
+    else:
+        header, rows = rows[0], rows[1:]
+        missing = [c for c in task.tsv_text + (task.tsv_label,) if c not in header]
+        if missing:
+            raise SystemExit(f"error: {path} has no column {missing[0]!r} (header: {', '.join(header)})")
+        cols, label_col = [header.index(c) for c in task.tsv_text], header.index(task.tsv_label)
+    out = []
+    for i, row in enumerate(rows):
+        raw = row[label_col] if label_col < len(row) else ""
+        if task.labels:
+            if raw not in task.labels:
+                raise SystemExit(f"error: {path} line {i + 2}: label {raw!r} is not one of {task.labels}")
+            label = task.labels.index(raw)
+        else:
+            try:
+                label = float(raw)
+            except ValueError:
+                raise SystemExit(f"error: {path} line {i + 2}: score {raw!r} is not a number") from None
+        out.append((tuple(row[c] for c in cols), label))
+    return out
+
+
+def read_hub(task, split):
+    """The HF `glue` dataset; offline, one clear line."""
+    import datasets
+    try:
+        ds = datasets.load_dataset("glue", task.name, split=split)
+    except Exception as e:
+        raise SystemExit(f"error: cannot load GLUE {task.name!r} from the hub ({type(e).__name__}); offline, "
+                         "pass --data_dir DIR holding the GLUE TSVs (e.g. ../shared/data/glue)") from None
+    return [(tuple(ex[c] for c in task.text), ex["label"]) for ex in ds]
+
+
+def load_split(task, split, data_dir=None):
+    """split: "train" or "dev"."""
+    if data_dir:
+        return read_tsv(task, os.path.join(data_dir, task.folder, "train.tsv" if split == "train" else task.dev))
+    hub = "train" if split == "train" else ("validation_matched" if task.name == "mnli" else "validation")
+    return read_hub(task, hub)
+
+
+def encode(tok, rows, max_len):
+    """-> list of dicts {input_ids, token_type_ids, label}."""
+    return [dict(zip(("input_ids", "token_type_ids"), tok.encode(*texts, max_len=max_len)), label=label)
+            for texts, label in rows]
+
+
+def collate(examples, pad_id, regression=False):
+    """Pad to the longest example of the batch (dynamic padding)."""
+    T = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    types = torch.zeros((len(examples), T), dtype=torch.long)
+    mask = torch.zeros((len(examples), T), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n], types[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["token_type_ids"]), 1
+    labels = torch.tensor([e["label"] for e in examples], dtype=torch.float if regression else torch.long)
+    return dict(input_ids=ids, token_type_ids=types, attention_mask=mask, labels=labels)
+
+
+def train_batches(examples, batch_size, pad_id, regression, rng):
+    """One epoch of shuffled batches (rng: a random.Random, so every epoch's order is seeded)."""
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    for i in range(0, len(order), batch_size):
+        yield collate([examples[j] for j in order[i:i + batch_size]], pad_id, regression)
+
+
+def eval_batches(examples, batch_size, pad_id, regression):
+    """Length-sorted batches (little padding) with each batch's original indices, to restore the order."""
+    order = sorted(range(len(examples)), key=lambda j: len(examples[j]["input_ids"]))
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        yield idx, collate([examples[j] for j in idx], pad_id, regression)

@@ -1,0 +1,287 @@
+"""
+One small transformer that loads three checkpoint families:
+- GPT-2: pre-LN, causal, fused q/k/v (`c_attn`), Conv1D layers that store the weight as (in, out), tied LM head.
+- RoBERTa: post-LN encoder, positions offset past the padding index, dense-tanh-out classification head.
+- BERT: post-LN encoder, token types, pooler (dense + tanh on [CLS]) then a linear classifier.
+Module names are our own and short; HF_NAMES below is the only place that knows the checkpoint names, used both
+to load weights (from_pretrained) and to write adapters under peft's key names (lora.py).
+This file knows no adapter: lora.py wraps its Linear/Conv1D layers from the outside.
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class Config:
+    family: str = "bert"         # "gpt2" | "roberta" | "bert": decides LN placement, masking, positions, head
+    vocab_size: int = 30522
+    n_positions: int = 512
+    n_types: int = 2             # token-type embeddings (BERT 2, RoBERTa 1, GPT-2 0)
+    d: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    d_ff: int = 3072
+    act: str = "gelu"            # "gelu" (erf, BERT/RoBERTa) or "gelu_new" (tanh approximation, GPT-2)
+    eps: float = 1e-12
+    dropout: float = 0.1
+    pad_id: int = 0              # RoBERTa: 1, and positions start at pad_id + 1
+    num_labels: int = 2          # 1 = regression (STS-B)
+
+
+class Conv1D(nn.Module):
+    """GPT-2's linear layer: y = x W + b with W stored as (in, out), the transpose of nn.Linear."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(in_features, out_features).normal_(std=0.02))  # (in, out)
+        self.bias = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight).view(*x.shape[:-1], -1)
+
+
+class Attention(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.causal = cfg.n_head, cfg.family == "gpt2"
+        if cfg.family == "gpt2":
+            self.c_attn = Conv1D(cfg.d, 3 * cfg.d)  # one fused (d, 3d) matrix; one adapter covers all of it
+            self.out = Conv1D(cfg.d, cfg.d)
+        else:
+            self.query, self.key, self.value = (nn.Linear(cfg.d, cfg.d) for _ in range(3))
+            self.out = nn.Linear(cfg.d, cfg.d)
+        self.p = cfg.dropout
+
+    def forward(self, x, mask):
+        B, T, C = x.size()
+        if hasattr(self, "c_attn"):
+            q, k, v = self.c_attn(x).split(C, dim=2)
+        else:
+            q, k, v = self.query(x), self.key(x), self.value(x)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        Lin = Conv1D if cfg.family == "gpt2" else nn.Linear
+        self.fc, self.proj = Lin(cfg.d, cfg.d_ff), Lin(cfg.d_ff, cfg.d)
+        self.approx = "tanh" if cfg.act == "gelu_new" else "none"
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x), approximate=self.approx))
+
+
+class Block(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.pre_ln = cfg.family == "gpt2"
+        self.ln_1, self.attn = nn.LayerNorm(cfg.d, eps=cfg.eps), Attention(cfg)
+        self.ln_2, self.mlp = nn.LayerNorm(cfg.d, eps=cfg.eps), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask):
+        if self.pre_ln:  # GPT-2
+            x = x + self.drop(self.attn(self.ln_1(x), mask))
+            return x + self.drop(self.mlp(self.ln_2(x)))
+        x = self.ln_1(x + self.drop(self.attn(x, mask)))  # BERT / RoBERTa
+        return self.ln_2(x + self.drop(self.mlp(x)))
+
+
+class Head(nn.Module):
+    """Task head, always trainable. RoBERTa: dense-tanh-out on <s>. BERT: pooler (dense-tanh on [CLS]) + linear.
+    GPT-2: `score` (no bias) on the last non-pad token."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.family, self.drop = cfg.family, nn.Dropout(cfg.dropout)
+        if cfg.family == "gpt2":
+            self.score = nn.Linear(cfg.d, cfg.num_labels, bias=False)
+        else:
+            self.dense = nn.Linear(cfg.d, cfg.d)  # RoBERTa classifier.dense, BERT pooler.dense
+            self.out_proj = nn.Linear(cfg.d, cfg.num_labels)
+
+    def forward(self, h, attention_mask):
+        if self.family == "gpt2":
+            last = attention_mask.size(1) - 1 - attention_mask.flip(1).long().argmax(1)  # last non-pad position
+            return self.score(h[torch.arange(h.size(0), device=h.device), last])
+        x = h[:, 0]
+        if self.family == "roberta":
+            x = self.drop(x)
+        x = self.drop(torch.tanh(self.dense(x)))
+        return self.out_proj(x)
+
+
+class Transformer(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d)
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.d)
+        self.wtt = nn.Embedding(cfg.n_types, cfg.d) if cfg.n_types else None
+        self.ln_emb = nn.LayerNorm(cfg.d, eps=cfg.eps) if cfg.family != "gpt2" else None  # post-LN families
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d, eps=cfg.eps) if cfg.family == "gpt2" else None
+        self.head = Head(cfg)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):  # HF's init (initializer_range 0.02), used for heads a checkpoint lacks
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None):
+        """Final hidden states (B, T, d): HF's last_hidden_state."""
+        cfg, (B, T) = self.cfg, input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        keep = attention_mask.bool()
+        if cfg.family == "roberta":  # positions count real tokens only, starting after the padding index
+            pos = (torch.cumsum(keep, 1) * keep).long() + cfg.pad_id
+        else:
+            pos = torch.arange(T, device=input_ids.device).expand(B, T)
+        x = self.wte(input_ids) + self.wpe(pos)  # (B, T, d)
+        if self.wtt is not None:
+            x = x + self.wtt(token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids))
+        if self.ln_emb is not None:
+            x = self.ln_emb(x)
+        x = self.drop(x)
+        mask = keep[:, None, None, :]  # (B, 1, 1, T): True = attend to this key
+        if cfg.family == "gpt2":
+            mask = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (B, 1, T, T)
+        for block in self.h:
+            x = block(x, mask)
+        return self.ln_f(x) if self.ln_f is not None else x
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        """Task logits (B, num_labels)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.head(self.encode(input_ids, attention_mask, token_type_ids), attention_mask)
+
+    def lm_logits(self, input_ids, attention_mask=None):
+        """GPT-2's tied LM head: (B, T, vocab)."""
+        return self.encode(input_ids, attention_mask) @ self.wte.weight.t()
+
+    def head_parameters(self):
+        return list(self.head.parameters())
+
+
+# -----------------------------------------------------------------------------
+# checkpoint names: ours -> HF's, per family. A block key is looked up without its "h.{i}." prefix.
+
+HF_NAMES = {
+    "bert": {
+        "wte": "embeddings.word_embeddings", "wpe": "embeddings.position_embeddings",
+        "wtt": "embeddings.token_type_embeddings", "ln_emb": "embeddings.LayerNorm", "h": "encoder.layer",
+        "attn.query": "attention.self.query", "attn.key": "attention.self.key", "attn.value": "attention.self.value",
+        "attn.out": "attention.output.dense", "ln_1": "attention.output.LayerNorm",
+        "mlp.fc": "intermediate.dense", "mlp.proj": "output.dense", "ln_2": "output.LayerNorm",
+        "head.dense": "pooler.dense", "head.out_proj": "classifier",
+    },
+    "gpt2": {
+        "wte": "wte", "wpe": "wpe", "h": "h", "ln_f": "ln_f", "attn.c_attn": "attn.c_attn", "attn.out": "attn.c_proj",
+        "ln_1": "ln_1", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj", "ln_2": "ln_2", "head.score": "score",
+    },
+}
+HF_NAMES["roberta"] = {**HF_NAMES["bert"], "head.dense": "classifier.dense", "head.out_proj": "classifier.out_proj"}
+HF_PREFIX = {"bert": "bert.", "roberta": "roberta.", "gpt2": "transformer."}  # the backbone's attribute in HF's
+HEAD_IN_BACKBONE = {"bert": ("head.dense",), "roberta": (), "gpt2": ()}  # BERT's pooler lives inside "bert."
+
+
+def hf_name(family, name):
+    """Our module/parameter name -> its name in HF's *ForSequenceClassification model, e.g.
+    h.3.attn.query.weight -> roberta.encoder.layer.3.attention.self.query.weight."""
+    table, prefix = HF_NAMES[family], HF_PREFIX[family]
+    if name.startswith("h."):
+        _, i, rest = name.split(".", 2)
+        module, _, leaf = rest.rpartition(".") if rest.endswith((".weight", ".bias")) else (rest, "", "")
+        local = table[module] + (("." + leaf) if leaf else "")
+        return f"{prefix}{table['h']}.{i}.{local}"
+    module, _, leaf = name.rpartition(".") if name.endswith((".weight", ".bias")) else (name, "", "")
+    local = table[module] + (("." + leaf) if leaf else "")
+    if module.startswith("head.") and module not in HEAD_IN_BACKBONE[family]:
+        return local
+    return prefix + local
+
+
+def config_from_hf(hf, num_labels):
+    family = hf["model_type"]
+    if family not in HF_NAMES:
+        raise ValueError(f"model_type {family!r} is not supported: nanoPEFT loads gpt2, roberta and bert checkpoints")
+    if family == "gpt2":
+        return Config(family, hf["vocab_size"], hf["n_positions"], 0, hf["n_embd"], hf["n_layer"], hf["n_head"],
+                      hf.get("n_inner") or 4 * hf["n_embd"], hf.get("activation_function", "gelu_new"),
+                      hf.get("layer_norm_epsilon", 1e-5), hf.get("resid_pdrop", 0.1),
+                      hf.get("pad_token_id") or hf.get("eos_token_id", 50256), num_labels)
+    return Config(family, hf["vocab_size"], hf["max_position_embeddings"], hf.get("type_vocab_size", 2),
+                  hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"], hf["intermediate_size"],
+                  hf.get("hidden_act", "gelu"), hf.get("layer_norm_eps", 1e-12), hf.get("hidden_dropout_prob", 0.1),
+                  hf.get("pad_token_id", 0), num_labels)
+
+
+def resolve(name_or_dir):
+    """A local folder as is, or a hub id downloaded through huggingface_hub; offline, one clear line."""
+    if os.path.isdir(name_or_dir):
+        return name_or_dir
+    if os.path.sep in name_or_dir.strip("/") and name_or_dir.startswith((".", "/", "~")):
+        raise SystemExit(f"error: model folder {name_or_dir!r} does not exist; pass --model DIR with config.json")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(name_or_dir, allow_patterns=["config.json", "*.safetensors", "pytorch_model.bin",
+                                 "vocab.json", "merges.txt", "vocab.txt", "tokenizer_config.json"])
+    except Exception as e:
+        raise SystemExit(f"error: cannot fetch {name_or_dir!r} from the Hugging Face hub ({type(e).__name__}); "
+                         "offline, pass --model DIR (a local folder with config.json and model.safetensors)") from None
+
+
+def load_state_dict(folder):
+    path = os.path.join(folder, "model.safetensors")
+    if os.path.exists(path):
+        from safetensors.torch import load_file
+        return load_file(path)
+    path = os.path.join(folder, "pytorch_model.bin")
+    if os.path.exists(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    raise SystemExit(f"error: {folder} has no model.safetensors or pytorch_model.bin; pass a full checkpoint folder")
+
+
+def from_pretrained(name_or_dir, num_labels=2):
+    """Build a Transformer from a checkpoint folder or hub id. Every backbone tensor must be found and shaped as
+    ours; the task head is loaded when the checkpoint has one with num_labels outputs, else initialised."""
+    folder = resolve(name_or_dir)
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.exists(cfg_path):
+        raise SystemExit(f"error: {folder} has no config.json; pass --model DIR pointing at a HF checkpoint folder")
+    with open(cfg_path) as f:
+        cfg = config_from_hf(json.load(f), num_labels)
+    model = Transformer(cfg)
+    sd = load_state_dict(folder)
+    prefix = HF_PREFIX[cfg.family]
+    ours = model.state_dict()
+    for name, t in ours.items():
+        key = hf_name(cfg.family, name)
+        # checkpoints of a bare backbone (BertModel, GPT2Model) drop the "bert."/"transformer." prefix
+        src = sd.get(key, sd.get(key[len(prefix):]) if key.startswith(prefix) else None)
+        if src is None or src.shape != t.shape:
+            if name.startswith("head."):
+                continue  # a fresh task head
+            raise SystemExit(f"error: checkpoint {folder} has no tensor {key} of shape {tuple(t.shape)}")
+        with torch.no_grad():
+            t.copy_(src.to(t.dtype))
+    return model
