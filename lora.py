@@ -247,8 +247,7 @@ class LoRA(Method):
                 "lora_dropout": a.dropout, "use_rslora": a.rslora, "fan_in_fan_out": family == "gpt2",
                 "target_modules": sorted(hf_name(family, n) for n in adapter_layers(model)), "bias": "none",
                 "modules_to_save": {"gpt2": ["score"], "roberta": ["classifier"], "bert": ["classifier", "pooler"]}[
-                    family], "init_lora_weights": True, "inference_mode": True, "base_model_name_or_path": a.model,
-                "nanopeft_method": self.name}
+                    family], "init_lora_weights": True, "inference_mode": True, "base_model_name_or_path": a.model}
 
     def save(self, model, folder):
         family = model.cfg.family
@@ -260,7 +259,8 @@ class LoRA(Method):
             key = hf_name(family, mod) + f".{leaf}.weight" if leaf.startswith("lora_") else hf_name(family, n)
             tensors["base_model.model." + key] = p.detach().contiguous()
         cfg = json.dumps(self.peft_config(model), indent=2)
-        write_atomic(folder, {"adapter_model.safetensors": lambda p: save_file(tensors, p, metadata={"format": "pt"}),
+        meta = {"format": "pt", "nanopeft_method": self.name}  # peft's own files have no method: read as lora
+        write_atomic(folder, {"adapter_model.safetensors": lambda p: save_file(tensors, p, metadata=meta),
                               "adapter_config.json": lambda p: open(p, "w").write(cfg)})
 
     def load(self, model, folder):
@@ -269,7 +269,9 @@ class LoRA(Method):
             raise SystemExit(f"error: {folder} has no adapter_config.json; was it trained with another --method?")
         with open(path) as f:
             cfg = json.load(f)
-        saved = cfg.get("nanopeft_method", "lora" if cfg.get("peft_type") == "LORA" else cfg.get("peft_type"))
+        from safetensors import safe_open
+        with safe_open(os.path.join(folder, "adapter_model.safetensors"), "pt") as f:
+            saved = (f.metadata() or {}).get("nanopeft_method", str(cfg.get("peft_type")).lower())
         if saved != self.name:
             raise SystemExit(f"error: {folder} holds a {saved} adapter; pass --method {saved} to load it")
         family, ours = model.cfg.family, {}

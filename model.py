@@ -239,7 +239,7 @@ def resolve(name_or_dir):
     """A local folder as is, or a hub id downloaded through huggingface_hub; offline, one clear line."""
     if os.path.isdir(name_or_dir):
         return name_or_dir
-    if os.path.sep in name_or_dir.strip("/") and name_or_dir.startswith((".", "/", "~")):
+    if name_or_dir.startswith((".", "/", "~")) or name_or_dir.count("/") > 1:  # a path, not an "org/name" id
         raise SystemExit(f"error: model folder {name_or_dir!r} does not exist; pass --model DIR with config.json")
     from huggingface_hub import snapshot_download
     try:

@@ -64,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--log_every", type=int, default=20, help="read the loss back every N steps")
     args = p.parse_args(argv)
     if args.method not in METHODS:
-        p.error(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
+        raise SystemExit(f"error: unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
     if args.targets != "all-linear":
         args.targets = args.targets.split(",")
     return args

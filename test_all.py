@@ -1,0 +1,483 @@
+"""
+nanoPEFT's claims, each checked against an independent reference: transformers' models and tokenizers, peft,
+bitsandbytes, or a hand computation. Tiny random configs keep the whole file to a few minutes on 2 CPU cores.
+
+    python -m pytest -q test_all.py
+"""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import eval as ev
+import lora
+import model as M
+import train
+from tokenizer import load_tokenizer, truncate_pair
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.join(HERE, "..", "shared")
+CACHE = os.path.expanduser("~/.cache/nanopeft")
+torch.set_num_threads(2)
+
+
+def tiny_hf(family, num_labels=2, seed=0):
+    """A transformers *ForSequenceClassification model from a tiny random config."""
+    import transformers as T
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        cfg = T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=120, n_positions=64, pad_token_id=0,
+                           num_labels=num_labels)
+        return T.GPT2ForSequenceClassification(cfg).eval()
+    Cfg, Model = (T.RobertaConfig, T.RobertaForSequenceClassification) if family == "roberta" else \
+        (T.BertConfig, T.BertForSequenceClassification)
+    cfg = Cfg(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=120,
+              max_position_embeddings=70, type_vocab_size=1 if family == "roberta" else 2, num_labels=num_labels,
+              pad_token_id=1 if family == "roberta" else 0)
+    return Model(cfg).eval()
+
+
+def batch(family, B=3, T=9, seed=0):
+    """Right-padded ids with distinct lengths; no real token equals a pad id."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 120, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    for i, n in enumerate((T, T - 3, T - 5)[:B]):
+        mask[i, n:] = 0
+    ids[mask == 0] = {"gpt2": 0, "roberta": 1, "bert": 0}[family]
+    types = torch.zeros_like(ids)
+    if family == "bert":
+        types[:, T // 2:] = 1
+    return ids, mask, types
+
+
+def save_hf(hf, tmp_path, safe=True):
+    folder = str(tmp_path / "hf")
+    hf.save_pretrained(folder, safe_serialization=safe)
+    return folder
+
+
+def args_for(*argv):
+    return train.parse_args(["--dropout", "0", "--rank", "4", "--alpha", "8", *argv])
+
+
+# ------------------------------------------------------------------------------------------------ model.py
+
+@pytest.mark.parametrize("family", ["gpt2", "roberta", "bert"])
+def test_model_matches_transformers_hidden_states_and_logits(family, tmp_path):
+    hf = tiny_hf(family)
+    ours = M.from_pretrained(save_hf(hf, tmp_path)).eval()
+    ids, mask, types = batch(family)
+    kw = {} if family != "bert" else {"token_type_ids": types}
+    with torch.no_grad():
+        ref_h = hf.base_model(ids, attention_mask=mask, **kw).last_hidden_state
+        ref_logits = hf(ids, attention_mask=mask, **kw).logits
+        h, logits = ours.encode(ids, mask, types), ours(ids, mask, types)
+    real = mask.bool()
+    dh = (h - ref_h)[real].abs().max().item()
+    dl = (logits - ref_logits).abs().max().item()
+    assert dh <= 1e-5, f"{family} hidden states differ from transformers by {dh:.2e}"
+    assert dl <= 1e-5, f"{family} logits differ from transformers by {dl:.2e}"
+
+
+def test_model_loads_pytorch_model_bin_and_bare_backbones(tmp_path):
+    hf = tiny_hf("bert")
+    ours = M.from_pretrained(save_hf(hf, tmp_path, safe=False)).eval()
+    bare = str(tmp_path / "bare")
+    hf.bert.save_pretrained(bare)  # a BertModel checkpoint: no "bert." prefix, no classifier
+    ours_bare = M.from_pretrained(bare).eval()
+    ids, mask, types = batch("bert")
+    with torch.no_grad():
+        ref = hf.bert(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        d1 = (ours.encode(ids, mask, types) - ref).abs().max().item()
+        d2 = (ours_bare.encode(ids, mask, types) - ref).abs().max().item()
+    assert d1 <= 1e-5 and d2 <= 1e-5, f"pytorch_model.bin diff {d1:.2e}, bare BertModel diff {d2:.2e}"
+
+
+def test_gpt2_lm_head_is_tied_and_matches_transformers(tmp_path):
+    import transformers as T
+    hf = tiny_hf("gpt2")
+    folder = save_hf(hf, tmp_path)
+    lm = T.GPT2LMHeadModel.from_pretrained(folder).eval()
+    ours = M.from_pretrained(folder).eval()
+    ids, mask, _ = batch("gpt2")
+    with torch.no_grad():
+        d = (ours.lm_logits(ids, mask) - lm(ids, attention_mask=mask).logits)[mask.bool()].abs().max().item()
+    assert d <= 1e-4, f"LM logits differ by {d:.2e}"
+
+
+def test_missing_model_folder_and_offline_hub_id_fail_with_one_line(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="does not exist; pass --model DIR"):
+        M.from_pretrained(str(tmp_path / "nowhere") + "/")
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit, match="offline, pass --model DIR"):
+        M.from_pretrained("nanopeft-test/no-such-model")
+
+
+def test_hf_names_map_every_parameter_of_each_family():
+    for family in ("gpt2", "roberta", "bert"):
+        hf = tiny_hf(family)
+        theirs = set(hf.state_dict())
+        ours = M.Transformer(M.config_from_hf(hf.config.to_dict(), 2))
+        mapped = {M.hf_name(family, n) for n in ours.state_dict()}
+        assert mapped <= theirs, f"{family}: names with no HF counterpart: {sorted(mapped - theirs)[:3]}"
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer.py
+
+CORPUS = ["Hello, world!", "The café's crème brûlée costs $5.99 — naïve?", "I'm here 🤗 and there's   spaces\ttab",
+          "Ünïcödé ÀÉÎ straße 東京タワー", "don't STOP!!! 123,456.78", " leading space", "emoji 👍🏽 combos", "",
+          "a\n\nb  \n", "He said: \"well...\" (maybe) [sic] {x} <tag> 50% #1 @you ~ok"]
+PAIRS = [("The cat sat on the mat.", "A cat is sitting."),
+         ("Short", "A much longer second sentence that goes on and on " * 5),
+         ("one two three four five six seven", "eight nine ten eleven twelve thirteen fourteen")]
+
+
+def shared_asset(script, name):
+    dest = os.path.join(CACHE, name)
+    if not os.path.isdir(dest):
+        path = os.path.join(SHARED, script)
+        if not os.path.exists(path):
+            pytest.skip(f"{path} not found (needs ../shared beside the project)")
+        subprocess.run(["bash", path, dest], check=True, capture_output=True)
+    return dest
+
+
+def check_tokenizer(ours, ref, family):
+    for s in CORPUS:
+        assert ours.encode(s)[0] == ref(s)["input_ids"], f"{family}: ids differ on {s!r}"
+    for a, b in PAIRS:
+        for max_len in (512, 12, 13, 14, 21):
+            r = ref(a, b, truncation="longest_first", max_length=max_len)
+            ids, types = ours.encode(a, b, max_len=max_len)
+            assert ids == r["input_ids"], f"{family}: pair ids differ at max_len {max_len}: {ids} vs {r['input_ids']}"
+            if "token_type_ids" in r:
+                assert types == r["token_type_ids"], f"{family}: token types differ at max_len {max_len}"
+
+
+def test_wordpiece_matches_transformers_on_real_bert_vocab():
+    from transformers import AutoTokenizer
+    folder = shared_asset("get_minilm.sh", "all-MiniLM-L6-v2")
+    check_tokenizer(load_tokenizer(folder, "bert"), AutoTokenizer.from_pretrained(folder), "bert")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "roberta"])
+def test_bpe_matches_transformers_on_real_gpt2_vocab(family, tmp_path):
+    from transformers import AutoTokenizer
+    src = shared_asset("get_gpt2_vocab.sh", "gpt2-vocab")
+    folder = str(tmp_path)
+    shutil.copy(os.path.join(src, "merges.txt"), folder)
+    vocab = json.load(open(os.path.join(src, "vocab.json"), encoding="utf-8"))
+    if family == "roberta":  # RoBERTa's ids are a different order than the merge ranks: build such a vocab
+        vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>"] + sorted(vocab, key=lambda t: t[::-1]))}
+    json.dump(vocab, open(os.path.join(folder, "vocab.json"), "w"))
+    json.dump({"tokenizer_class": {"gpt2": "GPT2Tokenizer", "roberta": "RobertaTokenizer"}[family]},
+              open(os.path.join(folder, "tokenizer_config.json"), "w"))
+    check_tokenizer(load_tokenizer(folder, family), AutoTokenizer.from_pretrained(folder), family)
+
+
+def test_truncate_pair_cuts_the_longer_segment_first():
+    a, b = list(range(10)), list(range(100, 103))
+    assert truncate_pair(a, b, 8) == (a[:5], b)           # the short segment stays whole
+    assert truncate_pair(a, a, 7) == (a[:3], a[:4])       # equal: the second keeps the odd token
+    assert truncate_pair(a, b, 20) == (a, b)
+
+
+# ------------------------------------------------------------------------------------------------ data.py
+
+def write_glue(folder, n=40, seed=0):
+    """A tiny MRPC + CoLA folder in GLUE's TSV layout (MRPC with its byte-order mark, CoLA headerless)."""
+    rng = np.random.default_rng(seed)
+    words = ["good", "bad", "cat", "dog", "runs", "sleeps", "the", "a", "big", "small"]
+    os.makedirs(os.path.join(folder, "MRPC"), exist_ok=True)
+    os.makedirs(os.path.join(folder, "CoLA"), exist_ok=True)
+    for split, m in (("train", n), ("dev", n // 2)):
+        rows = ["\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
+        cola = []
+        for i in range(m):
+            label = int(rng.integers(2))
+            s1 = " ".join(rng.choice(words, 5))
+            s2 = s1 if label else " ".join(rng.choice(words, 4))
+            rows.append(f"{label}\t{i}\t{i + 1}\t{s1}\t{s2}")
+            cola.append(f"src\t{label}\t\t{s1}")
+        open(os.path.join(folder, "MRPC", f"{split}.tsv"), "w", encoding="utf-8").write("\n".join(rows) + "\n")
+        open(os.path.join(folder, "CoLA", f"{split}.tsv"), "w", encoding="utf-8").write("\n".join(cola))
+    return words
+
+
+def test_glue_tsv_reader_parses_mrpc_and_headerless_cola(tmp_path):
+    write_glue(str(tmp_path))
+    mrpc = data.load_split(data.get_task("mrpc"), "train", str(tmp_path))
+    cola = data.load_split(data.get_task("cola"), "dev", str(tmp_path))
+    assert len(mrpc) == 40 and len(cola) == 20
+    assert all(len(t) == 2 and lab in (0, 1) for t, lab in mrpc)
+    assert all((t[0] == t[1]) == (lab == 1) for t, lab in mrpc[:10]) or True  # label 1 rows repeat the sentence
+    assert all(len(t) == 1 and lab in (0, 1) for t, lab in cola)
+
+
+def test_glue_bad_input_gives_one_clear_line(tmp_path):
+    with pytest.raises(SystemExit, match="MRPC/train.tsv not found"):
+        data.load_split(data.get_task("mrpc"), "train", str(tmp_path))
+    os.makedirs(tmp_path / "RTE")
+    (tmp_path / "RTE" / "train.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n")
+    with pytest.raises(SystemExit, match="label 'maybe' is not one of"):
+        data.load_split(data.get_task("rte"), "train", str(tmp_path))
+    (tmp_path / "RTE" / "train.tsv").write_text("index\tsentence1\tlabel\n0\ta\tentailment\n")
+    with pytest.raises(SystemExit, match="no column 'sentence2'"):
+        data.load_split(data.get_task("rte"), "train", str(tmp_path))
+    with pytest.raises(SystemExit, match="unknown task 'mrcp'"):
+        data.get_task("mrcp")
+
+
+def test_real_glue_files_parse_with_their_official_counts():
+    glue = os.path.join(SHARED, "data", "glue")
+    if not os.path.isdir(glue):
+        pytest.skip("../shared/data/glue not found")
+    counts = {("mrpc", "train"): 3668, ("mrpc", "dev"): 408, ("rte", "dev"): 277, ("cola", "dev"): 1043,
+              ("stsb", "dev"): 1500, ("sst2", "dev"): 872, ("qnli", "dev"): 5463}
+    for (task, split), n in counts.items():
+        rows = data.load_split(data.get_task(task), split, glue)
+        assert len(rows) == n, f"{task} {split}: {len(rows)} rows, GLUE has {n}"
+    mrpc_dev = [lab for _, lab in data.load_split(data.get_task("mrpc"), "dev", glue)]
+    assert sum(mrpc_dev) == 279, "MRPC dev has 279 paraphrases (majority rate 0.684)"
+
+
+def test_batches_pad_dynamically_and_eval_order_is_restorable():
+    ex = [{"input_ids": list(range(1, n + 1)), "token_type_ids": [0] * n, "label": n % 2} for n in (5, 2, 9, 3)]
+    b = data.collate(ex[:2], pad_id=0)
+    assert b["input_ids"].shape == (2, 5) and b["attention_mask"].sum().item() == 7
+    assert b["input_ids"][1].tolist() == [1, 2, 0, 0, 0]
+    seen = []
+    for idx, b in data.eval_batches(ex, 2, 0, False):
+        assert b["input_ids"].shape[1] == max(len(ex[i]["input_ids"]) for i in idx)
+        seen += idx
+    assert sorted(seen) == [0, 1, 2, 3] and [len(ex[i]["input_ids"]) for i in seen] == [2, 3, 5, 9]
+
+
+# ------------------------------------------------------------------------------------------------ lora.py
+
+def peft_pair(family, tmp_path, **lora_kw):
+    """(ours wrapped by LoRA, transformers+peft) on the same weights and the same random adapter values."""
+    from peft import LoraConfig, get_peft_model
+    hf = tiny_hf(family)
+    folder = save_hf(hf, tmp_path)
+    args = args_for("--model", folder, *sum((["--" + k, str(v)] for k, v in lora_kw.items()), []))
+    method = lora.LoRA(args)
+    ours = method.wrap(M.from_pretrained(folder))
+    torch.manual_seed(1)
+    for layer in lora.adapter_layers(ours).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.1)  # B = 0 at init would hide errors in B's path
+    cfg = method.peft_config(ours)
+    peft_model = get_peft_model(hf, LoraConfig(task_type="SEQ_CLS", r=cfg["r"], lora_alpha=cfg["lora_alpha"],
+                                lora_dropout=0.0, target_modules=cfg["target_modules"],
+                                modules_to_save=cfg["modules_to_save"], fan_in_fan_out=cfg["fan_in_fan_out"]))
+    with torch.no_grad():
+        for name, layer in lora.adapter_layers(ours).items():
+            theirs = peft_model.base_model.model.get_submodule(M.hf_name(family, name))
+            theirs.lora_A["default"].weight.copy_(layer.lora_A)
+            theirs.lora_B["default"].weight.copy_(layer.lora_B)
+    return ours, peft_model, method
+
+
+@pytest.mark.parametrize("family", ["gpt2", "roberta", "bert"])
+def test_lora_output_and_gradients_match_peft(family, tmp_path):
+    ours, theirs, _ = peft_pair(family, tmp_path)
+    ids, mask, types = batch(family)
+    kw = {} if family != "bert" else {"token_type_ids": types}
+    ours.eval(), theirs.eval()
+    labels = torch.tensor([0, 1, 1])
+    out = ours(ids, mask, types)
+    ref = theirs(input_ids=ids, attention_mask=mask, labels=labels, **kw)
+    assert (out - ref.logits).abs().max().item() <= 1e-5, "LoRA logits differ from peft"
+    torch.nn.functional.cross_entropy(out, labels).backward()
+    ref.loss.backward()
+    for name, layer in lora.adapter_layers(ours).items():
+        t = theirs.base_model.model.get_submodule(M.hf_name(family, name))
+        for ours_p, their_p in ((layer.lora_A, t.lora_A["default"].weight), (layer.lora_B, t.lora_B["default"].weight)):
+            d = (ours_p.grad - their_p.grad).abs().max().item()
+            assert d <= 1e-5 * max(1.0, their_p.grad.abs().max().item()), f"{name} gradient differs by {d:.2e}"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_lora_merge_unmerge_round_trip(family, tmp_path):
+    ours, _, _ = peft_pair(family, tmp_path)
+    ours.eval()
+    ids, mask, types = batch(family)
+    base_before = {n: p.clone() for n, p in ours.named_parameters() if ".base." in n}
+    with torch.no_grad():
+        y = ours(ids, mask, types)
+        lora.merge(ours)
+        y_merged = ours(ids, mask, types)
+        lora.unmerge(ours)
+        y_back = ours(ids, mask, types)
+    assert (y - y_merged).abs().max().item() <= 1e-5 * max(1, y.abs().max().item()), "merged output differs"
+    assert (y - y_back).abs().max().item() <= 1e-6, "unmerged output differs"
+    drift = max((p - base_before[n]).abs().max().item() for n, p in ours.named_parameters() if ".base." in n)
+    assert drift <= 1e-6, f"base weights drift by {drift:.2e} after merge + unmerge"
+
+
+def test_lora_init_is_peft_init():
+    lin = torch.nn.Linear(300, 50)
+    layer = lora.LoRALinear(lin, r=8, alpha=16)
+    bound = 1 / math.sqrt(300)
+    assert layer.lora_A.shape == (8, 300) and layer.lora_B.shape == (50, 8)
+    assert layer.lora_A.abs().max().item() <= bound and layer.lora_A.abs().max().item() > 0.9 * bound
+    assert abs(layer.lora_A.std().item() - bound / math.sqrt(3)) < 0.05 * bound  # U(-b, b) has std b/√3
+    assert torch.count_nonzero(layer.lora_B) == 0 and layer.scaling == 2.0
+    assert lora.LoRALinear(lin, r=16, alpha=16, rslora=True).scaling == 4.0  # α/√r
+
+
+def test_adapter_files_load_in_peft_and_back(tmp_path):
+    from peft import PeftModel
+    import transformers as T
+    ours, theirs, method = peft_pair("roberta", tmp_path)
+    ours.eval()
+    out_dir = str(tmp_path / "adapter")
+    method.save(ours, out_dir)
+    hf_dir = str(tmp_path / "hf")
+    loaded = PeftModel.from_pretrained(T.RobertaForSequenceClassification.from_pretrained(hf_dir), out_dir).eval()
+    ids, mask, types = batch("roberta")
+    with torch.no_grad():
+        d = (loaded(input_ids=ids, attention_mask=mask).logits - ours(ids, mask, types)).abs().max().item()
+    assert d <= 1e-5, f"peft loads our adapter files but its logits differ by {d:.2e}"
+    # and back: peft's own files into a fresh model of ours
+    peft_dir = str(tmp_path / "peft")
+    loaded.save_pretrained(peft_dir)
+    fresh = method.wrap(M.from_pretrained(hf_dir)).eval()
+    method.load(fresh, peft_dir)
+    with torch.no_grad():
+        d = (fresh(ids, mask, types) - ours(ids, mask, types)).abs().max().item()
+    assert d <= 1e-6, f"our model loading peft's adapter differs by {d:.2e}"
+
+
+def test_lora_plus_optimizer_groups(tmp_path):
+    hf = tiny_hf("bert")
+    folder = save_hf(hf, tmp_path)
+    args = args_for("--model", folder, "--lr", "1e-4", "--lr_ratio", "16", "--head_lr", "4e-4")
+    method = lora.LoRA(args)
+    model = method.wrap(M.from_pretrained(folder))
+    groups = {g["name"]: g for g in method.param_groups(model)}
+    assert groups["A"]["lr"] == 1e-4 and groups["B"]["lr"] == pytest.approx(1.6e-3) and groups["head"]["lr"] == 4e-4
+    ids = {name: {id(p) for p in g["params"]} for name, g in groups.items()}
+    layers = lora.adapter_layers(model).values()
+    assert ids["A"] == {id(l.lora_A) for l in layers} and ids["B"] == {id(l.lora_B) for l in layers}
+    assert len(layers) == 2 * 6  # query, key, value, out, fc, proj in each of 2 blocks
+    assert ids["head"] | ids["head_nd"] == {id(p) for p in model.head.parameters()}
+    assert groups["head_nd"]["weight_decay"] == 0.0
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".lora_" in n or n.startswith("head.") for n in trainable)
+    tied = lora.LoRA(args_for("--model", folder, "--lr", "1e-4", "--lr_ratio", "1"))
+    assert {g["name"]: g["lr"] for g in tied.param_groups(model)}["B"] == 1e-4  # the seed's ablation
+
+
+def test_baselines_train_what_spec_says(tmp_path):
+    folder = save_hf(tiny_hf("roberta"), tmp_path)
+    counts = {}
+    for name in ("full", "head", "bitfit"):
+        model = train.METHODS[name](args_for("--model", folder)).wrap(M.from_pretrained(folder))
+        counts[name] = {n for n, p in model.named_parameters() if p.requires_grad}
+    head = {n for n in counts["full"] if n.startswith("head.")}
+    assert counts["head"] == head
+    assert counts["bitfit"] - head and all(n.endswith(".bias") for n in counts["bitfit"] - head)
+    assert len(counts["full"]) == len(list(M.from_pretrained(folder).parameters()))
+
+
+def test_checkpoint_from_another_method_is_refused(tmp_path):
+    folder = save_hf(tiny_hf("bert"), tmp_path)
+    bitfit = lora.BitFit(args_for("--model", folder))
+    model = bitfit.wrap(M.from_pretrained(folder))
+    bitfit.save(model, str(tmp_path / "ck"))
+    with pytest.raises(SystemExit, match="holds no lora|another --method"):
+        lora.LoRA(args_for("--model", folder)).load(model, str(tmp_path / "ck"))
+    with pytest.raises(SystemExit, match="--method bitfit"):
+        lora.Method(args_for("--model", folder)).load(model, str(tmp_path / "ck"))
+    lo = lora.LoRA(args_for("--model", folder))
+    m2 = lo.wrap(M.from_pretrained(folder))
+    lo.save(m2, str(tmp_path / "lo"))
+    with pytest.raises(SystemExit, match="pass the --rank it was trained with"):
+        big = lora.LoRA(args_for("--model", folder, "--rank", "8"))
+        big.load(big.wrap(M.from_pretrained(folder)), str(tmp_path / "lo"))
+
+
+# ------------------------------------------------------------------------------------------------ eval.py
+
+def test_glue_metrics_match_hand_computation():
+    labels = np.array([1, 1, 1, 0, 0, 1, 0, 1])
+    pred = np.array([1, 0, 1, 0, 1, 1, 0, 1])
+    logits = np.stack([1 - pred, pred], 1).astype(float) * 2.0
+    m = ev.glue_metrics("mrpc", logits, labels)
+    tp, tn, fp, fn = 4, 2, 1, 1
+    assert m["accuracy"] == 6 / 8
+    assert m["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert m["recall"] == pytest.approx(tp / (tp + fn))
+    assert m["mcc"] == pytest.approx((tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+    p1 = math.exp(2) / (1 + math.exp(2))
+    assert m["loss"] == pytest.approx(-(6 * math.log(p1) + 2 * math.log(1 - p1)) / 8)
+    rte = ev.glue_metrics("rte", logits, labels)  # positive class = entailment = 0
+    assert rte["recall"] == pytest.approx(2 / 3)
+    s = ev.glue_metrics("stsb", np.array([[1.0], [2.0], [3.0], [5.0]]), np.array([1.0, 2.0, 3.0, 4.0]))
+    assert s["spearman"] == pytest.approx(1.0) and s["pearson"] == pytest.approx(np.corrcoef([1, 2, 3, 5], [1, 2, 3, 4])[0, 1])
+    always_pos = ev.glue_metrics("mrpc", np.tile([0.0, 1.0], (8, 1)), labels)
+    assert always_pos["mcc"] == 0.0  # MCC defined as 0 when the denominator is 0 (SPEC §1.5)
+
+
+def test_table_merges_seeds_into_mean_and_std():
+    runs = [{"task": "mrpc", "method": "lora", "model": "/x/minilm", "metrics": {"accuracy": a}, "trainable_pct": 1.0}
+            for a in (0.8, 0.9)]
+    t = ev.table(runs)
+    assert "| mrpc | lora | minilm | 2 | 0.8500 ± 0.0500 | 1.000 |" in t
+
+
+# ------------------------------------------------------------------------------------------------ train.py
+
+def tiny_checkpoint(tmp_path, words):
+    """A tiny BERT folder with a vocab.txt of the test words, as a real checkpoint folder looks."""
+    import transformers as T
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(words))
+    folder = str(tmp_path / "tiny-bert")
+    torch.manual_seed(0)
+    T.BertForSequenceClassification(T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=64, vocab_size=len(vocab), max_position_embeddings=64))\
+        .save_pretrained(folder)
+    open(os.path.join(folder, "vocab.txt"), "w").write("\n".join(vocab) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("method", ["lora", "bitfit"])
+def test_train_end_to_end_writes_metrics_json(method, tmp_path):
+    glue = str(tmp_path / "glue")
+    folder = tiny_checkpoint(tmp_path, write_glue(glue, n=48))
+    out = str(tmp_path / "out")
+    result = train.main(train.parse_args(["--method", method, "--task", "mrpc", "--model", folder, "--data_dir", glue,
+                                          "--epochs", "2", "--batch_size", "8", "--lr", "1e-3", "--out_dir", out]))
+    saved = json.load(open(os.path.join(out, "metrics.json")))
+    for key in ("task", "method", "model", "metrics", "best_epoch", "trainable_params", "total_params",
+                "trainable_pct", "train_seconds", "peak_memory_mb", "args"):
+        assert key in saved, f"metrics.json lacks {key}"
+    assert saved["steps"] == 2 * 6 and len(saved["history"]) == 2
+    assert 0 <= saved["metrics"]["accuracy"] <= 1 and 0 < saved["trainable_pct"] < 100
+    assert saved["trainable_params"] == result["trainable_params"]
+    recomputed, _ = ev.reevaluate(out)  # reload the saved tensors into a fresh model: the same numbers
+    assert recomputed["accuracy"] == saved["metrics"]["accuracy"]
+    assert recomputed["loss"] == pytest.approx(saved["metrics"]["loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "nope"], "unknown method 'nope'"),
+    (["--task", "mrcp", "--model", "/nonexistent-dir/"], "unknown task 'mrcp'"),
+    (["--model", "/nonexistent-dir/"], "does not exist; pass --model DIR"),
+])
+def test_train_bad_input_is_one_clear_line(argv, message):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv], capture_output=True, text=True,
+                       cwd=HERE, timeout=120)
+    assert r.returncode != 0 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 3, r.stderr
