@@ -228,7 +228,8 @@ def config_from_hf(hf, num_labels):
         return Config(family, hf["vocab_size"], hf["n_positions"], 0, hf["n_embd"], hf["n_layer"], hf["n_head"],
                       hf.get("n_inner") or 4 * hf["n_embd"], hf.get("activation_function", "gelu_new"),
                       hf.get("layer_norm_epsilon", 1e-5), hf.get("resid_pdrop", 0.1),
-                      hf.get("pad_token_id") or hf.get("eos_token_id", 50256), num_labels)
+                      hf.get("eos_token_id", 50256) if hf.get("pad_token_id") is None else hf["pad_token_id"],
+                      num_labels)
     return Config(family, hf["vocab_size"], hf["max_position_embeddings"], hf.get("type_vocab_size", 2),
                   hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"], hf["intermediate_size"],
                   hf.get("hidden_act", "gelu"), hf.get("layer_norm_eps", 1e-12), hf.get("hidden_dropout_prob", 0.1),

@@ -23,11 +23,13 @@ from tqdm import tqdm
 
 import data
 import lora
+import tlora_plus
 from eval import glue_metrics, main_metric
 from model import from_pretrained, resolve
 from tokenizer import load_tokenizer
 
-METHODS = {"full": lora.Method, "head": lora.HeadOnly, "bitfit": lora.BitFit, "lora": lora.LoRA}
+METHODS = {"full": lora.Method, "head": lora.HeadOnly, "bitfit": lora.BitFit, "lora": lora.LoRA,
+           "tlora": tlora_plus.TLoRA, "tlora_plus": tlora_plus.TLoRAPlus}
 
 
 def parse_args(argv=None):
@@ -45,6 +47,10 @@ def parse_args(argv=None):
     p.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
     p.add_argument("--targets", default="all-linear", help="all-linear or comma list of query,key,value,c_attn,out,fc,proj")
     p.add_argument("--quant", default="none", choices=["none", "nf4"], help="store the frozen base in NF4 (QLoRA)")
+    # TLoRA / TLoRA+ (seed 002, tlora_plus.py)
+    p.add_argument("--tlora_train", default="ABC", choices=["B", "AB", "CB", "ABC"], help="TLoRA+ trainable matrices")
+    p.add_argument("--ratio", type=float, default=4.0, help="TLoRA+ lambda: lr_B = lr*lambda^1.5, lr_C = lr*lambda^0.5")
+    p.add_argument("--b_init", default="zero", choices=["zero", "lecun"], help="TLoRA B init: 0 or N(0, 1/r)")
     # optimisation
     p.add_argument("--lr", type=float, default=None, help="learning rate of A matrices (default: the method's)")
     p.add_argument("--lr_ratio", type=float, default=16.0, help="LoRA: lr of B = lr x lr_ratio (1 = tied, SPEC 2.1)")
@@ -178,6 +184,9 @@ def main(args):
                 if not math.isfinite(losses[-1]):
                     raise SystemExit(f"error: loss is {losses[-1]} at step {step}; lower --lr (now {method.lr:g})")
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+                if bar.disable:  # no terminal (a log file): one line per log step instead of the bar
+                    print(f"step {step}/{total}: loss {losses[-1]:.4f}, lr {sched.get_last_lr()[0]:.2e}, "
+                          f"{(time.time() - t0) / (step - epoch * steps_per_epoch):.3f} s/step", flush=True)
             if step >= total:
                 break
         train_seconds += time.time() - t0
