@@ -102,9 +102,10 @@ def encode(tok, rows, max_len):
             for texts, label in rows]
 
 
-def collate(examples, pad_id, regression=False):
-    """Pad to the longest example of the batch (dynamic padding)."""
-    T = max(len(e["input_ids"]) for e in examples)
+def collate(examples, pad_id, regression=False, multiple=1):
+    """Pad to the longest example of the batch (dynamic padding), rounded up to a multiple of `multiple` so that
+    a compiled step sees a handful of shapes (length bucketing); the attention mask hides the extra padding."""
+    T = -(-max(len(e["input_ids"]) for e in examples) // multiple) * multiple
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     types = torch.zeros((len(examples), T), dtype=torch.long)
     mask = torch.zeros((len(examples), T), dtype=torch.long)
@@ -115,17 +116,17 @@ def collate(examples, pad_id, regression=False):
     return dict(input_ids=ids, token_type_ids=types, attention_mask=mask, labels=labels)
 
 
-def train_batches(examples, batch_size, pad_id, regression, rng):
+def train_batches(examples, batch_size, pad_id, regression, rng, multiple=1):
     """One epoch of shuffled batches (rng: a random.Random, so every epoch's order is seeded)."""
     order = list(range(len(examples)))
     rng.shuffle(order)
     for i in range(0, len(order), batch_size):
-        yield collate([examples[j] for j in order[i:i + batch_size]], pad_id, regression)
+        yield collate([examples[j] for j in order[i:i + batch_size]], pad_id, regression, multiple)
 
 
-def eval_batches(examples, batch_size, pad_id, regression):
+def eval_batches(examples, batch_size, pad_id, regression, multiple=1):
     """Length-sorted batches (little padding) with each batch's original indices, to restore the order."""
     order = sorted(range(len(examples)), key=lambda j: len(examples[j]["input_ids"]))
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
-        yield idx, collate([examples[j] for j in idx], pad_id, regression)
+        yield idx, collate([examples[j] for j in idx], pad_id, regression, multiple)

@@ -34,9 +34,9 @@ class LoRALinear(nn.Module):
         self.base, self.r = base, r
         self.in_features, self.out_features = base.in_features, base.out_features
         self.fan_in_fan_out = type(base).__name__ == "Conv1D"  # GPT-2 stores W0ᵀ
-        weight = getattr(base, "weight", None)
+        weight = getattr(base, "weight", None)  # None for quant.Linear4bit: its tensors are uint8 codes + stats
         dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
-        device = weight.device if weight is not None else None
+        device = (weight if weight is not None else next(base.buffers())).device
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's init: U(-1/√in, 1/√in); B = 0 so ΔW = 0
@@ -241,6 +241,10 @@ class LoRA(Method):
         return [g for g in groups + head_groups(model, head_lr, a.weight_decay) if g["params"]]
 
     # ---- adapter files in peft's format: peft.PeftModel.from_pretrained loads them into transformers' model
+    def adapter_tensors(self, model):
+        """{our name: tensor} that save() writes and load() fills: the trained ones (a subclass may add buffers)."""
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
     def peft_config(self, model):
         a, family = self.args, model.cfg.family
         return {"peft_type": "LORA", "task_type": "SEQ_CLS", "r": a.rank, "lora_alpha": a.alpha,
@@ -252,9 +256,7 @@ class LoRA(Method):
     def save(self, model, folder):
         family = model.cfg.family
         tensors = {}
-        for n, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
+        for n, p in self.adapter_tensors(model).items():
             mod, _, leaf = n.rpartition(".")
             key = hf_name(family, mod) + f".{leaf}.weight" if leaf.startswith("lora_") else hf_name(family, n)
             tensors["base_model.model." + key] = p.detach().contiguous()
@@ -274,13 +276,11 @@ class LoRA(Method):
             saved = (f.metadata() or {}).get("nanopeft_method", str(cfg.get("peft_type")).lower())
         if saved != self.name:
             raise SystemExit(f"error: {folder} holds a {saved} adapter; pass --method {saved} to load it")
-        family, ours = model.cfg.family, {}
-        for n, p in model.named_parameters():
-            if not (self.trains(n) or n.startswith("head.")):
-                continue
+        family, ours, params = model.cfg.family, {}, self.adapter_tensors(model)
+        for n in params:
             mod, _, leaf = n.rpartition(".")
             ours[hf_name(family, mod) + f".{leaf}.weight" if leaf.startswith("lora_") else hf_name(family, n)] = n
-        sd, params = load_file(os.path.join(folder, "adapter_model.safetensors")), dict(model.named_parameters())
+        sd = load_file(os.path.join(folder, "adapter_model.safetensors"))
         for key, t in sd.items():
             name = ours.get(key.removeprefix("base_model.model."))
             if name is None:

@@ -19,6 +19,7 @@ import data
 import eval as ev
 import lora
 import model as M
+import tlora_plus
 import train
 from tokenizer import load_tokenizer, truncate_pair
 
@@ -408,6 +409,211 @@ def test_checkpoint_from_another_method_is_refused(tmp_path):
         big.load(big.wrap(M.from_pretrained(folder)), str(tmp_path / "lo"))
 
 
+# ------------------------------------------------------------------------------------------------ tlora_plus.py
+
+def tlora_pair(tmp_path, method="tlora_plus", *argv, family="bert"):
+    """(method, a tiny model wrapped by it, the checkpoint folder)."""
+    folder = str(tmp_path / f"hf-{family}")
+    if not os.path.isdir(folder):
+        tiny_hf(family).save_pretrained(folder)
+    m = train.METHODS[method](args_for("--model", folder, "--method", method, *argv))
+    return m, m.wrap(M.from_pretrained(folder)).eval(), folder
+
+
+def randomize_b(model, std=0.3, seed=1):
+    """B = 0 at init hides every error in the path behind it (and zeros the gradients of A and C)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora.adapter_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * std)
+
+
+@pytest.mark.parametrize("method, cfg", [("tlora_plus", c) for c in tlora_plus.CONFIGS] + [("tlora", "B")])
+def test_tlora_plus_parameter_counts_per_configuration(method, cfg, tmp_path):
+    _, model, _ = tlora_pair(tmp_path, method, "--tlora_train", cfg)
+    r, want, total, g = 4, 0, 0, int(method == "tlora")  # g: TLoRA's per-module scalar
+    for layer in lora.adapter_layers(model).values():
+        n, m = layer.in_features, layer.out_features
+        want += {"B": r * r, "AB": r * n + r * r, "CB": m * r + r * r, "ABC": r * (n + m) + r * r}[cfg] + g
+        total += r * (n + m) + r * r + g
+    got = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head."))
+    frozen = sum(b.numel() for n, b in model.named_buffers() if ".lora_" in n)
+    assert got == want, f"{method} {cfg}: {got} trainable adapter parameters, SPEC §2.3 table gives {want}"
+    assert got + frozen == total, f"{method} {cfg}: trainable {got} + frozen {frozen} != r(in+out)+r² summed, {total}"
+
+
+@pytest.mark.parametrize("method, cfg", [("tlora_plus", c) for c in tlora_plus.CONFIGS] + [("tlora", "B")])
+def test_tlora_gradients_reach_exactly_the_trainable_matrices(method, cfg, tmp_path):
+    _, model, _ = tlora_pair(tmp_path, method, "--tlora_train", cfg)
+    randomize_b(model)
+    ids, mask, types = batch("bert")
+    torch.nn.functional.cross_entropy(model(ids, mask, types), torch.tensor([0, 1, 1])).backward()
+    trains = set(cfg) | ({"g"} if method == "tlora" else set())
+    for name, layer in lora.adapter_layers(model).items():
+        for x in "ABCg":
+            t = getattr(layer, "lora_" + x)
+            if x in trains:
+                assert isinstance(t, torch.nn.Parameter) and t.grad is not None and t.grad.abs().max() > 0, \
+                    f"{name}.lora_{x} should train ({method} {cfg}) but its gradient is {t.grad}"
+            elif t is not None:
+                assert not isinstance(t, torch.nn.Parameter), f"{name}.lora_{x} should be a frozen buffer"
+    stray = [n for n, p in model.named_parameters() if p.grad is not None and not n.startswith("head.")
+             and n.rsplit(".lora_", 1)[-1] not in trains]
+    assert not stray, f"{method} {cfg}: gradients reach {stray[:3]}"
+
+
+def test_tlora_plus_lr_ratio_groups(tmp_path):
+    _, model, folder = tlora_pair(tmp_path)
+    layers = lora.adapter_layers(model).values()
+    spec = {1: (1, 1), 2: (2.83, 1.41), 4: (8, 2), 5: (11.18, 2.24), 8: (22.63, 2.83), 10: (31.62, 3.16)}  # SPEC §2.3
+    for lam, (b, c) in spec.items():
+        m = tlora_plus.TLoRAPlus(args_for("--model", folder, "--lr", "1e-4", "--ratio", str(lam),
+                                          "--weight_decay", "0.1"))
+        g = {x["name"]: x for x in m.param_groups(model)}
+        got = (g["A"]["lr"] / 1e-4, g["B"]["lr"] / 1e-4, g["C"]["lr"] / 1e-4)
+        assert (round(got[0], 2), round(got[1], 2), round(got[2], 2)) == (1, b, c), \
+            f"λ={lam}: A, B, C multipliers {got}, SPEC gives 1, {b}, {c}"
+        assert g["head"]["lr"] == 1e-4, f"the head learns at η (SPEC §2.3), got {g['head']['lr']}"
+        assert all(g[x]["weight_decay"] == 0.1 for x in ("A", "B", "C", "head")), "wd 0.1 in every group"
+    ids = {x["name"]: {id(p) for p in x["params"]} for x in m.param_groups(model)}
+    for x in "ABC":
+        assert ids[x] == {id(getattr(l, "lora_" + x)) for l in layers}, f"group {x} holds the wrong tensors"
+    assert ids["head"] | ids["head_nd"] == {id(p) for p in model.head.parameters()}
+    head = tlora_plus.TLoRAPlus(args_for("--model", folder, "--lr", "1e-4", "--head_lr", "5e-4"))
+    assert {x["name"]: x["lr"] for x in head.param_groups(model)}["head"] == 5e-4, "--head_lr is honoured"
+    orig, tl_model, _ = tlora_pair(tmp_path, "tlora", "--lr", "1e-4", "--ratio", "8")
+    g = {x["name"]: x["lr"] for x in orig.param_groups(tl_model)}
+    assert g == {"B": 1e-4, "g": 1e-4, "head": 1e-4, "head_nd": 1e-4}, f"TLoRA: B and g at η, no ratio; got {g}"
+
+
+def test_tlora_init_variances():
+    """LeCun: Var A = 1/in, Var C = 1/r1, Var B = 1/r2 (b_init lecun). With n entries the sample variance has a
+    relative standard error √(2/n): 0.3% for A (262,144), 0.4% for C (131,072), 1.1% for B (16,384); the
+    tolerances 3%, 3%, 6% are over 5 standard errors."""
+    base, r = torch.nn.Linear(2048, 1024), 128
+    layer = tlora_plus.TLoRALinear(base, r, "B", "lecun", seed=3)
+    for x, var, tol in (("A", 1 / 2048, 0.03), ("C", 1 / r, 0.03), ("B", 1 / r, 0.06)):
+        t = getattr(layer, "lora_" + x)
+        v, mean = t.var().item(), t.mean().item()
+        assert abs(v / var - 1) < tol, f"Var {x} = {v:.3e}, LeCun gives {var:.3e} (tolerance {tol:.0%})"
+        assert abs(mean) < 5 * math.sqrt(var / t.numel()), f"mean {x} = {mean:.2e}, expected 0"
+    assert layer.lora_A.shape == (r, 2048) and layer.lora_B.shape == (r, r) and layer.lora_C.shape == (1024, r)
+    zero = tlora_plus.TLoRALinear(base, r, "B", "zero", seed=3)
+    assert torch.count_nonzero(zero.lora_B) == 0, "b_init zero: B = 0"
+    assert torch.equal(zero.lora_A, layer.lora_A) and torch.equal(zero.lora_C, layer.lora_C), \
+        "b_init must not move the frozen factors"
+    other = tlora_plus.TLoRALinear(base, r, "B", "zero", seed=4)
+    assert not torch.equal(other.lora_A, layer.lora_A), "another module seed draws another A"
+    assert zero.scaling == 1.0 and isinstance(zero.dropout, torch.nn.Identity), "s = 1, p = 0 (SPEC §2.3)"
+
+
+@pytest.mark.parametrize("family, method", [("gpt2", "tlora_plus"), ("bert", "tlora_plus"), ("bert", "tlora")])
+def test_tlora_merge_unmerge_exact(family, method, tmp_path):
+    _, model, _ = tlora_pair(tmp_path, method, family=family)
+    randomize_b(model)
+    if method == "tlora":
+        with torch.no_grad():
+            for layer in lora.adapter_layers(model).values():
+                layer.lora_g.fill_(1.7)
+    ids, mask, types = batch(family)
+    before = {n: p.clone() for n, p in model.named_parameters() if ".base." in n}
+    with torch.no_grad():
+        y = model(ids, mask, types)
+        lora.merge(model)
+        y_merged = model(ids, mask, types)
+        lora.unmerge(model)
+        y_back = model(ids, mask, types)
+    d_merge, d_back = (y - y_merged).abs().max().item(), (y - y_back).abs().max().item()
+    assert d_merge <= 1e-5 * max(1, y.abs().max().item()), f"{family} {method}: merged output differs by {d_merge:.2e}"
+    assert d_back <= 1e-6, f"{family} {method}: unmerged output differs by {d_back:.2e}"
+    drift = max((p - before[n]).abs().max().item() for n, p in model.named_parameters() if ".base." in n)
+    assert drift <= 1e-6, f"base weights drift by {drift:.2e} after merge + unmerge"
+
+
+def test_tlora_with_identity_A_C_equals_lora_update():
+    """C = I makes TLoRA a LoRA with B' = B, A' = A; A = I makes it a LoRA with B' = C, A' = B (s = 1 both)."""
+    torch.manual_seed(0)
+    r = 8
+    for (n_in, n_out), ident in (((12, 8), "C"), ((8, 12), "A"), ((8, 8), "AC")):
+        base = torch.nn.Linear(n_in, n_out)
+        t = tlora_plus.TLoRALinear(base, r, "ABC", seed=0)
+        ref, x = lora.LoRALinear(base, r, alpha=r), torch.randn(5, 7, n_in)  # s = α/r = 1
+        with torch.no_grad():
+            t.lora_B.copy_(torch.randn(r, r))
+            if "C" in ident:
+                t.lora_C.copy_(torch.eye(n_out, r))  # (out, r1) = (r, r)
+            if "A" in ident:
+                t.lora_A.copy_(torch.eye(r, n_in))  # (r2, in) = (r, r)
+            b_, a_ = (t.lora_C, t.lora_B) if ident == "A" else (t.lora_B, t.lora_A)  # LoRA's (out, r), (r, in)
+            ref.lora_B.copy_(b_)
+            ref.lora_A.copy_(a_)
+            dw = (t.delta_weight() - b_ @ a_).abs().max().item()
+            dy = (t(x) - ref(x)).abs().max().item()
+        assert dw <= 1e-6, f"identity {ident}: ΔW differs from the hand LoRA update B'A' by {dw:.2e}"
+        assert dy <= 1e-5, f"identity {ident}: output differs from LoRALinear's by {dy:.2e}"
+    assert torch.equal(t.delta_weight(), t.lora_B.detach()), "A = C = I (r = in = out): ΔW = B exactly"
+
+
+@pytest.mark.parametrize("method", ["tlora_plus", "tlora"])
+def test_tlora_delta_w_zero_at_init(method, tmp_path):
+    _, model, folder = tlora_pair(tmp_path, method)
+    plain = M.from_pretrained(folder).eval()
+    ids, mask, types = batch("bert")
+    with torch.no_grad():
+        d = (model(ids, mask, types) - plain(ids, mask, types)).abs().max().item()
+        nonzero = sum(torch.count_nonzero(l.delta_weight()).item() for l in lora.adapter_layers(model).values())
+    assert d == 0 and nonzero == 0, f"{method} at init: logits move by {d:.2e}, ΔW has {nonzero} nonzero entries"
+    _, lecun, _ = tlora_pair(tmp_path, method, "--b_init", "lecun")
+    with torch.no_grad():
+        d = (lecun(ids, mask, types) - plain(ids, mask, types)).abs().max().item()
+    assert d > 1e-4, f"b_init lecun should perturb the model at step 0, logits moved by only {d:.2e}"
+
+
+def test_tlora_save_load_round_trip_and_refuses_other_methods(tmp_path):
+    ids, mask, types = batch("bert")
+    for method, cfg in (("tlora_plus", "ABC"), ("tlora_plus", "B"), ("tlora", "B")):
+        m, model, folder = tlora_pair(tmp_path, method, "--tlora_train", cfg, "--seed", "0")
+        randomize_b(model)
+        out = str(tmp_path / f"ck-{method}-{cfg}")
+        m.save(model, out)
+        m2, fresh, _ = tlora_pair(tmp_path, method, "--tlora_train", cfg, "--seed", "1")  # other frozen A, C
+        with torch.no_grad():
+            y = model(ids, mask, types)
+            d_before = (fresh(ids, mask, types) - y).abs().max().item()
+            m2.load(fresh, out)
+            d = (fresh(ids, mask, types) - y).abs().max().item()
+        assert d_before > 0 and d == 0, f"{method} {cfg}: reloaded logits differ by {d:.2e} (before load {d_before:.2e})"
+        saved = json.load(open(os.path.join(out, "adapter_config.json")))
+        assert saved["peft_type"] == method.upper() and saved["r"] == 4 and saved["trainable"] == cfg
+    lo = lora.LoRA(args_for("--model", folder))
+    lo_model = lo.wrap(M.from_pretrained(folder))
+    lo.save(lo_model, str(tmp_path / "ck-lora"))
+    for loader, ck, saved in (("tlora_plus", "ck-lora", "lora"), ("tlora", "ck-tlora_plus-ABC", "tlora_plus"),
+                              ("tlora_plus", "ck-tlora-B", "tlora"), ("lora", "ck-tlora_plus-ABC", "tlora_plus")):
+        m = train.METHODS[loader](args_for("--model", folder))
+        with pytest.raises(SystemExit, match=f"pass --method {saved} to load it"):
+            m.load(m.wrap(M.from_pretrained(folder)), str(tmp_path / ck))
+    big = tlora_plus.TLoRAPlus(args_for("--model", folder, "--rank", "8"))
+    with pytest.raises(SystemExit, match=r"pass the --rank it was trained with \(4\)"):
+        big.load(big.wrap(M.from_pretrained(folder)), str(tmp_path / "ck-tlora_plus-ABC"))
+
+
+def test_train_tlora_plus_end_to_end_writes_metrics_json(tmp_path):
+    glue = str(tmp_path / "glue")
+    folder = tiny_checkpoint(tmp_path, write_glue(glue, n=48))
+    out = str(tmp_path / "out")
+    result = train.main(train.parse_args(["--method", "tlora_plus", "--task", "mrpc", "--model", folder,
+                                          "--data_dir", glue, "--epochs", "2", "--batch_size", "8", "--lr", "1e-3",
+                                          "--out_dir", out]))
+    saved = json.load(open(os.path.join(out, "metrics.json")))
+    assert saved["method"] == "tlora_plus" and saved["steps"] == 2 * 6 and len(saved["history"]) == 2
+    assert saved["trainable_params"] == result["trainable_params"] and 0 < saved["trainable_pct"] < 100
+    recomputed, _ = ev.reevaluate(out)  # a fresh model, then the saved A, B, C and head
+    assert recomputed["accuracy"] == saved["metrics"]["accuracy"]
+    assert recomputed["loss"] == pytest.approx(saved["metrics"]["loss"], abs=1e-5), \
+        f"reloaded loss {recomputed['loss']:.6f} vs saved {saved['metrics']['loss']:.6f}"
+
+
 # ------------------------------------------------------------------------------------------------ eval.py
 
 def test_glue_metrics_match_hand_computation():
@@ -439,14 +645,15 @@ def test_table_merges_seeds_into_mean_and_std():
 
 # ------------------------------------------------------------------------------------------------ train.py
 
-def tiny_checkpoint(tmp_path, words):
+def tiny_checkpoint(tmp_path, words, dropout=0.1):
     """A tiny BERT folder with a vocab.txt of the test words, as a real checkpoint folder looks."""
     import transformers as T
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(words))
     folder = str(tmp_path / "tiny-bert")
     torch.manual_seed(0)
     T.BertForSequenceClassification(T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                    intermediate_size=64, vocab_size=len(vocab), max_position_embeddings=64))\
+                                    intermediate_size=64, vocab_size=len(vocab), max_position_embeddings=64,
+                                    hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout))\
         .save_pretrained(folder)
     open(os.path.join(folder, "vocab.txt"), "w").write("\n".join(vocab) + "\n")
     return folder
@@ -481,3 +688,39 @@ def test_train_bad_input_is_one_clear_line(argv, message):
                        cwd=HERE, timeout=120)
     assert r.returncode != 0 and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 3, r.stderr
+
+
+def test_length_bucketing_never_truncates_and_keeps_labels():
+    ex = [{"input_ids": list(range(1, n + 1)), "token_type_ids": [0] * n, "label": n % 3} for n in (5, 33, 64, 1)]
+    for idx, b in data.eval_batches(ex, 3, 0, False, multiple=32):
+        assert b["input_ids"].shape[1] % 32 == 0
+        for row, i in enumerate(idx):
+            n = len(ex[i]["input_ids"])
+            assert b["input_ids"][row, :n].tolist() == ex[i]["input_ids"] and b["attention_mask"][row].sum() == n
+            assert b["labels"][row].item() == ex[i]["label"]
+    assert data.collate(ex[2:3], 0, multiple=32)["input_ids"].shape == (1, 64)  # already a multiple: unchanged
+
+
+class CountingLoRA(lora.LoRA):
+    """LoRA that counts its after-step calls (the hook a compiled step must still run)."""
+    name, calls = "counting_lora", []
+
+    def after_step(self, model, step):
+        self.calls.append(step)
+
+
+def test_compiled_and_eager_training_give_the_same_losses(tmp_path, monkeypatch):
+    """20 steps, dropout off everywhere: torch.compile (inductor, CPU) reproduces eager losses within 1e-4."""
+    glue = str(tmp_path / "glue")
+    folder = tiny_checkpoint(tmp_path, write_glue(glue, n=160), dropout=0.0)
+    monkeypatch.setitem(train.METHODS, "counting_lora", CountingLoRA)
+    logs = {}
+    for compiled in (False, True):
+        CountingLoRA.calls = []
+        argv = ["--method", "counting_lora", "--task", "mrpc", "--model", folder, "--data_dir", glue, "--epochs", "1",
+                "--batch_size", "8", "--lr", "1e-3", "--dropout", "0", "--log_every", "1", "--pad_multiple", "32",
+                "--eval_batch_size", "128"] + (["--compile"] if compiled else [])
+        logs[compiled] = [loss for _, loss in train.main(train.parse_args(argv))["loss_log"]]
+        assert CountingLoRA.calls == list(range(1, 21)), f"after_step ran at {CountingLoRA.calls}"
+    diff = max(abs(a - b) for a, b in zip(logs[False], logs[True]))
+    assert len(logs[True]) == 20 and diff <= 1e-4, f"compiled losses differ from eager by {diff:.2e}"

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import data
 import lora
+import quant
 import tlora_plus
 from eval import glue_metrics, main_metric
 from model import from_pretrained, resolve
@@ -68,9 +69,14 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--log_every", type=int, default=20, help="read the loss back every N steps")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA: with CUDA graphs)")
+    p.add_argument("--pad_multiple", type=int, default=None, help="pad batches to a multiple of this "
+                   "(default: 32 with --compile, so it compiles a handful of shapes; else 1)")
     args = p.parse_args(argv)
     if args.method not in METHODS:
         raise SystemExit(f"error: unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
+    if args.pad_multiple is None:
+        args.pad_multiple = 32 if args.compile else 1
     if args.targets != "all-linear":
         args.targets = args.targets.split(",")
     return args
@@ -90,10 +96,13 @@ def build(args):
     torch.manual_seed(args.seed)
     model = from_pretrained(folder, num_labels=task.num_labels)
     tok = load_tokenizer(folder, model.cfg.family)
-    if args.quant == "nf4":
-        import quant
-        quant.quantize_model(model)
     method = METHODS[args.method](args)
+    if args.quant == "nf4":  # before wrap: an adapter layer then wraps a Linear4bit as it would an nn.Linear
+        quant.quantize_model(model)
+        frozen = [n + ".weight" for n, m in model.named_modules() if isinstance(m, quant.Linear4bit)]
+        if any(method.trains(n) for n in frozen):
+            raise SystemExit(f"error: --quant nf4 stores the base weights in 4 bits, which cannot train, but --method "
+                             f"{args.method} trains them; use an adapter method (lora = QLoRA), head or bitfit")
     model = method.wrap(model).to(args.device)
     return model, method, tok, task
 
@@ -113,7 +122,7 @@ def autocast(args):
 def evaluate(model, examples, task, args, pad_id):
     model.eval()
     logits = [None] * len(examples)
-    for idx, b in data.eval_batches(examples, args.eval_batch_size, pad_id, task.num_labels == 1):
+    for idx, b in data.eval_batches(examples, args.eval_batch_size, pad_id, task.num_labels == 1, args.pad_multiple):
         with autocast(args):
             out = model(b["input_ids"].to(args.device), b["attention_mask"].to(args.device),
                         b["token_type_ids"].to(args.device)).float().cpu()
@@ -151,23 +160,28 @@ def main(args):
     total = args.epochs * steps_per_epoch if not args.max_steps else min(args.max_steps, args.epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(args.warmup_ratio * total), total))
     trainable = [p for g in groups for p in g["params"]]
-    n_train, n_all = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
+    n_train, n_all = sum(p.numel() for p in trainable), quant.count_params(model)  # 4-bit weights: out·in each
     print(f"{args.method} on {task.name}: {n_train:,} trainable of {n_all:,} ({100 * n_train / n_all:.3f}%), "
           f"{len(train)} train / {len(dev)} dev examples, {total} steps on {args.device}")
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    # --compile: one graph per padded shape; on CUDA "reduce-overhead" also replays each step as a CUDA graph.
+    # The method's extra_loss and after_step hooks stay outside the compiled forward and run as usual.
+    forward = model
+    if args.compile:
+        forward = torch.compile(model, mode="reduce-overhead" if args.device.startswith("cuda") else None)
 
-    rng, step, train_seconds, history, best = random.Random(args.seed), 0, 0.0, [], None
+    rng, step, train_seconds, history, log, best = random.Random(args.seed), 0, 0.0, [], [], None
     for epoch in range(args.epochs):
         model.train()
         t0, losses = time.time(), []
-        bar = tqdm(data.train_batches(train, args.batch_size, tok.pad_id, task.num_labels == 1, rng),
-                   total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", file=sys.stdout,
+        batches = data.train_batches(train, args.batch_size, tok.pad_id, task.num_labels == 1, rng, args.pad_multiple)
+        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", file=sys.stdout,
                    disable=not sys.stdout.isatty())
         for b in bar:
             b = {k: v.to(args.device) for k, v in b.items()}
             with autocast(args):
-                logits = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+                logits = forward(b["input_ids"], b["attention_mask"], b["token_type_ids"])
             loss = task_loss(logits, b["labels"])
             extra = method.extra_loss(model)
             if extra is not None:
@@ -181,6 +195,7 @@ def main(args):
             opt.zero_grad(set_to_none=True)
             if step % args.log_every == 0 or step == total:  # the only host sync of the step
                 losses.append(loss.item())
+                log.append((step, losses[-1]))
                 if not math.isfinite(losses[-1]):
                     raise SystemExit(f"error: loss is {losses[-1]} at step {step}; lower --lr (now {method.lr:g})")
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
@@ -190,7 +205,7 @@ def main(args):
             if step >= total:
                 break
         train_seconds += time.time() - t0
-        metrics = evaluate(model, dev, task, args, tok.pad_id)
+        metrics = evaluate(forward, dev, task, args, tok.pad_id)
         history.append({"epoch": epoch + 1, "step": step, "train_loss": sum(losses) / max(1, len(losses)), **metrics})
         print(f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.4f}, dev " +
               ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -207,7 +222,8 @@ def main(args):
             if n in state:
                 p.copy_(state[n])
     result = {"task": task.name, "method": args.method, "model": args.model, "metrics": metrics,
-              "best_epoch": best_epoch, "last": history[-1], "history": history, "trainable_params": n_train,
+              "best_epoch": best_epoch, "last": history[-1], "history": history, "loss_log": log,
+              "trainable_params": n_train,
               "total_params": n_all, "trainable_pct": 100 * n_train / n_all, "steps": step,
               "train_seconds": train_seconds, "s_per_step": train_seconds / max(1, step),
               "peak_memory_mb": peak_memory_mb(args), "args": {k: v for k, v in vars(args).items()}}
