@@ -112,9 +112,11 @@ def freeze_all_but(model, trainable):
         p.requires_grad = n.startswith("head.") or trainable(n)
 
 
-def merge(model):
+def merge(model, float_only=False):
+    """Fold every adapter into its base weight. float_only skips 4-bit bases (merging one keeps an fp32 copy)."""
     for layer in adapter_layers(model).values():
-        layer.merge()
+        if not (float_only and hasattr(layer.base, "merge_delta")):
+            layer.merge()
 
 
 def unmerge(model):

@@ -120,7 +120,9 @@ def autocast(args):
 
 @torch.no_grad()
 def evaluate(model, examples, task, args, pad_id):
+    """Dev metrics, on merged weights: an adapted layer then costs what the frozen layer costs."""
     model.eval()
+    lora.merge(model, float_only=True)
     logits = [None] * len(examples)
     for idx, b in data.eval_batches(examples, args.eval_batch_size, pad_id, task.num_labels == 1, args.pad_multiple):
         with autocast(args):
@@ -128,6 +130,7 @@ def evaluate(model, examples, task, args, pad_id):
                         b["token_type_ids"].to(args.device)).float().cpu()
         for i, row in zip(idx, out):
             logits[i] = row
+    lora.unmerge(model)
     return glue_metrics(task.name, torch.stack(logits).numpy(), [e["label"] for e in examples])
 
 
@@ -160,7 +163,9 @@ def main(args):
     total = args.epochs * steps_per_epoch if not args.max_steps else min(args.max_steps, args.epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(args.warmup_ratio * total), total))
     trainable = [p for g in groups for p in g["params"]]
-    n_train, n_all = sum(p.numel() for p in trainable), quant.count_params(model)  # 4-bit weights: out·in each
+    # SPEC §1.5: all parameters (a 4-bit weight counts out·in) plus adapter buffers (TLoRA's frozen factors)
+    n_all = quant.count_params(model) + sum(b.numel() for n, b in model.named_buffers() if ".lora_" in n)
+    n_train = sum(p.numel() for p in trainable)
     print(f"{args.method} on {task.name}: {n_train:,} trainable of {n_all:,} ({100 * n_train / n_all:.3f}%), "
           f"{len(train)} train / {len(dev)} dev examples, {total} steps on {args.device}")
     if args.device.startswith("cuda"):
