@@ -5,13 +5,28 @@ imported here and in test_all.py only, never by the product.
     python bench.py peft_glue --task mrpc --model DIR --data_dir ../shared/data/glue --seed 0 --out_dir out/peft0
         the same training run as `train.py --method lora`, but on transformers + peft: same data, batches, seeds,
         optimizer groups (A at lr, B at lr x lr_ratio, head at head_lr), schedule and evaluation (train.py's loop)
+    python bench.py quant [--minilm DIR] [--out FILE.json]
+        stored bytes, bits/param and peak training RSS of fp32 LoRA vs QLoRA vs QLoRA + double quant (one fresh
+        process each) on random-init GPT-2-small/medium and RoBERTa-base, and on MiniLM's real weights if given;
+        then NF4 quantize/dequantize time against bitsandbytes on CPU
 """
+import argparse
+import copy
+import ctypes
+import json
+import os
+import resource
+import statistics
+import subprocess
 import sys
+import time
 
 import torch
 import torch.nn as nn
 
 import lora
+import model as M
+import quant
 import train
 from model import hf_name
 
@@ -84,8 +99,187 @@ def peft_glue(argv):
     return train.main(args)
 
 
+# -----------------------------------------------------------------------------
+# fresh processes: one configuration per interpreter, so ru_maxrss is that configuration's own peak
+
+def fresh(fn, config, threads=None):
+    """Run fn(config) in a new `python bench.py _fresh` process and return what it returns (through JSON).
+    threads sets OMP_NUM_THREADS there (torch's and bnb's CPU threads): on a busy CPU, threads that wait for each
+    other make every op many times slower."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "_fresh", fn.__name__, json.dumps(config)],
+                       capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"error: {fn.__name__}({config}) failed in its own process: {r.stderr.strip()[-1500:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# -----------------------------------------------------------------------------
+# quant: the stored size and the training memory of fp32 LoRA vs QLoRA vs QLoRA + double quant (issue 5)
+
+QUANT_MODELS = {  # random init: memory does not depend on the weight values, so nothing is downloaded
+    "gpt2-small": dict(family="gpt2", vocab_size=50257, n_positions=1024, n_types=0, d=768, n_layer=12, n_head=12,
+                       d_ff=3072, act="gelu_new", eps=1e-5, pad_id=50256),
+    "gpt2-medium": dict(family="gpt2", vocab_size=50257, n_positions=1024, n_types=0, d=1024, n_layer=24,
+                        n_head=16, d_ff=4096, act="gelu_new", eps=1e-5, pad_id=50256),
+    "roberta-base": dict(family="roberta", vocab_size=50265, n_positions=514, n_types=1, d=768, n_layer=12,
+                         n_head=12, d_ff=3072, act="gelu", eps=1e-5, pad_id=1),
+}
+PRECISIONS = {"fp32": None, "nf4": False, "nf4_dq": True}  # base precision -> double_quant (None: not quantized)
+
+
+def random_model(cfg, double_quant):
+    """A random-init Transformer. Quantized, one random layer per shape is drawn in fp32 and quantized, and each block
+    linear gets its own copy of those codes (memory and time do not depend on the values). The fp32 backbone never
+    exists whole, as with a QLoRA loader that streams a checkpoint."""
+    if double_quant is None:
+        return M.Transformer(cfg)
+    with torch.device("meta"):
+        model = M.Transformer(cfg)
+    drawn = {}  # (layer type, in, out) -> Linear4bit
+    for name, m in list(model.named_modules()):
+        if name.startswith("h.") and type(m) in (nn.Linear, M.Conv1D):
+            key = (type(m), m.in_features, m.out_features)
+            if key not in drawn:
+                fp32 = type(m)(m.in_features, m.out_features)  # on the CPU
+                M.Transformer._init_weights(fp32)
+                drawn[key] = quant.Linear4bit.from_linear(fp32, double_quant)
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, copy.deepcopy(drawn[key]))
+    for m in model.modules():  # the rest: embeddings, LayerNorms, the head
+        if any(p.is_meta for p in m.parameters(recurse=False)):
+            m.to_empty(device="cpu", recurse=False)
+            m.reset_parameters()
+            M.Transformer._init_weights(m)
+    return model
+
+
+def lora_steps(c):
+    """c: model (a QUANT_MODELS name or a checkpoint folder), precision, batch, seq, steps. Runs train.py's step
+    (forward, loss, backward, clip, AdamW) with LoRA r=8 on all linears, on random tokens."""
+    rss_imports = peak_rss_mb()
+    torch.manual_seed(0)
+    double_quant = PRECISIONS[c["precision"]]
+    if c["model"] in QUANT_MODELS:
+        model = random_model(M.Config(**QUANT_MODELS[c["model"]]), double_quant)
+    else:  # a real checkpoint is read whole in fp32 first, so its peak includes that
+        model = M.from_pretrained(c["model"])
+        if double_quant is not None:
+            quant.quantize_model(model, double_quant=double_quant)
+    trim = ctypes.CDLL("libc.so.6").malloc_trim  # glibc keeps freed heap pages; trimming them after the build and
+    trim(0)                                      # after each step makes the peak the step's own, not leftovers
+    rss_build = peak_rss_mb()  # the high-water mark so far: the build's peak
+    stored = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    n_params = quant.count_params(model)
+    bits = quant.bits_per_param(model) if double_quant is not None else 32.0
+    method = lora.LoRA(train.parse_args(["--rank", "8", "--alpha", "16", "--dropout", "0.1"]))
+    model = method.wrap(model).train()
+    groups = method.param_groups(model)
+    trainable = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups)
+    B, T, V = c["batch"], c["seq"], model.cfg.vocab_size
+    ids, mask = torch.randint(V, (B, T)), torch.ones(B, T, dtype=torch.long)
+    types, labels = torch.zeros_like(ids), torch.randint(2, (B,))
+    t0 = time.time()
+    for _ in range(c["steps"]):
+        loss = train.task_loss(model(ids, mask, types), labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        trim(0)
+    return {**c, "params": n_params, "stored_bytes": stored, "bits_per_param": bits,
+            "s_per_step": (time.time() - t0) / c["steps"], "rss_after_imports_mb": rss_imports,
+            "build_peak_rss_mb": rss_build, "peak_rss_mb": peak_rss_mb(),
+            "peak_minus_imports_mb": peak_rss_mb() - rss_imports}
+
+
+def median_seconds(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def quant_speed(c):
+    """Median ms (of c["repeats"]) to quantize and dequantize one weight of each of c["shapes"] in NF4 (block 64,
+    double quant): ours vs bitsandbytes."""
+    import bitsandbytes.functional as bnbF
+    rows, repeats = [], c["repeats"]
+    for shape in c["shapes"]:
+        W = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        state = quant.quantize_nf4(W)
+        packed, ref = bnbF.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
+        with torch._dynamo.config.patch(disable=True):  # as in the tests: keep bnb's CPU path out of torch.compile
+            rows.append({"shape": list(shape),
+                         "ours_quantize_ms": 1e3 * median_seconds(lambda: quant.quantize_nf4(W), repeats),
+                         "bnb_quantize_ms": 1e3 * median_seconds(lambda: bnbF.quantize_4bit(
+                             W, blocksize=64, compress_statistics=True, quant_type="nf4"), repeats),
+                         "ours_dequantize_ms": 1e3 * median_seconds(lambda: quant.dequantize_nf4(state), repeats),
+                         "bnb_dequantize_ms": 1e3 * median_seconds(lambda: bnbF.dequantize_4bit(packed, ref),
+                                                                   repeats)})
+    return rows
+
+
+def quant_bench(argv):
+    p = argparse.ArgumentParser(prog="python bench.py quant", description="NF4 memory and speed (issue 5)")
+    p.add_argument("--minilm", default=None, help="a MiniLM checkpoint folder (real weights); skipped if not given")
+    p.add_argument("--out", default=None, help="also write the results to this JSON file")
+    p.add_argument("--batch", type=int, default=8, help="batch size (16, with --steps 3: ~8 min on one core)")
+    p.add_argument("--seq", type=int, default=128, help="tokens per example")
+    p.add_argument("--steps", type=int, default=2, help="training steps per configuration")
+    p.add_argument("--models", default=",".join(QUANT_MODELS), help="comma list of " + ", ".join(QUANT_MODELS))
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per process (1 suits a shared CPU)")
+    a = p.parse_args(argv)
+    unknown = set(a.models.split(",")) - set(QUANT_MODELS)
+    if unknown:
+        raise SystemExit(f"error: unknown model {sorted(unknown)[0]!r}; --models takes {', '.join(QUANT_MODELS)}")
+    shapes = {m: (a.batch, a.seq, a.steps) for m in a.models.split(",")}
+    if "gpt2-medium" in shapes:  # ~3.5x gpt2-small's compute per token: half the batch and one step
+        shapes["gpt2-medium"] = (max(1, a.batch // 2), a.seq, 1)
+    if a.minilm:
+        shapes = {a.minilm: (a.batch, a.seq, a.steps), **shapes}
+    runs = []
+    for model, (batch, seq, steps) in shapes.items():
+        for precision in PRECISIONS:
+            runs.append(fresh(lora_steps, {"model": model, "precision": precision, "batch": batch, "seq": seq,
+                                           "steps": steps}, a.threads))
+            r = runs[-1]
+            print(f"{os.path.basename(model.rstrip('/'))} {precision}: peak {r['peak_rss_mb']:.0f} MB, "
+                  f"{r['s_per_step']:.1f} s/step", file=sys.stderr, flush=True)
+    speed = fresh(quant_speed, {"shapes": [[768, 768], [3072, 768]], "repeats": 5}, a.threads)
+    lines = [f"LoRA r=8 on every block linear, random tokens, train.py's step; one fresh process per row, "
+             f"peak RSS = its ru_maxrss; {a.threads} CPU thread(s) each", "",
+             "| model | base | params | stored MB | bits/param (4-bit layers) | batch x seq, steps | "
+             "RSS after imports MB | build peak MB | peak RSS MB | peak - imports MB | s/step |",
+             "|---" * 11 + "|"]
+    for r in runs:
+        lines.append(f"| {os.path.basename(r['model'].rstrip('/'))} | {r['precision']} | {r['params'] / 1e6:.1f}M | "
+                     f"{r['stored_bytes'] / 2**20:.1f} | {r['bits_per_param']:.3f} | {r['batch']} x {r['seq']}, "
+                     f"{r['steps']} | {r['rss_after_imports_mb']:.0f} | {r['build_peak_rss_mb']:.0f} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['peak_minus_imports_mb']:.0f} | {r['s_per_step']:.2f} |")
+    lines += ["", "| weight (out x in) | quantize ms: ours / bnb | dequantize ms: ours / bnb |", "|---|---|---|"]
+    for s in speed:
+        lines.append(f"| {s['shape'][0]} x {s['shape'][1]} | {s['ours_quantize_ms']:.2f} / "
+                     f"{s['bnb_quantize_ms']:.2f} | {s['ours_dequantize_ms']:.2f} / {s['bnb_dequantize_ms']:.2f} |")
+    print("\n".join(lines))
+    if a.out:
+        train.write_json(a.out, {"runs": runs, "speed": speed, "threads": a.threads})  # temp file, then os.replace
+        print(f"wrote {a.out}")
+    return runs, speed
+
+
 if __name__ == "__main__":
-    modes = {"peft_glue": peft_glue}
+    if sys.argv[1:2] == ["_fresh"]:  # a child of fresh(): run one function on one JSON config, print its result
+        print(json.dumps(globals()[sys.argv[2]](json.loads(sys.argv[3]))))
+        sys.exit()
+    modes = {"peft_glue": peft_glue, "quant": quant_bench}
     if len(sys.argv) < 2 or sys.argv[1] not in modes:
         sys.exit(f"usage: python bench.py {{{'|'.join(modes)}}} [train.py flags]")
     modes[sys.argv[1]](sys.argv[2:])

@@ -9,8 +9,10 @@ NF4 quantization with double quantization for a frozen base (QLoRA, Dettmers et 
   bnb is only the test reference. bnb's CUDA 8-bit kernel picks the nearest absmax code by a midpoint search
   instead of the CPU grid reproduced below, so on CUDA ~0.15% of absmax codes can differ by one step.
 - Linear4bit keeps only those tensors as buffers and dequantizes in its forward (bf16 on CUDA, fp32 on CPU).
+  Merging a LoRA delta into it keeps an fp32 copy Ŵ + ΔW and never requantizes, so unmerge is exact.
 """
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -123,11 +125,26 @@ def dequantize_nf4(state, dtype=None):
     if state.scale is not None:
         absmax = dequantize_dynamic(state.absmax, state.scale.float(), state.offset.float())
     n, bs = state.shape.numel(), state.blocksize
-    vals = tables(absmax.device)["pairs"][state.packed.long()].flatten()  # (2*ceil(n/2),) fp32, unpacked by one lookup
+    pairs = tables(absmax.device)["pairs"]
+    vals = F.embedding(state.packed.int(), pairs).flatten()  # (2*ceil(n/2),) fp32; ~3x faster than pairs[idx]
     if len(vals) < len(absmax) * bs:  # a partial last block
         vals = F.pad(vals, (0, len(absmax) * bs - len(vals)))
     w = (vals.view(-1, bs) * absmax[:, None]).flatten()[:n]
     return w.view(state.shape).to(dtype or state.dtype)  # fp32 product, then one cast: like bnb
+
+
+class DequantMatmul(torch.autograd.Function):
+    """x Ŵᵀ that saves the 4-bit layer, not Ŵ, for backward and dequantizes again there (bnb's MatMul4Bit).
+    A plain F.linear would keep every layer's full Ŵ alive until backward: the memory QLoRA exists to save."""
+
+    @staticmethod
+    def forward(ctx, x, layer, dtype):
+        ctx.layer, ctx.dtype = layer, dtype
+        return F.linear(x, layer.dequantized_weight(dtype))  # (..., in) -> (..., out)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # Ŵ is frozen: only x gets a gradient
+        return grad_out @ ctx.layer.dequantized_weight(ctx.dtype), None, None  # (..., out) @ (out, in)
 
 
 class Linear4bit(nn.Module):
@@ -145,6 +162,8 @@ class Linear4bit(nn.Module):
         self.register_buffer("scale", torch.zeros(-(nb // -256)) if double_quant else None)  # (ceil(nb/256),) fp32
         self.register_buffer("offset", torch.zeros(()) if double_quant else None)  # () fp32
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.register_buffer("merged_weight", None, persistent=False)  # (out, in) fp32 Ŵ + ΣΔW, only while merged
+        self.register_buffer("merged_delta", None, persistent=False)  # (out, in) fp32 ΣΔW, only while merged
 
     @classmethod
     def from_linear(cls, linear, double_quant=True):
@@ -166,14 +185,32 @@ class Linear4bit(nn.Module):
     def forward(self, x):
         dt = torch.bfloat16 if x.is_cuda else torch.float32
         bias = None if self.bias is None else self.bias.to(dt)
-        return F.linear(x.to(dt), self.dequantized_weight(dt), bias).to(x.dtype)
+        if self.merged_weight is not None:
+            return F.linear(x.to(dt), self.merged_weight.to(dt), bias).to(x.dtype)
+        y = DequantMatmul.apply(x.to(dt), self, dt)
+        return (y if bias is None else y + bias).to(x.dtype)
+
+    def merge_delta(self, delta):
+        """LoRALinear.merge()'s hook (lora.py): Ŵ + ΔW has no exact NF4 form, and requantizing would add a second
+        rounding error that unmerge could not undo. So the layer keeps an fp32 copy Ŵ + ΔW for its forward and never
+        touches the packed codes. It also sums the deltas: unmerge passes -ΔW, the sum is then exactly 0, the fp32
+        copy is dropped and the layer is its 4-bit self again, bit for bit."""
+        delta = delta.detach().float()  # (out, in)
+        self.merged_delta = delta if self.merged_delta is None else self.merged_delta + delta
+        if not self.merged_delta.any():
+            self.merged_weight = self.merged_delta = None
+            return
+        if self.merged_weight is None:  # the default warning filter shows this once, however many layers merge
+            warnings.warn("merge into a 4-bit base: dequantized to an fp32 copy (Ŵ + ΔW) for the forward, not "
+                          "requantized; the NF4 codes are kept and unmerge() restores them exactly", stacklevel=2)
+        self.merged_weight = self.dequantized_weight(torch.float32) + self.merged_delta  # (out, in) fp32
 
     def extra_repr(self):
         dq = self.scale is not None
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4, double_quant={dq}"
 
 
-def quantize_model(model, skip=("head",)):
+def quantize_model(model, skip=("head",), double_quant=True):
     """Swap every nn.Linear and Conv1D (by class name) whose qualified name starts with no prefix in skip. The type
     test is exact, so a LoRA layer that subclasses nn.Linear is never swallowed."""
     targets = [name for name, m in model.named_modules()
@@ -181,8 +218,15 @@ def quantize_model(model, skip=("head",)):
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, Linear4bit.from_linear(getattr(parent, child)))
+        setattr(parent, child, Linear4bit.from_linear(getattr(parent, child), double_quant))
     return model
+
+
+def count_params(model):
+    """#parameters as SPEC §1.5 counts them: a Linear4bit weight is out·in logical values (its bias is already a
+    Parameter), not the bytes that store it. Equal to the count before quantize_model."""
+    return sum(p.numel() for p in model.parameters()) + sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
 
 
 def bits_per_param(model):

@@ -19,6 +19,7 @@ import data
 import eval as ev
 import lora
 import model as M
+import quant
 import tlora_plus
 import train
 from tokenizer import load_tokenizer, truncate_pair
@@ -612,6 +613,327 @@ def test_train_tlora_plus_end_to_end_writes_metrics_json(tmp_path):
     assert recomputed["accuracy"] == saved["metrics"]["accuracy"]
     assert recomputed["loss"] == pytest.approx(saved["metrics"]["loss"], abs=1e-5), \
         f"reloaded loss {recomputed['loss']:.6f} vs saved {saved['metrics']['loss']:.6f}"
+
+
+# ------------------------------------------------------------------------------------------------ quant.py
+
+# NF4 + double quant against bitsandbytes on CPU (quantize_4bit / dequantize_4bit, quant_type="nf4", blocksize=64):
+# packed bytes, absmax, absmax codes, scales, offset and dequantized values must be bit-identical.
+
+
+QUANT_SHAPES = [(7, 13), (3, 100), (64, 64), (130, 257), (5, 80), (1, 1), (300, 256)]  # mostly not multiples of 64
+
+
+def _quant_cases():
+    """Random weights, each of 192+ values with block 1 all zero, then a weight whose partial last block is zero
+    and an all-zero one (bnb stores absmax 0 for a zero full block, 1e-38 for a zero partial block)."""
+    for seed, shape in enumerate(QUANT_SHAPES):
+        W = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        if W.numel() >= 192:
+            W.view(-1)[64:128] = 0
+        yield W
+    W = torch.randn(3, 100, generator=torch.Generator().manual_seed(99))
+    W.view(-1)[256:] = 0
+    yield W
+    yield torch.zeros(3, 100)
+
+
+def _bnb_dequantize(packed, state):
+    import bitsandbytes.functional as bnbF
+    with torch._dynamo.config.patch(disable=True):  # bnb torch.compiles its odd-last-dim fallback: ~15 s on CPU
+        return bnbF.dequantize_4bit(packed, state)
+
+
+def _bnb_dequant_is_reliable(shape):
+    # bnb's AVX-512 CPU kernel reads absmax per row (row r, column block j -> absmax[r * (in // 64) + j]), which is
+    # wrong when in % 16 == 0 but in % 64 != 0: its own round trip of a (5, 80) weight is off by ~1.0.
+    return shape[-1] % 16 != 0 or shape[-1] % 64 == 0
+
+
+def test_nf4_code_book_matches_qlora_quantiles():
+    derived, table = quant.nf4_code_book(), torch.tensor(quant.NF4)
+    assert torch.equal(derived, table), f"max diff {(derived - table).abs().max().item():.3g}"
+
+
+def test_dynamic_map_matches_bitsandbytes():
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    ref = bnbF.create_dynamic_map(signed=True)
+    assert torch.equal(quant.DYNAMIC, ref), f"max diff {(quant.DYNAMIC - ref).abs().max().item():.3g}"
+
+
+def test_packing_round_trip_puts_first_value_in_high_nibble():
+    codes = torch.randint(0, 16, (101,), dtype=torch.uint8)
+    packed = quant.pack_nibbles(codes)
+    assert packed.shape == (51,) and packed[0] == codes[0] * 16 + codes[1], f"{packed[0]} from {codes[:2].tolist()}"
+    levels = quant.NF4_PAIRS[packed.long()].flatten()[:101]  # how dequantize_nf4 unpacks
+    assert torch.equal(levels, torch.tensor(quant.NF4)[codes.long()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_matches_bitsandbytes_codes(dtype):
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    for W in _quant_cases():
+        W, shape = W.to(dtype), tuple(W.shape)
+        packed, ref = bnbF.quantize_4bit(W, blocksize=64, compress_statistics=False, quant_type="nf4")
+        ours = quant.quantize_nf4(W, blocksize=64, double_quant=False)
+        assert packed.shape == (ours.packed.numel(), 1), f"{shape}: bnb packed shape {tuple(packed.shape)}"
+        diff = (packed.flatten() != ours.packed).sum().item()
+        assert diff == 0, f"{shape}: {diff} of {ours.packed.numel()} packed bytes differ"
+        am_err = (ref.absmax - ours.absmax).abs().max().item()
+        assert torch.equal(ref.absmax, ours.absmax), f"{shape}: absmax max diff {am_err:.3g}"
+        if _bnb_dequant_is_reliable(shape):
+            err = (_bnb_dequantize(packed, ref).float() - quant.dequantize_nf4(ours).float()).abs().max().item()
+            assert err == 0, f"{shape}: dequantized max abs diff {err:.3g}"
+
+
+def test_double_quant_matches_bitsandbytes_absmax():
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    big = torch.randn(1000, 1000, generator=torch.Generator().manual_seed(7))  # 15625 blocks: 62 groups of 256
+    for W in [*_quant_cases(), big]:
+        shape = tuple(W.shape)
+        packed, ref = bnbF.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
+        ours = quant.quantize_nf4(W, blocksize=64, double_quant=True)
+        assert torch.equal(packed.flatten(), ours.packed), f"{shape}: packed bytes differ"
+        diff = (ref.absmax != ours.absmax).sum().item()
+        assert diff == 0, f"{shape}: {diff} of {ours.absmax.numel()} absmax codes differ"
+        assert torch.equal(ref.state2.absmax, ours.scale), f"{shape}: scales {ref.state2.absmax} vs {ours.scale}"
+        assert torch.equal(ref.offset, ours.offset), f"{shape}: offset {ref.offset.item()} vs {ours.offset.item()}"
+        if _bnb_dequant_is_reliable(shape):
+            err = (_bnb_dequantize(packed, ref) - quant.dequantize_nf4(ours)).abs().max().item()
+            assert err == 0, f"{shape}: dequantized max abs diff {err:.3g}"
+
+
+def test_all_zero_blocks_dequantize_to_zero_not_nan():
+    W = torch.zeros(3, 100)  # one full and one partial block, both zero
+    for dq in (False, True):
+        What = quant.dequantize_nf4(quant.quantize_nf4(W, double_quant=dq))
+        assert not What.isnan().any() and (What == 0).all(), f"double_quant={dq}: {What.abs().max()}"
+
+
+def test_nf4_error_within_half_gap_plus_double_quant_error():
+    W = torch.randn(96, 200, generator=torch.Generator().manual_seed(0))  # 300 blocks, the last one partial
+    for dq in (False, True):
+        state = quant.quantize_nf4(W, double_quant=dq)
+        blocks = torch.nn.functional.pad(W.flatten(), (0, -W.numel() % 64)).view(-1, 64)
+        m = blocks.abs().amax(1)  # (nb,) exact absmax
+        m_hat = quant.dequantize_dynamic(state.absmax, state.scale, state.offset) if dq else state.absmax
+        bound = (0.152 * m + (m_hat - m).abs()).repeat_interleave(64)[:W.numel()]  # NF4's largest half-gap is 0.152
+        excess = ((quant.dequantize_nf4(state) - W).abs().flatten() - bound).max().item()
+        assert excess <= 1e-6, f"double_quant={dq}: error exceeds the bound by {excess:.3g}"
+
+
+def test_nf4_bits_per_param():
+    model = torch.nn.Sequential(torch.nn.Linear(768, 768), torch.nn.Linear(768, 3072))
+    bits = quant.bits_per_param(quant.quantize_model(model, skip=()))
+    assert 4.12 <= bits <= 4.13, f"{bits:.4f} bits/param (SPEC: 4 + 8/64 + 32/(64*256) = 4.127)"
+    plain = torch.nn.Linear(768, 768)
+    plain_bits = quant.bits_per_param(torch.nn.Sequential(quant.Linear4bit.from_linear(plain, double_quant=False)))
+    assert abs(plain_bits - 4.5) < 1e-9, f"{plain_bits:.4f} bits/param without double quant (4 + 32/64)"
+
+
+def _conv1d(in_features, out_features):
+    class Conv1D(torch.nn.Module):  # GPT-2 layout: weight (in, out), y = x W + b; quant matches it by class name
+        def __init__(self):
+            super().__init__()
+            self.in_features, self.out_features = in_features, out_features
+            self.weight = torch.nn.Parameter(torch.randn(in_features, out_features) * 0.02)  # (in, out)
+            self.bias = torch.nn.Parameter(torch.randn(out_features))
+
+        def forward(self, x):
+            return x @ self.weight + self.bias
+
+    return Conv1D()
+
+
+def test_linear4bit_equals_linear_on_dequantized_weight():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 48)
+    for layer in (torch.nn.Linear(48, 40), _conv1d(48, 40)):
+        q = quant.Linear4bit.from_linear(layer)
+        W_hat = q.dequantized_weight()  # (out, in)
+        assert (q.in_features, q.out_features, tuple(W_hat.shape)) == (48, 40, (40, 48))
+        W = layer.weight.t() if type(layer).__name__ == "Conv1D" else layer.weight
+        assert torch.equal(W_hat, quant.dequantize_nf4(quant.quantize_nf4(W))), type(layer).__name__
+        ref = torch.nn.functional.linear(x, W_hat, layer.bias)
+        err = (q(x) - ref).abs().max().item()
+        assert err <= 1e-6, f"{type(layer).__name__}: max abs diff {err:.3g}"
+        assert q(x.bfloat16()).dtype == torch.bfloat16
+        full = [t for t in list(q.parameters()) + list(q.buffers()) if t.is_floating_point() and t.numel() >= 48 * 40]
+        assert not full and not any(p.requires_grad for p in q.parameters()), "a full-precision or trainable tensor"
+
+
+def test_linear4bit_state_dict_round_trip():
+    torch.manual_seed(0)
+    for dq in (True, False):
+        q = quant.Linear4bit.from_linear(torch.nn.Linear(100, 30), double_quant=dq)
+        fresh = quant.Linear4bit(100, 30, bias=True, double_quant=dq)
+        fresh.load_state_dict(q.state_dict())
+        assert set(q.state_dict()) == {"packed", "absmax", "bias"} | ({"scale", "offset"} if dq else set())
+        x = torch.randn(4, 100)
+        assert torch.equal(fresh(x), q(x)), f"double_quant={dq}"
+
+
+def test_quantize_model_skips_head():
+    model = torch.nn.Module()
+    model.attn = _conv1d(64, 192)
+    model.mlp = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+    model.head = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 2))
+    model.adapted = type("LoRALinear", (torch.nn.Linear,), {})(64, 64)  # an adapter layer is not a plain nn.Linear
+    x = torch.randn(3, 64)
+    ref = model.mlp(x)
+    quant.quantize_model(model, skip=("head",))
+    kinds = {name: type(m).__name__ for name, m in model.named_modules() if name.count(".") <= 1 and name}
+    assert kinds == {"attn": "Linear4bit", "mlp": "Sequential", "mlp.0": "Linear4bit", "mlp.1": "GELU",
+                     "mlp.2": "Linear4bit", "head": "Sequential", "head.0": "Linear", "head.1": "Linear",
+                     "adapted": "LoRALinear"}, kinds
+    assert (model.attn.in_features, model.attn.out_features) == (64, 192)
+    rel = ((model.mlp(x) - ref).norm() / ref.norm()).item()
+    assert rel < 0.2, f"quantized MLP relative error {rel:.3f}"
+
+
+# ---- QLoRA: lora.py's layers over quant.Linear4bit, train.py --quant nf4 (SPEC §2.4, §1.5)
+# Standalone: python -m pytest -q _quant_tests.py. To paste into test_all.py, drop these imports (it has them).
+
+
+ADAPTER_METHODS = [m for m in ("lora", "tlora_plus", "tlora") if m in train.METHODS]  # those built on lora.inject
+
+
+def qlora_pair(family, tmp_path, method="lora"):
+    """(a 4-bit model, a float model whose linears hold the dequantized weights Ŵ), each wrapped by `method` from the
+    same seed and with the same random B (B = 0 at init would hide errors in B's path)."""
+    folder = save_hf(tiny_hf(family), tmp_path)
+    q4 = quant.quantize_model(M.from_pretrained(folder))
+    ref = M.from_pretrained(folder)
+    with torch.no_grad():
+        for name, m in q4.named_modules():
+            if isinstance(m, quant.Linear4bit):
+                lin = ref.get_submodule(name)
+                W_hat = m.dequantized_weight()  # (out, in)
+                lin.weight.copy_(W_hat.t() if type(lin).__name__ == "Conv1D" else W_hat)
+    models = []
+    for model in (q4, ref):
+        torch.manual_seed(0)
+        model = train.METHODS[method](args_for("--model", folder, "--method", method)).wrap(model).eval()
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for layer in lora.adapter_layers(model).values():
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
+        models.append(model)
+    return models
+
+
+@pytest.mark.parametrize("family, method", [("gpt2", "lora"), ("bert", "lora")] +
+                         [("bert", m) for m in ADAPTER_METHODS if m != "lora"])
+def test_qlora_equals_lora_on_dequantized_base(family, method, tmp_path):
+    q4, ref = qlora_pair(family, tmp_path, method)
+    n4 = sum(isinstance(m, quant.Linear4bit) for m in q4.modules())
+    assert n4 == len(lora.adapter_layers(q4)) == 2 * (4 if family == "gpt2" else 6), f"{n4} Linear4bit layers"
+    ids, mask, types = batch(family)
+    labels = torch.tensor([0, 1, 1])
+    out4, out = q4(ids, mask, types), ref(ids, mask, types)
+    d = (out4 - out).abs().max().item()
+    assert d <= 1e-5, f"QLoRA logits differ from LoRA on the dequantized base by {d:.2e}"
+    torch.nn.functional.cross_entropy(out4, labels).backward()
+    torch.nn.functional.cross_entropy(out, labels).backward()
+    refs = lora.adapter_layers(ref)
+    for name, layer in lora.adapter_layers(q4).items():
+        for leaf, p in layer.named_parameters(recurse=False):  # lora_A, lora_B (and TLoRA's trained factors)
+            assert p.dtype == torch.float32 and p.device == layer.base.packed.device, f"{name}.{leaf}: {p.dtype}"
+            g_ref = getattr(refs[name], leaf).grad
+            d = (p.grad - g_ref).abs().max().item()
+            assert d <= 1e-5 * max(1.0, g_ref.abs().max().item()), f"{name}.{leaf} gradient differs by {d:.2e}"
+
+
+def test_linear4bit_saves_no_dequantized_weight_for_backward():
+    """SPEC §2.4: no persistent dequantized copy. Autograd may keep the 4-bit layer for backward, never Ŵ."""
+    q = quant.Linear4bit.from_linear(torch.nn.Linear(64, 96))
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        y = q(x)
+    assert (96, 64) not in saved and (64, 96) not in saved, f"saved for backward: {saved}"
+    y.square().sum().backward()
+    W_hat = q.dequantized_weight()
+    ref = torch.autograd.grad(torch.nn.functional.linear(x, W_hat, q.bias).square().sum(), x)[0]
+    err = (x.grad - ref).abs().max().item()
+    assert err <= 1e-5, f"input gradient differs from F.linear on Ŵ by {err:.3g}"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_merge_into_4bit_base_dequantizes_and_unmerge_restores(family, tmp_path):
+    q4, ref = qlora_pair(family, tmp_path)
+    ids, mask, types = batch(family)
+    bases = {n: m.base for n, m in lora.adapter_layers(q4).items()}
+    before = {n: {k: t.clone() for k, t in b.state_dict().items()} for n, b in bases.items()}
+
+    def stored_unchanged():
+        return all(b.state_dict().keys() == before[n].keys() and
+                   all(torch.equal(t, before[n][k]) for k, t in b.state_dict().items()) for n, b in bases.items())
+
+    with torch.no_grad():
+        y = q4(ids, mask, types)
+        with pytest.warns(UserWarning, match="dequantized") as said:
+            lora.merge(q4)
+        lora.merge(ref)
+        y_merged, y_ref_merged = q4(ids, mask, types), ref(ids, mask, types)
+        merged = [b.merged_weight for b in bases.values()]
+        assert stored_unchanged(), "merging rewrote the stored 4-bit tensors (requantized?)"
+        lora.unmerge(q4)
+        y_back = q4(ids, mask, types)
+    message = str(said[0].message)
+    assert "not requantized" in message and len(message.splitlines()) == 1, message
+    assert all(w is not None and w.dtype == torch.float32 for w in merged), "a merged layer kept no fp32 weight"
+    d = (y_merged - y).abs().max().item()
+    assert d <= 1e-5 * max(1.0, y.abs().max().item()), f"merged output differs from unmerged by {d:.2e}"
+    d = (y_merged - y_ref_merged).abs().max().item()
+    assert d <= 1e-5, f"merged 4-bit model differs from merged LoRA on the dequantized base by {d:.2e}"
+    assert all(b.merged_weight is None and b.merged_delta is None for b in bases.values()), "fp32 copy kept"
+    assert stored_unchanged(), "unmerge did not restore the stored 4-bit tensors bit for bit"
+    assert torch.equal(y_back, y), f"unmerged output differs by {(y_back - y).abs().max().item():.2e}"
+
+
+def test_trainable_pct_counts_quantized_weights_as_logical(tmp_path):
+    folder = tiny_checkpoint(tmp_path, ["a", "b", "c"])
+    for method in ("lora", "bitfit", "head"):
+        counts = {}
+        for q in ("none", "nf4"):
+            model, m, _, _ = train.build(args_for("--model", folder, "--method", method, "--quant", q))
+            trainable = sum(p.numel() for g in m.param_groups(model) for p in g["params"])
+            counts[q] = (trainable, quant.count_params(model))
+        stored = sum(p.numel() for p in model.parameters())  # the nf4 model's Parameters: 4-bit weights missing
+        assert counts["nf4"] == counts["none"], f"{method}: (trainable, total) {counts['nf4']} vs {counts['none']}"
+        assert stored < counts["nf4"][1], f"{method}: count_params {counts['nf4'][1]} should exceed {stored}"
+
+
+@pytest.mark.parametrize("method", ADAPTER_METHODS + ["bitfit"])
+def test_train_end_to_end_with_quant_nf4(method, tmp_path):
+    glue = str(tmp_path / "glue")
+    folder = tiny_checkpoint(tmp_path, write_glue(glue, n=48))
+    out = str(tmp_path / "out")
+    argv = ["--method", method, "--task", "mrpc", "--model", folder, "--data_dir", glue, "--epochs", "2",
+            "--batch_size", "8", "--lr", "1e-3", "--out_dir", out]
+    result = train.main(train.parse_args(argv + ["--quant", "nf4"]))
+    saved = json.load(open(os.path.join(out, "metrics.json")))
+    assert saved["args"]["quant"] == "nf4" and saved["steps"] == 2 * 6
+    assert saved["total_params"] == result["total_params"]
+    float_model, _, _, _ = train.build(train.parse_args(argv))  # train.py's total of the same run without --quant:
+    total = sum(p.numel() for p in float_model.parameters()) + sum(  # parameters + adapter buffers (SPEC §1.5)
+        b.numel() for n, b in float_model.named_buffers() if ".lora_" in n)
+    assert saved["total_params"] == total, f"total {saved['total_params']} vs {total} unquantized: 4-bit not counted?"
+    recomputed, _ = ev.reevaluate(out)  # rebuilds with --quant nf4 from metrics.json: the same codes, the same numbers
+    assert recomputed["accuracy"] == saved["metrics"]["accuracy"]
+    assert recomputed["loss"] == pytest.approx(saved["metrics"]["loss"], abs=1e-5)
+
+
+def test_quant_full_finetuning_is_refused_with_one_line(tmp_path):
+    folder = tiny_checkpoint(tmp_path, ["a", "b", "c"])
+    with pytest.raises(SystemExit) as e:
+        train.build(args_for("--model", folder, "--method", "full", "--quant", "nf4"))
+    message = str(e.value)
+    assert message.startswith("error: --quant nf4") and "--method full" in message, message
+    assert len(message.splitlines()) == 1, message
+    model, _, _, _ = train.build(args_for("--model", folder, "--method", "head", "--quant", "nf4"))
+    assert all(n.startswith("head.") for n, p in model.named_parameters() if p.requires_grad)
 
 
 # ------------------------------------------------------------------------------------------------ eval.py
