@@ -5,6 +5,9 @@ imported here and in test_all.py only, never by the product.
     python bench.py peft_glue --task mrpc --model DIR --data_dir ../shared/data/glue --seed 0 --out_dir out/peft0
         the same training run as `train.py --method lora`, but on transformers + peft: same data, batches, seeds,
         optimizer groups (A at lr, B at lr x lr_ratio, head at head_lr), schedule and evaluation (train.py's loop)
+    python bench.py speed [--minilm DIR] [--data_dir GLUE] [--device cuda] [--compile]
+        ms/step, tokens/s, eval latency (merged and not), peak memory, adapter bytes and trainable parameters of
+        every method, ours and transformers+peft LoRA, against the frozen base (forward + backward to the inputs)
     python bench.py quant [--minilm DIR] [--out FILE.json]
         stored bytes, bits/param and peak training RSS of fp32 LoRA vs QLoRA vs QLoRA + double quant (one fresh
         process each) on random-init GPT-2-small/medium and RoBERTa-base, and on MiniLM's real weights if given;
@@ -19,11 +22,13 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 import torch.nn as nn
 
+import data
 import lora
 import model as M
 import quant
@@ -46,14 +51,15 @@ class HFClassifier(nn.Module):
 class PeftLoRA(lora.LoRA):
     """LoRA through peft on transformers' model, started from exactly our initial adapter and head values."""
     name = "peft_lora"
+    hf_model = None  # a transformers model to wrap; None: load args.model
 
     def wrap(self, model):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForSequenceClassification
         ours = super().wrap(model)  # ours, only to draw the initial values and the target list
         cfg = self.peft_config(ours)
-        hf = AutoModelForSequenceClassification.from_pretrained(train.resolve(self.args.model),
-                                                                num_labels=model.cfg.num_labels)
+        hf = self.hf_model or AutoModelForSequenceClassification.from_pretrained(train.resolve(self.args.model),
+                                                                                 num_labels=model.cfg.num_labels)
         if model.cfg.family == "gpt2":
             hf.config.pad_token_id = model.cfg.pad_id
         peft_model = get_peft_model(hf, LoraConfig(task_type="SEQ_CLS", r=cfg["r"], lora_alpha=cfg["lora_alpha"],
@@ -121,13 +127,15 @@ def peak_rss_mb():
 # -----------------------------------------------------------------------------
 # quant: the stored size and the training memory of fp32 LoRA vs QLoRA vs QLoRA + double quant (issue 5)
 
-QUANT_MODELS = {  # random init: memory does not depend on the weight values, so nothing is downloaded
+RANDOM_MODELS = {  # random init: memory does not depend on the weight values, so nothing is downloaded
     "gpt2-small": dict(family="gpt2", vocab_size=50257, n_positions=1024, n_types=0, d=768, n_layer=12, n_head=12,
                        d_ff=3072, act="gelu_new", eps=1e-5, pad_id=50256),
     "gpt2-medium": dict(family="gpt2", vocab_size=50257, n_positions=1024, n_types=0, d=1024, n_layer=24,
                         n_head=16, d_ff=4096, act="gelu_new", eps=1e-5, pad_id=50256),
     "roberta-base": dict(family="roberta", vocab_size=50265, n_positions=514, n_types=1, d=768, n_layer=12,
                          n_head=12, d_ff=3072, act="gelu", eps=1e-5, pad_id=1),
+    "roberta-large": dict(family="roberta", vocab_size=50265, n_positions=514, n_types=1, d=1024, n_layer=24,
+                          n_head=16, d_ff=4096, act="gelu", eps=1e-5, pad_id=1),
 }
 PRECISIONS = {"fp32": None, "nf4": False, "nf4_dq": True}  # base precision -> double_quant (None: not quantized)
 
@@ -159,13 +167,13 @@ def random_model(cfg, double_quant):
 
 
 def lora_steps(c):
-    """c: model (a QUANT_MODELS name or a checkpoint folder), precision, batch, seq, steps. Runs train.py's step
+    """c: model (a RANDOM_MODELS name or a checkpoint folder), precision, batch, seq, steps. Runs train.py's step
     (forward, loss, backward, clip, AdamW) with LoRA r=8 on all linears, on random tokens."""
     rss_imports = peak_rss_mb()
     torch.manual_seed(0)
     double_quant = PRECISIONS[c["precision"]]
-    if c["model"] in QUANT_MODELS:
-        model = random_model(M.Config(**QUANT_MODELS[c["model"]]), double_quant)
+    if c["model"] in RANDOM_MODELS:
+        model = random_model(M.Config(**RANDOM_MODELS[c["model"]]), double_quant)
     else:  # a real checkpoint is read whole in fp32 first, so its peak includes that
         model = M.from_pretrained(c["model"])
         if double_quant is not None:
@@ -234,12 +242,13 @@ def quant_bench(argv):
     p.add_argument("--batch", type=int, default=8, help="batch size (16, with --steps 3: ~8 min on one core)")
     p.add_argument("--seq", type=int, default=128, help="tokens per example")
     p.add_argument("--steps", type=int, default=2, help="training steps per configuration")
-    p.add_argument("--models", default=",".join(QUANT_MODELS), help="comma list of " + ", ".join(QUANT_MODELS))
+    p.add_argument("--models", default="gpt2-small,gpt2-medium,roberta-base", help="comma list of " +
+                   ", ".join(RANDOM_MODELS))
     p.add_argument("--threads", type=int, default=1, help="CPU threads per process (1 suits a shared CPU)")
     a = p.parse_args(argv)
-    unknown = set(a.models.split(",")) - set(QUANT_MODELS)
+    unknown = set(a.models.split(",")) - set(RANDOM_MODELS)
     if unknown:
-        raise SystemExit(f"error: unknown model {sorted(unknown)[0]!r}; --models takes {', '.join(QUANT_MODELS)}")
+        raise SystemExit(f"error: unknown model {sorted(unknown)[0]!r}; --models takes {', '.join(RANDOM_MODELS)}")
     shapes = {m: (a.batch, a.seq, a.steps) for m in a.models.split(",")}
     if "gpt2-medium" in shapes:  # ~3.5x gpt2-small's compute per token: half the batch and one step
         shapes["gpt2-medium"] = (max(1, a.batch // 2), a.seq, 1)
@@ -275,11 +284,207 @@ def quant_bench(argv):
     return runs, speed
 
 
+# -----------------------------------------------------------------------------
+# speed: one training step of every method, ours and peft's, on the same model, batch and lengths (issues 6, 8)
+
+OURS = ("lora", "tlora_plus", "tlora", "bitfit", "head", "full", "qlora")  # qlora: lora over an NF4 base
+BF16_PEAK_TFLOPS = 989.0  # H100/H200 dense bf16 (datasheet); the fraction of it is reported on CUDA
+MRPC_STEPS_30_EPOCHS = 30 * 230  # 3668 examples at batch 16
+
+
+def hf_config(cfg):
+    """transformers' config for one of our configs: the same shapes, so the same work per step."""
+    import transformers as T
+    if cfg.family == "gpt2":
+        return T.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.d,
+                            n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.d_ff, pad_token_id=cfg.pad_id)
+    Cfg = T.RobertaConfig if cfg.family == "roberta" else T.BertConfig
+    return Cfg(vocab_size=cfg.vocab_size, hidden_size=cfg.d, num_hidden_layers=cfg.n_layer,
+               num_attention_heads=cfg.n_head, intermediate_size=cfg.d_ff, max_position_embeddings=cfg.n_positions,
+               type_vocab_size=cfg.n_types, pad_token_id=cfg.pad_id)
+
+
+def build_for_speed(c):
+    """-> (model, method or None) for one row; model(ids, mask, types) -> logits, as train.py calls it."""
+    folder = None if c["model"] in RANDOM_MODELS else c["model"]
+    ours = M.from_pretrained(folder) if folder else random_model(M.Config(**RANDOM_MODELS[c["model"]]), None)
+    if c["impl"] == "base":  # the frozen model alone, with a gradient only to its input embeddings: the bound
+        for p in ours.parameters():
+            p.requires_grad = False
+        ours.wte.register_forward_hook(lambda m, i, out: out.detach().requires_grad_())
+        return ours, None
+    args = train.parse_args(["--method", "lora" if c["method"] in ("qlora", "peft") else c["method"],
+                             "--rank", str(c["rank"]), "--alpha", str(2 * c["rank"]), "--dropout", "0"])
+    if c["impl"] == "peft":
+        from transformers import AutoModelForSequenceClassification as Auto
+        method = PeftLoRA(args)
+        method.hf_model = Auto.from_pretrained(folder, num_labels=2) if folder else \
+            Auto.from_config(hf_config(ours.cfg))
+        return method.wrap(ours), method
+    if c["method"] == "qlora":
+        quant.quantize_model(ours)
+    method = train.METHODS[args.method](args)
+    return method.wrap(ours), method
+
+
+def speed_config(c):
+    """One row. c: model, impl (ours | peft | base), method, rank, lengths, warmup, steps, device, compile."""
+    torch.manual_seed(0)
+    rss0, dev = peak_rss_mb(), c["device"]
+    model, method = build_for_speed(c)
+    model = model.to(dev)
+    B, T = len(c["lengths"]), max(c["lengths"])
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, model.cfg.vocab_size, (B, T), generator=g)
+    mask = (torch.arange(T)[None, :] < torch.tensor(c["lengths"])[:, None]).long()  # right padding, real lengths
+    ids, mask, types, labels = (t.to(dev) for t in (ids, mask, torch.zeros_like(ids), torch.randint(2, (B,))))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(method.param_groups(model), fused=dev == "cuda") if method else None
+    fwd = torch.compile(model, mode="reduce-overhead" if dev == "cuda" else None) if c["compile"] else model
+    amp = train.autocast(argparse.Namespace(device=dev))
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+    def step():  # train.py's step: forward, loss (+ the method's extra loss), backward, clip, AdamW
+        with amp:
+            loss = train.task_loss(fwd(ids, mask, types), labels)
+        extra = method.extra_loss(model) if method else None
+        (loss if extra is None else loss + extra).backward()
+        if method:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    def infer():
+        with torch.no_grad(), amp:
+            fwd(ids, mask, types)
+
+    def median_ms(fn, n):
+        times = []
+        for _ in range(n):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return 1e3 * statistics.median(times)
+
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model.train()
+    median_ms(step, c["warmup"])
+    step_ms = median_ms(step, c["steps"])
+    peak = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else peak_rss_mb() - rss0
+    model.eval()
+    median_ms(infer, 1)
+    eval_ms, eval_merged_ms = median_ms(infer, c["steps"]), None
+    if method and c["method"] not in ("qlora", "bitfit", "head", "full"):  # merged: what inference should cost
+        merge, unmerge = ((model.peft_model.merge_adapter, model.peft_model.unmerge_adapter) if c["impl"] == "peft"
+                          else (lambda: lora.merge(model), lambda: lora.unmerge(model)))
+        merge()
+        median_ms(infer, 1)
+        eval_merged_ms = median_ms(infer, c["steps"])
+        unmerge()
+    adapter_bytes = None
+    if method:
+        with tempfile.TemporaryDirectory() as d:
+            method.save(model, d)
+            adapter_bytes = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
+    n_backbone = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and "head" not in n) \
+        + sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, quant.Linear4bit))
+    return {**{k: v for k, v in c.items() if k != "lengths"}, "batch": B, "T": T, "real_tokens": sum(c["lengths"]),
+            "step_ms": step_ms, "tokens_per_s": 1e3 * sum(c["lengths"]) / step_ms, "eval_ms": eval_ms,
+            "eval_merged_ms": eval_merged_ms, "peak_mb": peak, "adapter_bytes": adapter_bytes,
+            "trainable": sum(p.numel() for p in params),
+            "tflops": 4 * n_backbone * B * T / (step_ms * 1e-3) / 1e12}  # forward + input-gradient backward
+
+
+def mrpc_lengths(batch, data_dir, folder, family, seed=0):
+    """Token counts of `batch` MRPC training pairs drawn at random, through the checkpoint's own tokenizer."""
+    import random
+    from tokenizer import load_tokenizer
+    rows = data.load_split(data.get_task("mrpc"), "train", data_dir)
+    tok = load_tokenizer(folder, family)
+    return [len(tok.encode(*texts, max_len=128)[0]) for texts, _ in random.Random(seed).sample(rows, batch)]
+
+
+def speed_rows(model, compile_too):
+    rows = [("base", "frozen base (bound)", False), ("peft", "lora", False)]
+    rows += [("ours", m, False) for m in OURS]
+    if compile_too:
+        rows += [("ours", "lora", True), ("ours", "tlora_plus", True)]
+    return rows
+
+
+def speed_bench(argv):
+    p = argparse.ArgumentParser(prog="python bench.py speed", description="step time, tokens/s, latency, memory")
+    p.add_argument("--minilm", default=None, help="MiniLM checkpoint folder (real weights); skipped if not given")
+    p.add_argument("--models", default=None, help="comma list of " + ", ".join(RANDOM_MODELS) +
+                   " (default: roberta-base,gpt2-small; on cuda also roberta-large,gpt2-medium)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128, help="tokens per example when no real lengths are given")
+    p.add_argument("--data_dir", default=None, help="GLUE folder: batches take real MRPC lengths")
+    p.add_argument("--vocab", default=None, help="GPT-2 BPE folder (vocab.json, merges.txt) for gpt2/roberta lengths")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per row (the median is reported)")
+    p.add_argument("--compile", action="store_true", help="also time lora and tlora_plus under torch.compile")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process")
+    p.add_argument("--out", default="bench_speed.json")
+    a = p.parse_args(argv)
+    names = a.models.split(",") if a.models else ["roberta-base", "gpt2-small"] + (
+        ["roberta-large", "gpt2-medium"] if a.device == "cuda" else [])
+    unknown = [n for n in names if n not in RANDOM_MODELS]
+    if unknown:
+        raise SystemExit(f"error: unknown model {unknown[0]!r}; --models takes {', '.join(RANDOM_MODELS)}")
+    models = ([a.minilm] if a.minilm else []) + names
+    results, lines = [], []
+    for model in models:
+        family = "bert" if model == a.minilm else RANDOM_MODELS[model]["family"]
+        folder = a.minilm if model == a.minilm else a.vocab
+        lengths = mrpc_lengths(a.batch, a.data_dir, folder, family) if a.data_dir and folder else [a.seq] * a.batch
+        rows = []
+        for impl, method, compiled in speed_rows(model, a.compile):
+            c = {"model": model, "impl": impl, "method": method, "rank": a.rank, "lengths": lengths,
+                 "warmup": a.warmup + (3 if compiled else 0), "steps": a.steps, "device": a.device, "compile": compiled}
+            rows.append(fresh(speed_config, c, a.threads))
+            print(f"{os.path.basename(model)} {impl} {method}{' compiled' if compiled else ''}: "
+                  f"{rows[-1]['step_ms']:.1f} ms/step", file=sys.stderr, flush=True)
+        results += rows
+        lines += speed_table(rows, a.device)
+    header = (f"{a.device}, batch {a.batch}, rank {a.rank}, median of {a.steps} steps after {a.warmup} warm-up, "
+              f"one fresh process per row ({torch.get_num_threads() if a.threads is None else a.threads} threads)")
+    print("\n".join([header, ""] + lines))
+    train.write_json(a.out, {"header": header, "rows": results})
+    print(f"wrote {a.out}")
+    return results
+
+
+def speed_table(rows, device):
+    base = next(r for r in rows if r["impl"] == "base")
+    peft = next(r for r in rows if r["impl"] == "peft")
+    name = os.path.basename(rows[0]["model"].rstrip("/"))
+    out = [f"**{name}** (lengths: {base['real_tokens']} real tokens in {base['batch']} x {base['T']})", "",
+           "| impl | method | ms/step | tokens/s | × peft LoRA | × frozen base | eval ms (merged) | peak MB | "
+           "adapter KB | trainable | 30 MRPC epochs s |" + (" % bf16 peak |" if device == "cuda" else ""),
+           "|---" * (11 + (device == "cuda")) + "|"]
+    for r in rows:
+        label = r["method"] + (" (compiled)" if r["compile"] else "")
+        merged = f" ({r['eval_merged_ms']:.1f})" if r["eval_merged_ms"] is not None else ""
+        kb = f"{r['adapter_bytes'] / 1024:.0f}" if r["adapter_bytes"] else "–"
+        out.append(f"| {r['impl']} | {label} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | "
+                   f"{r['step_ms'] / peft['step_ms']:.2f} | {r['step_ms'] / base['step_ms']:.2f} | "
+                   f"{r['eval_ms']:.1f}{merged} | {r['peak_mb']:.0f} | {kb} | {r['trainable']:,} | "
+                   f"{MRPC_STEPS_30_EPOCHS * r['step_ms'] / 1e3:.0f} |" +
+                   (f" {100 * r['tflops'] / BF16_PEAK_TFLOPS:.1f} |" if device == "cuda" else ""))
+    return out + [""]
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_fresh"]:  # a child of fresh(): run one function on one JSON config, print its result
         print(json.dumps(globals()[sys.argv[2]](json.loads(sys.argv[3]))))
         sys.exit()
-    modes = {"peft_glue": peft_glue, "quant": quant_bench}
+    modes = {"peft_glue": peft_glue, "quant": quant_bench, "speed": speed_bench}
     if len(sys.argv) < 2 or sys.argv[1] not in modes:
         sys.exit(f"usage: python bench.py {{{'|'.join(modes)}}} [train.py flags]")
     modes[sys.argv[1]](sys.argv[2:])
