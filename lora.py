@@ -18,6 +18,7 @@ import os
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from model import hf_name
@@ -84,7 +85,8 @@ def target_names(model, targets):
     wanted = BLOCK_LINEARS if targets == "all-linear" else tuple(targets)
     unknown = [t for t in wanted if t not in BLOCK_LINEARS]
     if unknown:
-        raise SystemExit(f"error: unknown target {unknown[0]!r}; targets are layer names among {', '.join(BLOCK_LINEARS)}")
+        raise SystemExit(f"error: unknown target {unknown[0]!r}; --targets takes layer names among "
+                         f"{', '.join(BLOCK_LINEARS)}")
     names = [n for n, m in model.named_modules() if n.startswith("h.") and n.rsplit(".", 1)[-1] in wanted
              and hasattr(m, "in_features")]
     if not names:
@@ -135,6 +137,27 @@ def head_groups(model, lr, wd):
             {"params": [p for n, p in params if no_decay(n, p)], "lr": lr, "weight_decay": 0.0, "name": "head_nd"}]
 
 
+def peft_key(family, name):
+    """Our tensor name -> its key in a peft adapter file: h.0.attn.query.lora_A ->
+    base_model.model.roberta.encoder.layer.0.attention.self.query.lora_A.weight; the head keeps HF's name."""
+    mod, _, leaf = name.rpartition(".")
+    return "base_model.model." + (hf_name(family, mod) + f".{leaf}.weight" if leaf.startswith("lora_") else
+                                  hf_name(family, name))
+
+
+def saved_method(path, default):
+    """The method a nanoPEFT safetensors file was written by (its metadata), else `default`."""
+    with safe_open(path, "pt") as f:
+        return (f.metadata() or {}).get("nanopeft_method", default)
+
+
+def write_text(text):
+    def write(path):
+        with open(path, "w") as f:
+            f.write(text)
+    return write
+
+
 def write_atomic(folder, files):
     """files: {name: callable(path)}; each is written to a temp name and renamed, so no half-written file remains."""
     os.makedirs(folder, exist_ok=True)
@@ -180,16 +203,15 @@ class Method:
 
     def save(self, model, folder):
         tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        write_atomic(folder, {"trainable.safetensors": lambda p: save_file(tensors, p, metadata={"method": self.name})})
+        write_atomic(folder, {"trainable.safetensors": lambda p: save_file(tensors, p,
+                                                                            metadata={"nanopeft_method": self.name})})
 
     def load(self, model, folder):
         path = os.path.join(folder, "trainable.safetensors")
         if not os.path.exists(path):
             raise SystemExit(f"error: {folder} holds no {self.name} checkpoint (trainable.safetensors); "
                              f"was it trained with another --method?")
-        from safetensors import safe_open
-        with safe_open(path, "pt") as f:
-            saved = (f.metadata() or {}).get("method")
+        saved = saved_method(path, None)
         if saved != self.name:
             raise SystemExit(f"error: {path} was trained with --method {saved}; pass --method {saved} to load it")
         missing = set(load_file(path)) - set(dict(model.named_parameters()))
@@ -257,15 +279,11 @@ class LoRA(Method):
 
     def save(self, model, folder):
         family = model.cfg.family
-        tensors = {}
-        for n, p in self.adapter_tensors(model).items():
-            mod, _, leaf = n.rpartition(".")
-            key = hf_name(family, mod) + f".{leaf}.weight" if leaf.startswith("lora_") else hf_name(family, n)
-            tensors["base_model.model." + key] = p.detach().contiguous()
+        tensors = {peft_key(family, n): p.detach().contiguous() for n, p in self.adapter_tensors(model).items()}
         cfg = json.dumps(self.peft_config(model), indent=2)
         meta = {"format": "pt", "nanopeft_method": self.name}  # peft's own files have no method: read as lora
         write_atomic(folder, {"adapter_model.safetensors": lambda p: save_file(tensors, p, metadata=meta),
-                              "adapter_config.json": lambda p: open(p, "w").write(cfg)})
+                              "adapter_config.json": write_text(cfg)})
 
     def load(self, model, folder):
         path = os.path.join(folder, "adapter_config.json")
@@ -273,18 +291,13 @@ class LoRA(Method):
             raise SystemExit(f"error: {folder} has no adapter_config.json; was it trained with another --method?")
         with open(path) as f:
             cfg = json.load(f)
-        from safetensors import safe_open
-        with safe_open(os.path.join(folder, "adapter_model.safetensors"), "pt") as f:
-            saved = (f.metadata() or {}).get("nanopeft_method", str(cfg.get("peft_type")).lower())
+        saved = saved_method(os.path.join(folder, "adapter_model.safetensors"), str(cfg.get("peft_type")).lower())
         if saved != self.name:
             raise SystemExit(f"error: {folder} holds a {saved} adapter; pass --method {saved} to load it")
-        family, ours, params = model.cfg.family, {}, self.adapter_tensors(model)
-        for n in params:
-            mod, _, leaf = n.rpartition(".")
-            ours[hf_name(family, mod) + f".{leaf}.weight" if leaf.startswith("lora_") else hf_name(family, n)] = n
-        sd = load_file(os.path.join(folder, "adapter_model.safetensors"))
-        for key, t in sd.items():
-            name = ours.get(key.removeprefix("base_model.model."))
+        params = self.adapter_tensors(model)
+        ours = {peft_key(model.cfg.family, n): n for n in params}
+        for key, t in load_file(os.path.join(folder, "adapter_model.safetensors")).items():
+            name = ours.get(key)
             if name is None:
                 raise SystemExit(f"error: adapter tensor {key} matches no layer of this model; wrong --model?")
             if params[name].shape != t.shape:
