@@ -340,7 +340,7 @@ def speed_config(c):
     ids, mask, types, labels = (t.to(dev) for t in (ids, mask, torch.zeros_like(ids), torch.randint(2, (B,))))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(method.param_groups(model), fused=dev == "cuda") if method else None
-    fwd = torch.compile(model, mode="reduce-overhead" if dev == "cuda" else None) if c["compile"] else model
+    fwd = train.compile_model(model, dev) if c["compile"] else model
     amp = train.autocast(argparse.Namespace(device=dev))
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 
@@ -419,7 +419,7 @@ def speed_bench(argv):
     p = argparse.ArgumentParser(prog="python bench.py speed", description="step time, tokens/s, latency, memory")
     p.add_argument("--minilm", default=None, help="MiniLM checkpoint folder (real weights); skipped if not given")
     p.add_argument("--models", default=None, help="comma list of " + ", ".join(RANDOM_MODELS) +
-                   " (default: roberta-base,gpt2-small; on cuda also roberta-large,gpt2-medium)")
+                   " (default: roberta-base,gpt2-small; on cuda also roberta-large,gpt2-medium; \"\" for none)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128, help="tokens per example when no real lengths are given")
@@ -432,7 +432,7 @@ def speed_bench(argv):
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process")
     p.add_argument("--out", default="bench_speed.json")
     a = p.parse_args(argv)
-    names = a.models.split(",") if a.models else ["roberta-base", "gpt2-small"] + (
+    names = [n for n in a.models.split(",") if n] if a.models is not None else ["roberta-base", "gpt2-small"] + (
         ["roberta-large", "gpt2-medium"] if a.device == "cuda" else [])
     unknown = [n for n in names if n not in RANDOM_MODELS]
     if unknown:
