@@ -399,12 +399,14 @@ def speed_config(c):
 
 
 def mrpc_lengths(batch, data_dir, folder, family, seed=0):
-    """Token counts of `batch` MRPC training pairs drawn at random, through the checkpoint's own tokenizer."""
+    """Token counts of `batch` MRPC training pairs drawn at random, through the checkpoint's tokenizer (GPT-2's
+    BPE files serve RoBERTa too: its pair adds <s> </s></s> </s>)."""
     import random
     from tokenizer import load_tokenizer
     rows = data.load_split(data.get_task("mrpc"), "train", data_dir)
-    tok = load_tokenizer(folder, family)
-    return [len(tok.encode(*texts, max_len=128)[0]) for texts, _ in random.Random(seed).sample(rows, batch)]
+    tok, extra = load_tokenizer(folder, "gpt2" if family == "roberta" else family), 4 * (family == "roberta")
+    return [min(128, len(tok.encode(*texts, max_len=128)[0]) + extra)
+            for texts, _ in random.Random(seed).sample(rows, batch)]
 
 
 def speed_rows(model, compile_too):

@@ -187,6 +187,15 @@ def test_bpe_matches_transformers_on_real_gpt2_vocab(family, tmp_path):
     check_tokenizer(load_tokenizer(folder, family), AutoTokenizer.from_pretrained(folder), family)
 
 
+def test_tokenizer_files_without_special_tokens_fail_with_one_line(tmp_path):
+    json.dump({"a": 0, "b": 1}, open(tmp_path / "vocab.json", "w"))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(SystemExit, match="has no <s> token; is it a roberta checkpoint"):
+        load_tokenizer(str(tmp_path), "roberta")
+    with pytest.raises(SystemExit, match="has no vocab.txt"):
+        load_tokenizer(str(tmp_path), "bert")
+
+
 def test_truncate_pair_cuts_the_longer_segment_first():
     a, b = list(range(10)), list(range(100, 103))
     assert truncate_pair(a, b, 8) == (a[:5], b)           # the short segment stays whole

@@ -59,6 +59,10 @@ class BPETokenizer:
         to_str = lambda bs: "".join(b2u[b] for b in bs)
         self.rank_to_id = {r: vocab[to_str(tok)] for tok, r in ranks.items() if to_str(tok) in vocab}
         self.family = family
+        specials = ("<s>", "</s>", "<pad>") if family == "roberta" else ("<|endoftext|>",)
+        missing = [s for s in specials if s not in vocab]
+        if missing:
+            raise SystemExit(f"error: {folder}/vocab.json has no {missing[0]} token; is it a {family} checkpoint?")
         if family == "roberta":
             self.bos, self.eos, self.pad_id = vocab["<s>"], vocab["</s>"], vocab["<pad>"]
         else:
