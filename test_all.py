@@ -321,19 +321,24 @@ def test_lora_output_and_gradients_match_peft(family, tmp_path):
 @pytest.mark.parametrize("family", ["gpt2", "bert"])
 def test_lora_merge_unmerge_round_trip(family, tmp_path):
     ours, _, _ = peft_pair(family, tmp_path)
-    ours.eval()
+    assert_merge_round_trip(ours.eval(), family, "lora")
+
+
+def assert_merge_round_trip(model, family, label):
+    """Merged output equals unmerged (1e-5 relative), and unmerge gives back the base weights and outputs (1e-6)."""
     ids, mask, types = batch(family)
-    base_before = {n: p.clone() for n, p in ours.named_parameters() if ".base." in n}
+    before = {n: p.clone() for n, p in model.named_parameters() if ".base." in n}
     with torch.no_grad():
-        y = ours(ids, mask, types)
-        lora.merge(ours)
-        y_merged = ours(ids, mask, types)
-        lora.unmerge(ours)
-        y_back = ours(ids, mask, types)
-    assert (y - y_merged).abs().max().item() <= 1e-5 * max(1, y.abs().max().item()), "merged output differs"
-    assert (y - y_back).abs().max().item() <= 1e-6, "unmerged output differs"
-    drift = max((p - base_before[n]).abs().max().item() for n, p in ours.named_parameters() if ".base." in n)
-    assert drift <= 1e-6, f"base weights drift by {drift:.2e} after merge + unmerge"
+        y = model(ids, mask, types)
+        lora.merge(model)
+        y_merged = model(ids, mask, types)
+        lora.unmerge(model)
+        y_back = model(ids, mask, types)
+    d_merge, d_back = (y - y_merged).abs().max().item(), (y - y_back).abs().max().item()
+    assert d_merge <= 1e-5 * max(1, y.abs().max().item()), f"{family} {label}: merged output differs by {d_merge:.2e}"
+    assert d_back <= 1e-6, f"{family} {label}: unmerged output differs by {d_back:.2e}"
+    drift = max((p - before[n]).abs().max().item() for n, p in model.named_parameters() if ".base." in n)
+    assert drift <= 1e-6, f"{family} {label}: base weights drift by {drift:.2e} after merge + unmerge"
 
 
 def test_lora_init_is_peft_init():
@@ -525,19 +530,7 @@ def test_tlora_merge_unmerge_exact(family, method, tmp_path):
         with torch.no_grad():
             for layer in lora.adapter_layers(model).values():
                 layer.lora_g.fill_(1.7)
-    ids, mask, types = batch(family)
-    before = {n: p.clone() for n, p in model.named_parameters() if ".base." in n}
-    with torch.no_grad():
-        y = model(ids, mask, types)
-        lora.merge(model)
-        y_merged = model(ids, mask, types)
-        lora.unmerge(model)
-        y_back = model(ids, mask, types)
-    d_merge, d_back = (y - y_merged).abs().max().item(), (y - y_back).abs().max().item()
-    assert d_merge <= 1e-5 * max(1, y.abs().max().item()), f"{family} {method}: merged output differs by {d_merge:.2e}"
-    assert d_back <= 1e-6, f"{family} {method}: unmerged output differs by {d_back:.2e}"
-    drift = max((p - before[n]).abs().max().item() for n, p in model.named_parameters() if ".base." in n)
-    assert drift <= 1e-6, f"base weights drift by {drift:.2e} after merge + unmerge"
+    assert_merge_round_trip(model, family, method)
 
 
 def test_tlora_with_identity_A_C_equals_lora_update():
