@@ -1048,3 +1048,9 @@ def test_compiled_and_eager_training_give_the_same_losses(tmp_path, monkeypatch)
         assert CountingLoRA.calls == list(range(1, 21)), f"after_step ran at {CountingLoRA.calls}"
     diff = max(abs(a - b) for a, b in zip(logs[False], logs[True]))
     assert len(logs[True]) == 20 and diff <= 1e-4, f"compiled losses differ from eager by {diff:.2e}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_one_clear_line():
+    with pytest.raises(SystemExit, match="torch sees no CUDA GPU here; pass --device cpu"):
+        train.parse_args(["--device", "cuda"])

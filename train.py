@@ -75,6 +75,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.method not in METHODS:
         raise SystemExit(f"error: unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but torch sees no CUDA GPU here; pass --device cpu")
     if args.pad_multiple is None:
         args.pad_multiple = 32 if args.compile else 1
     if args.targets != "all-linear":
