@@ -51,7 +51,8 @@ def table(runs, columns=None):
     """Markdown table of metrics.json dicts, one row per (task, method, model), mean ± std over seeds."""
     groups = defaultdict(list)
     for r in runs:
-        groups[(r["task"], r["method"], os.path.basename(str(r["model"]).rstrip("/")))].append(r)
+        method = r["method"] + ("+nf4" if r.get("args", {}).get("quant") == "nf4" else "")  # QLoRA apart from LoRA
+        groups[(r["task"], method, os.path.basename(str(r["model"]).rstrip("/")))].append(r)
     columns = columns or sorted({k for r in runs for k in r["metrics"]})
     lines = ["| task | method | model | seeds | " + " | ".join(columns) + " | trainable % |",
              "|---" * (len(columns) + 5) + "|"]
