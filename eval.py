@@ -3,6 +3,7 @@ GLUE metrics (SPEC §1.5) through scikit-learn, re-evaluation of a saved run, an
 
     python eval.py --out_dir out/lora-mrpc            # reload the saved adapter/head and score the dev split again
     python eval.py --table out/*/metrics.json         # one markdown table, mean ± std over seeds
+    python eval.py --table out/*/metrics.json --last  # the same at the last epoch (seed 002's tables)
 """
 import argparse
 import json
@@ -47,12 +48,24 @@ def glue_metrics(task, logits, labels):
     return out
 
 
-def table(runs, columns=None):
-    """Markdown table of metrics.json dicts, one row per (task, method, model), mean ± std over seeds."""
+def run_label(r):
+    """The table's method cell: QLoRA apart from LoRA, and each TLoRA+ configuration and λ apart."""
+    a, label = r.get("args", {}), r["method"]
+    if a.get("quant") == "nf4":
+        label += "+nf4"
+    if r["method"] == "tlora_plus":
+        label += f" {a.get('tlora_train', 'ABC')} λ={a.get('ratio', 4.0):g}"
+    return label
+
+
+def table(runs, columns=None, last=False):
+    """Markdown table of metrics.json dicts, one row per (task, method, model), mean ± std over seeds.
+    last=True reads the last epoch (with its mean train loss) instead of the best one."""
+    if last:
+        runs = [{**r, "metrics": {k: v for k, v in r["last"].items() if k not in ("epoch", "step")}} for r in runs]
     groups = defaultdict(list)
     for r in runs:
-        method = r["method"] + ("+nf4" if r.get("args", {}).get("quant") == "nf4" else "")  # QLoRA apart from LoRA
-        groups[(r["task"], method, os.path.basename(str(r["model"]).rstrip("/")))].append(r)
+        groups[(r["task"], run_label(r), os.path.basename(str(r["model"]).rstrip("/")))].append(r)
     columns = columns or sorted({k for r in runs for k in r["metrics"]})
     lines = ["| task | method | model | seeds | " + " | ".join(columns) + " | trainable % |",
              "|---" * (len(columns) + 5) + "|"]
@@ -88,6 +101,7 @@ if __name__ == "__main__":
     p.add_argument("--out_dir", help="a folder written by train.py: re-evaluate its saved tensors")
     p.add_argument("--table", nargs="+", metavar="METRICS_JSON", help="metrics.json files to merge into a table")
     p.add_argument("--columns", help="comma-separated metrics to show (default: all)")
+    p.add_argument("--last", action="store_true", help="table the last epoch instead of the best one")
     a = p.parse_args()
     if a.out_dir:
         metrics, saved = reevaluate(a.out_dir)
@@ -100,6 +114,6 @@ if __name__ == "__main__":
                     runs.append(json.load(f))
             except (OSError, json.JSONDecodeError) as e:
                 sys.exit(f"error: cannot read {path}: {e}")
-        print(table(runs, a.columns.split(",") if a.columns else None))
+        print(table(runs, a.columns.split(",") if a.columns else None, a.last))
     else:
         p.print_help()

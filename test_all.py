@@ -967,6 +967,21 @@ def test_table_merges_seeds_into_mean_and_std():
     assert "| mrpc | lora | minilm | 2 | 0.8500 ± 0.0500 | 1.000 |" in t
 
 
+def test_table_keeps_tlora_plus_configurations_apart_and_reads_the_last_epoch():
+    def run(cfg, ratio, best, last):
+        return {"task": "mrpc", "method": "tlora_plus", "model": "minilm", "trainable_pct": 2.0,
+                "args": {"tlora_train": cfg, "ratio": ratio}, "metrics": {"accuracy": best},
+                "last": {"epoch": 2, "step": 460, "accuracy": last, "train_loss": 0.5}}
+    runs = [run("ABC", 4.0, 0.8, 0.7), run("ABC", 4.0, 0.9, 0.9), run("CB", 4.0, 0.6, 0.6), run("ABC", 8.0, 0.5, 0.5)]
+    best = ev.table(runs).splitlines()
+    assert best[2:] == ["| mrpc | tlora_plus ABC λ=4 | minilm | 2 | 0.8500 ± 0.0500 | 2.000 |",
+                        "| mrpc | tlora_plus ABC λ=8 | minilm | 1 | 0.5000 | 2.000 |",
+                        "| mrpc | tlora_plus CB λ=4 | minilm | 1 | 0.6000 | 2.000 |"]
+    last = ev.table(runs, last=True).splitlines()
+    assert last[0] == "| task | method | model | seeds | accuracy | train_loss | trainable % |"
+    assert last[2] == "| mrpc | tlora_plus ABC λ=4 | minilm | 2 | 0.8000 ± 0.1000 | 0.5000 ± 0.0000 | 2.000 |"
+
+
 # ------------------------------------------------------------------------------------------------ train.py
 
 def tiny_checkpoint(tmp_path, words, dropout=0.1):
