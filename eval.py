@@ -48,24 +48,15 @@ def glue_metrics(task, logits, labels):
     return out
 
 
-def run_label(r):
-    """The table's method cell: QLoRA apart from LoRA, and each TLoRA+ configuration and λ apart."""
-    a, label = r.get("args", {}), r["method"]
-    if a.get("quant") == "nf4":
-        label += "+nf4"
-    if r["method"] == "tlora_plus":
-        label += f" {a.get('tlora_train', 'ABC')} λ={a.get('ratio', 4.0):g}"
-    return label
-
-
 def table(runs, columns=None, last=False):
-    """Markdown table of metrics.json dicts, one row per (task, method, model), mean ± std over seeds.
+    """Markdown table of metrics.json dicts, one row per (task, label, model), mean ± std over seeds.
+    The label is train.py's method.label(): each TLoRA+ configuration and λ, and QLoRA, get their own rows.
     last=True reads the last epoch (with its mean train loss) instead of the best one."""
     if last:
         runs = [{**r, "metrics": {k: v for k, v in r["last"].items() if k not in ("epoch", "step")}} for r in runs]
     groups = defaultdict(list)
     for r in runs:
-        groups[(r["task"], run_label(r), os.path.basename(str(r["model"]).rstrip("/")))].append(r)
+        groups[(r["task"], r.get("label", r["method"]), os.path.basename(str(r["model"]).rstrip("/")))].append(r)
     columns = columns or sorted({k for r in runs for k in r["metrics"]})
     lines = ["| task | method | model | seeds | " + " | ".join(columns) + " | trainable % |",
              "|---" * (len(columns) + 5) + "|"]

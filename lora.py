@@ -195,6 +195,10 @@ class Method:
         head_lr = self.args.head_lr if self.args.head_lr is not None else self.lr
         return [g for g in groups + head_groups(model, head_lr, wd) if g["params"]]
 
+    def label(self):
+        """How a results table names this run; a method with variants adds them (tlora_plus: config and λ)."""
+        return self.name
+
     def extra_loss(self, model):
         return None
 

@@ -610,6 +610,7 @@ def test_train_tlora_plus_end_to_end_writes_metrics_json(tmp_path):
                                           "--out_dir", out]))
     saved = json.load(open(os.path.join(out, "metrics.json")))
     assert saved["method"] == "tlora_plus" and saved["steps"] == 2 * 6 and len(saved["history"]) == 2
+    assert saved["label"] == "tlora_plus ABC λ=4"  # eval.py --table's row name
     assert saved["trainable_params"] == result["trainable_params"] and 0 < saved["trainable_pct"] < 100
     recomputed, _ = ev.reevaluate(out)  # a fresh model, then the saved A, B, C and head
     assert recomputed["accuracy"] == saved["metrics"]["accuracy"]
@@ -917,6 +918,7 @@ def test_train_end_to_end_with_quant_nf4(method, tmp_path):
     result = train.main(train.parse_args(argv + ["--quant", "nf4"]))
     saved = json.load(open(os.path.join(out, "metrics.json")))
     assert saved["args"]["quant"] == "nf4" and saved["steps"] == 2 * 6
+    assert saved["label"].startswith(method) and saved["label"].endswith("+nf4")  # its own rows in eval.py --table
     assert saved["total_params"] == result["total_params"]
     float_model, _, _, _ = train.build(train.parse_args(argv))  # train.py's total of the same run without --quant:
     total = sum(p.numel() for p in float_model.parameters()) + sum(  # parameters + adapter buffers (SPEC §1.5)
@@ -968,18 +970,23 @@ def test_table_merges_seeds_into_mean_and_std():
 
 
 def test_table_keeps_tlora_plus_configurations_apart_and_reads_the_last_epoch():
-    def run(cfg, ratio, best, last):
-        return {"task": "mrpc", "method": "tlora_plus", "model": "minilm", "trainable_pct": 2.0,
-                "args": {"tlora_train": cfg, "ratio": ratio}, "metrics": {"accuracy": best},
+    import train
+    from tlora_plus import TLoRA, TLoRAPlus
+
+    def run(argv, best, last, method=TLoRAPlus):
+        return {"task": "mrpc", "method": method.name, "model": "minilm", "trainable_pct": 2.0,
+                "label": method(train.parse_args(argv)).label(), "metrics": {"accuracy": best},
                 "last": {"epoch": 2, "step": 460, "accuracy": last, "train_loss": 0.5}}
-    runs = [run("ABC", 4.0, 0.8, 0.7), run("ABC", 4.0, 0.9, 0.9), run("CB", 4.0, 0.6, 0.6), run("ABC", 8.0, 0.5, 0.5)]
+    runs = [run([], 0.8, 0.7), run(["--ratio", "4"], 0.9, 0.9), run(["--tlora_train", "CB"], 0.6, 0.6),
+            run(["--ratio", "8"], 0.5, 0.5), run(["--ratio", "8"], 0.4, 0.4, TLoRA)]
     best = ev.table(runs).splitlines()
-    assert best[2:] == ["| mrpc | tlora_plus ABC λ=4 | minilm | 2 | 0.8500 ± 0.0500 | 2.000 |",
+    assert best[2:] == ["| mrpc | tlora | minilm | 1 | 0.4000 | 2.000 |",  # TLoRA has no config or λ
+                        "| mrpc | tlora_plus ABC λ=4 | minilm | 2 | 0.8500 ± 0.0500 | 2.000 |",
                         "| mrpc | tlora_plus ABC λ=8 | minilm | 1 | 0.5000 | 2.000 |",
                         "| mrpc | tlora_plus CB λ=4 | minilm | 1 | 0.6000 | 2.000 |"]
     last = ev.table(runs, last=True).splitlines()
     assert last[0] == "| task | method | model | seeds | accuracy | train_loss | trainable % |"
-    assert last[2] == "| mrpc | tlora_plus ABC λ=4 | minilm | 2 | 0.8000 ± 0.1000 | 0.5000 ± 0.0000 | 2.000 |"
+    assert last[3] == "| mrpc | tlora_plus ABC λ=4 | minilm | 2 | 0.8000 ± 0.1000 | 0.5000 ± 0.0000 | 2.000 |"
 
 
 # ------------------------------------------------------------------------------------------------ train.py

@@ -77,6 +77,9 @@ class TLoRAPlus(LoRA):
     def config(self):
         return self.args.tlora_train
 
+    def label(self):
+        return f"{self.name} {self.config()} λ={self.args.ratio:g}"
+
     def wrap(self, model):
         self.seeds = itertools.count(10_000 * self.args.seed)  # module k of a --seed S run draws from 10⁴·S + k
         return super().wrap(model)  # LoRA.wrap: inject make_layer, then freeze all but lora_* Parameters and head
@@ -118,6 +121,9 @@ class TLoRA(TLoRAPlus):
 
     def config(self):
         return "B"
+
+    def label(self):  # --tlora_train and --ratio do not apply
+        return self.name
 
     def lr_multipliers(self):
         return {"B": 1.0, "g": 1.0}

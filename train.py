@@ -235,7 +235,8 @@ def main(args):
         for n, p in model.named_parameters():
             if n in state:
                 p.copy_(state[n])
-    result = {"task": task.name, "method": args.method, "model": args.model, "metrics": metrics,
+    label = method.label() + ("+nf4" if args.quant == "nf4" else "")  # eval.py's table rows: QLoRA apart from LoRA
+    result = {"task": task.name, "method": args.method, "label": label, "model": args.model, "metrics": metrics,
               "best_epoch": best_epoch, "last": history[-1], "history": history, "loss_log": log,
               "trainable_params": n_train,
               "total_params": n_all, "trainable_pct": 100 * n_train / n_all, "steps": step,
