@@ -16,6 +16,8 @@ imported here and in test_all.py only, never by the product.
 import argparse
 import copy
 import ctypes
+import dataclasses
+import itertools
 import json
 import os
 import resource
@@ -29,10 +31,10 @@ import torch
 import torch.nn as nn
 
 import data
+import finetune
 import lora
 import model as M
 import quant
-import train
 from model import hf_name
 
 
@@ -49,17 +51,19 @@ class HFClassifier(nn.Module):
 
 
 class PeftLoRA(lora.LoRA):
-    """LoRA through peft on transformers' model, started from exactly our initial adapter and head values."""
+    """LoRA through peft on transformers' model, started from exactly our initial adapter and head values.
+    merge()/unmerge() come from lora.Method: peft's LoRA layers have merge() and unmerge(), so evaluation runs on
+    merged weights as ours does."""
     name = "peft_lora"
-    hf_model = None  # a transformers model to wrap; None: load args.model
+    hf_model = None  # a transformers model to wrap; None: load the checkpoint our model was loaded from
 
     def wrap(self, model):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForSequenceClassification
         ours = super().wrap(model)  # ours, only to draw the initial values and the target list
         cfg = self.peft_config(ours)
-        hf = self.hf_model or AutoModelForSequenceClassification.from_pretrained(train.resolve(self.args.model),
-                                                                                 num_labels=model.cfg.num_labels)
+        hf = self.hf_model or AutoModelForSequenceClassification.from_pretrained(
+            M.resolve(model.name_or_path), num_labels=model.cfg.num_labels)
         if model.cfg.family == "gpt2":
             hf.config.pad_token_id = model.cfg.pad_id
         peft_model = get_peft_model(hf, LoraConfig(task_type="SEQ_CLS", r=cfg["r"], lora_alpha=cfg["lora_alpha"],
@@ -85,24 +89,20 @@ class PeftLoRA(lora.LoRA):
         return HFClassifier(peft_model, model.cfg.family, model.cfg)
 
     def param_groups(self, model):
-        a, named = self.args, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        head = [(n, p) for n, p in named if ".lora_" not in n]
-        head_lr = a.head_lr if a.head_lr is not None else 4e-4
-        groups = [{"params": [p for n, p in named if ".lora_A." in n], "lr": self.lr, "weight_decay": a.weight_decay},
-                  {"params": [p for n, p in named if ".lora_B." in n], "lr": self.lr * a.lr_ratio,
-                   "weight_decay": a.weight_decay},
-                  {"params": [p for n, p in head if p.ndim >= 2], "lr": head_lr, "weight_decay": a.weight_decay},
-                  {"params": [p for n, p in head if p.ndim < 2], "lr": head_lr, "weight_decay": 0.0}]
-        return [g for g in groups if g["params"]]
+        c, named = self.cfg, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        head = [p for n, p in named if ".lora_" not in n]
+        groups = [{"params": [p for n, p in named if ".lora_A." in n], "lr": c.lr, "weight_decay": c.weight_decay},
+                  {"params": [p for n, p in named if ".lora_B." in n], "lr": c.lr * c.lr_ratio,
+                   "weight_decay": c.weight_decay}]
+        return [g for g in groups + lora.groups_for("head", head, self.head_lr(), c.weight_decay) if g["params"]]
 
     def save(self, model, folder):
         model.peft_model.save_pretrained(folder)
 
 
 def peft_glue(argv):
-    train.METHODS["peft_lora"] = PeftLoRA
-    args = train.parse_args(argv + ["--method", "peft_lora"])
-    return train.main(args)
+    methods = {**finetune.METHODS, "peft_lora": PeftLoRA}
+    return finetune.run(finetune.parse_args(argv + ["--method", "peft_lora"], methods), methods)
 
 
 # -----------------------------------------------------------------------------
@@ -116,7 +116,7 @@ def fresh(fn, config, threads=None):
     r = subprocess.run([sys.executable, os.path.abspath(__file__), "_fresh", fn.__name__, json.dumps(config)],
                        capture_output=True, text=True, env=env)
     if r.returncode != 0:
-        raise SystemExit(f"error: {fn.__name__}({config}) failed in its own process: {r.stderr.strip()[-1500:]}")
+        raise RuntimeError(f"{fn.__name__}({config}) failed in its own process: {r.stderr.strip()[-1500:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -137,6 +137,7 @@ RANDOM_MODELS = {  # random init: memory does not depend on the weight values, s
     "roberta-large": dict(family="roberta", vocab_size=50265, n_positions=514, n_types=1, d=1024, n_layer=24,
                           n_head=16, d_ff=4096, act="gelu", eps=1e-5, pad_id=1),
 }
+MRPC_STEPS_30_EPOCHS = 30 * 230  # 3668 examples at batch 16: the schedule's length in timed steps
 PRECISIONS = {"fp32": None, "nf4": False, "nf4_dq": True}  # base precision -> double_quant (None: not quantized)
 
 
@@ -168,7 +169,8 @@ def random_model(cfg, double_quant):
 
 def lora_steps(c):
     """c: model (a RANDOM_MODELS name or a checkpoint folder), precision, batch, seq, steps. Runs train.py's step
-    (forward, loss, backward, clip, AdamW) with LoRA r=8 on all linears, on random tokens."""
+    (finetune.train_step: forward, loss, backward, clip, AdamW, schedule, after_step) with LoRA r=8 on all
+    linears, on random tokens."""
     rss_imports = peak_rss_mb()
     torch.manual_seed(0)
     double_quant = PRECISIONS[c["precision"]]
@@ -184,21 +186,15 @@ def lora_steps(c):
     stored = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     n_params = quant.count_params(model)
     bits = quant.bits_per_param(model) if double_quant is not None else 32.0
-    method = lora.LoRA(train.parse_args(["--rank", "8", "--alpha", "16", "--dropout", "0.1"]))
+    method = lora.LoRA(lora.LoRAConfig(r=8, alpha=16, dropout=0.1))
     model = method.wrap(model).train()
-    groups = method.param_groups(model)
-    trainable = [p for g in groups for p in g["params"]]
-    opt = torch.optim.AdamW(groups)
+    opt, sched = finetune.optimizer(method, model, MRPC_STEPS_30_EPOCHS, 0.06, "cpu")
     B, T, V = c["batch"], c["seq"], model.cfg.vocab_size
-    ids, mask = torch.randint(V, (B, T)), torch.ones(B, T, dtype=torch.long)
-    types, labels = torch.zeros_like(ids), torch.randint(2, (B,))
+    batch = {"input_ids": torch.randint(V, (B, T)), "attention_mask": torch.ones(B, T, dtype=torch.long),
+             "token_type_ids": torch.zeros(B, T, dtype=torch.long), "labels": torch.randint(2, (B,))}
     t0 = time.time()
-    for _ in range(c["steps"]):
-        loss = train.task_loss(model(ids, mask, types), labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    for step in range(1, c["steps"] + 1):
+        finetune.train_step(model, model, method, batch, opt, sched, step, 1.0, "cpu")
         trim(0)
     return {**c, "params": n_params, "stored_bytes": stored, "bits_per_param": bits,
             "s_per_step": (time.time() - t0) / c["steps"], "rss_after_imports_mb": rss_imports,
@@ -248,7 +244,7 @@ def quant_bench(argv):
     a = p.parse_args(argv)
     unknown = set(a.models.split(",")) - set(RANDOM_MODELS)
     if unknown:
-        raise SystemExit(f"error: unknown model {sorted(unknown)[0]!r}; --models takes {', '.join(RANDOM_MODELS)}")
+        raise ValueError(f"unknown model {sorted(unknown)[0]!r}; --models takes {', '.join(RANDOM_MODELS)}")
     shapes = {m: (a.batch, a.seq, a.steps) for m in a.models.split(",")}
     if "gpt2-medium" in shapes:  # ~3.5x gpt2-small's compute per token: half the batch and one step
         shapes["gpt2-medium"] = (max(1, a.batch // 2), a.seq, 1)
@@ -279,7 +275,7 @@ def quant_bench(argv):
                      f"{s['bnb_quantize_ms']:.2f} | {s['ours_dequantize_ms']:.2f} / {s['bnb_dequantize_ms']:.2f} |")
     print("\n".join(lines))
     if a.out:
-        train.write_json(a.out, {"runs": runs, "speed": speed, "threads": a.threads})  # temp file, then os.replace
+        finetune.write_json(a.out, {"runs": runs, "speed": speed, "threads": a.threads})  # temp file, then os.replace
         print(f"wrote {a.out}")
     return runs, speed
 
@@ -289,7 +285,6 @@ def quant_bench(argv):
 
 OURS = ("lora", "tlora_plus", "tlora", "bitfit", "head", "full", "qlora")  # qlora: lora over an NF4 base
 BF16_PEAK_TFLOPS = 989.0  # H100/H200 dense bf16 (datasheet); the fraction of it is reported on CUDA
-MRPC_STEPS_30_EPOCHS = 30 * 230  # 3668 examples at batch 16
 
 
 def hf_config(cfg):
@@ -313,17 +308,16 @@ def build_for_speed(c):
             p.requires_grad = False
         ours.wte.register_forward_hook(lambda m, i, out: out.detach().requires_grad_())
         return ours, None
-    args = train.parse_args(["--method", "lora" if c["method"] in ("qlora", "peft") else c["method"],
-                             "--rank", str(c["rank"]), "--alpha", str(2 * c["rank"]), "--dropout", "0"])
+    cls = PeftLoRA if c["impl"] == "peft" else finetune.METHODS["lora" if c["method"] == "qlora" else c["method"]]
+    adapter = {"r": c["rank"], "alpha": 2 * c["rank"], "dropout": 0.0}  # the fields LoRA's and TLoRA+'s configs take
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    method = cls(cls.Config(**{k: v for k, v in adapter.items() if k in fields}))
     if c["impl"] == "peft":
         from transformers import AutoModelForSequenceClassification as Auto
-        method = PeftLoRA(args)
         method.hf_model = Auto.from_pretrained(folder, num_labels=2) if folder else \
             Auto.from_config(hf_config(ours.cfg))
-        return method.wrap(ours), method
     if c["method"] == "qlora":
         quant.quantize_model(ours)
-    method = train.METHODS[args.method](args)
     return method.wrap(ours), method
 
 
@@ -338,24 +332,21 @@ def speed_config(c):
     ids = torch.randint(5, model.cfg.vocab_size, (B, T), generator=g)
     mask = (torch.arange(T)[None, :] < torch.tensor(c["lengths"])[:, None]).long()  # right padding, real lengths
     ids, mask, types, labels = (t.to(dev) for t in (ids, mask, torch.zeros_like(ids), torch.randint(2, (B,))))
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels}
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(method.param_groups(model), fused=dev == "cuda") if method else None
-    fwd = train.compile_model(model, dev) if c["compile"] else model
-    amp = train.autocast(argparse.Namespace(device=dev))
+    fwd = finetune.compile_model(model, dev) if c["compile"] else model
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-
-    def step():  # train.py's step: forward, loss (+ the method's extra loss), backward, clip, AdamW
-        with amp:
-            loss = train.task_loss(fwd(ids, mask, types), labels)
-        extra = method.extra_loss(model) if method else None
-        (loss if extra is None else loss + extra).backward()
-        if method:
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    if method:  # train.py's whole step: finetune.train_step, with its schedule and the method's after_step
+        opt, sched = finetune.optimizer(method, model, MRPC_STEPS_30_EPOCHS, 0.06, dev)
+        steps = itertools.count(1)
+        step = lambda: finetune.train_step(model, fwd, method, batch, opt, sched, next(steps), 1.0, dev)
+    else:  # the frozen base: forward and the backward to the input embeddings, nothing to update
+        def step():
+            with finetune.autocast(dev):
+                finetune.task_loss(fwd(ids, mask, types), labels).backward()
 
     def infer():
-        with torch.no_grad(), amp:
+        with torch.no_grad(), finetune.autocast(dev):
             fwd(ids, mask, types)
 
     def median_ms(fn, n):
@@ -378,12 +369,10 @@ def speed_config(c):
     median_ms(infer, 1)
     eval_ms, eval_merged_ms = median_ms(infer, c["steps"]), None
     if method and c["method"] not in ("qlora", "bitfit", "head", "full"):  # merged: what inference should cost
-        merge, unmerge = ((model.peft_model.merge_adapter, model.peft_model.unmerge_adapter) if c["impl"] == "peft"
-                          else (lambda: lora.merge(model), lambda: lora.unmerge(model)))
-        merge()
+        method.merge(model)  # peft's layers have merge()/unmerge() too: lora.Method's protocol merges both
         median_ms(infer, 1)
         eval_merged_ms = median_ms(infer, c["steps"])
-        unmerge()
+        method.unmerge(model)
     adapter_bytes = None
     if method:
         with tempfile.TemporaryDirectory() as d:
@@ -438,7 +427,7 @@ def speed_bench(argv):
         ["roberta-large", "gpt2-medium"] if a.device == "cuda" else [])
     unknown = [n for n in names if n not in RANDOM_MODELS]
     if unknown:
-        raise SystemExit(f"error: unknown model {unknown[0]!r}; --models takes {', '.join(RANDOM_MODELS)}")
+        raise ValueError(f"unknown model {unknown[0]!r}; --models takes {', '.join(RANDOM_MODELS)}")
     models = ([a.minilm] if a.minilm else []) + names
     results, lines = [], []
     for model in models:
@@ -457,7 +446,7 @@ def speed_bench(argv):
     header = (f"{a.device}, batch {a.batch}, rank {a.rank}, median of {a.steps} steps after {a.warmup} warm-up, "
               f"one fresh process per row ({torch.get_num_threads() if a.threads is None else a.threads} threads)")
     print("\n".join([header, ""] + lines))
-    train.write_json(a.out, {"header": header, "rows": results})
+    finetune.write_json(a.out, {"header": header, "rows": results})
     print(f"wrote {a.out}")
     return results
 
@@ -486,7 +475,15 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["_fresh"]:  # a child of fresh(): run one function on one JSON config, print its result
         print(json.dumps(globals()[sys.argv[2]](json.loads(sys.argv[3]))))
         sys.exit()
-    modes = {"peft_glue": peft_glue, "quant": quant_bench, "speed": speed_bench}
-    if len(sys.argv) < 2 or sys.argv[1] not in modes:
-        sys.exit(f"usage: python bench.py {{{'|'.join(modes)}}} [train.py flags]")
-    modes[sys.argv[1]](sys.argv[2:])
+    modes = {"peft_glue": (peft_glue, "train.py's run on transformers + peft (takes train.py's flags)"),
+             "speed": (speed_bench, "step time, tokens/s, latency and memory of every method vs peft LoRA"),
+             "quant": (quant_bench, "NF4 stored size, bits/param and training memory; NF4 speed vs bitsandbytes")}
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="mode", required=True, metavar="{" + ",".join(modes) + "}")
+    for name, (_, help) in modes.items():
+        sub.add_parser(name, help=help, add_help=False)  # each mode parses (and documents) its own flags
+    a, rest = p.parse_known_args()
+    try:
+        modes[a.mode][0](rest)
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")

@@ -1,12 +1,17 @@
 """
 The eight GLUE tasks: read from the hub through `datasets`, or from a folder in the official GLUE TSV layout
-(--data_dir, as written by GLUE's download_glue_data.py), tokenized once, then batched with dynamic padding.
-Labels follow the HF `glue` configs (e.g. RTE/QNLI: entailment = 0). The GLUE dev split is the reported "test".
+(--data_dir, as written by GLUE's download_glue_data.py), tokenized once, then batched with dynamic padding; and
+their metrics (SPEC §1.5, through scikit-learn). Labels follow the HF `glue` configs (e.g. RTE/QNLI: entailment
+= 0). The GLUE dev split is the reported "test".
 """
+import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, recall_score, roc_auc_score
 
 
 @dataclass
@@ -42,14 +47,14 @@ TASKS = {
 
 def get_task(name):
     if name not in TASKS:
-        raise SystemExit(f"error: unknown task {name!r}; choose one of {', '.join(TASKS)}")
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
     return TASKS[name]
 
 
 def read_tsv(task, path):
     """-> list of (texts, label) from one GLUE TSV file (no quoting: GLUE text holds stray quotes)."""
     if not os.path.exists(path):
-        raise SystemExit(f"error: {path} not found; --data_dir must hold {task.folder}/train.tsv and "
+        raise FileNotFoundError(f"{path} not found; --data_dir must hold {task.folder}/train.tsv and "
                          f"{task.folder}/{task.dev} in the GLUE layout")
     with open(path, encoding="utf-8-sig") as f:  # MRPC's header starts with a byte-order mark
         rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
@@ -59,20 +64,20 @@ def read_tsv(task, path):
         header, rows = rows[0], rows[1:]
         missing = [c for c in task.tsv_text + (task.tsv_label,) if c not in header]
         if missing:
-            raise SystemExit(f"error: {path} has no column {missing[0]!r} (header: {', '.join(header)})")
+            raise ValueError(f"{path} has no column {missing[0]!r} (header: {', '.join(header)})")
         cols, label_col = [header.index(c) for c in task.tsv_text], header.index(task.tsv_label)
     out = []
     for i, row in enumerate(rows):
         raw = row[label_col] if label_col < len(row) else ""
         if task.labels:
             if raw not in task.labels:
-                raise SystemExit(f"error: {path} line {i + 2}: label {raw!r} is not one of {task.labels}")
+                raise ValueError(f"{path} line {i + 2}: label {raw!r} is not one of {task.labels}")
             label = task.labels.index(raw)
         else:
             try:
                 label = float(raw)
             except ValueError:
-                raise SystemExit(f"error: {path} line {i + 2}: score {raw!r} is not a number") from None
+                raise ValueError(f"{path} line {i + 2}: score {raw!r} is not a number") from None
         out.append((tuple(row[c] for c in cols), label))
     return out
 
@@ -83,7 +88,7 @@ def read_hub(task, split):
     try:
         ds = datasets.load_dataset("glue", task.name, split=split)
     except Exception as e:
-        raise SystemExit(f"error: cannot load GLUE {task.name!r} from the hub ({type(e).__name__}); offline, "
+        raise ConnectionError(f"cannot load GLUE {task.name!r} from the hub ({type(e).__name__}); offline, "
                          "pass --data_dir DIR holding the GLUE TSVs (e.g. ../shared/data/glue)") from None
     return [(tuple(ex[c] for c in task.text), ex["label"]) for ex in ds]
 
@@ -130,3 +135,38 @@ def eval_batches(examples, batch_size, pad_id, regression, multiple=1):
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
         yield idx, collate([examples[j] for j in idx], pad_id, regression, multiple)
+
+
+# -----------------------------------------------------------------------------
+# metrics (SPEC §1.5)
+
+POSITIVE = {"mrpc": 1, "qqp": 1, "sst2": 1, "cola": 1, "qnli": 0, "rte": 0}  # SPEC §1.4: RTE/QNLI entailment = 0
+MAIN_METRIC = {"cola": "mcc", "stsb": "pearson"}  # the rest: accuracy
+
+
+def main_metric(task):
+    return MAIN_METRIC.get(task, "accuracy")
+
+
+def softmax(x):
+    e = np.exp(x - x.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def glue_metrics(task, logits, labels):
+    """logits (N, C) or (N, 1) for STS-B, labels (N,) -> {metric: value}."""
+    logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
+    if task == "stsb":
+        pred = logits.reshape(-1)
+        return {"pearson": float(pearsonr(pred, labels)[0]), "spearman": float(spearmanr(pred, labels)[0]),
+                "mse": float(np.mean((pred - labels) ** 2))}
+    prob = softmax(logits)
+    pred = prob.argmax(1)
+    out = {"accuracy": float(accuracy_score(labels, pred)), "mcc": float(matthews_corrcoef(labels, pred)),
+           "loss": float(-np.mean(np.log(np.clip(prob[np.arange(len(labels)), labels], 1e-12, None))))}
+    if task in POSITIVE:  # binary tasks: F1, recall and ROC-AUC of the positive class
+        pos = POSITIVE[task]
+        out["f1"] = float(f1_score(labels, pred, pos_label=pos, zero_division=0))
+        out["recall"] = float(recall_score(labels, pred, pos_label=pos, zero_division=0))
+        out["auc"] = float(roc_auc_score(labels == pos, prob[:, pos])) if len(set(labels.tolist())) == 2 else math.nan
+    return out

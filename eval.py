@@ -1,5 +1,5 @@
 """
-GLUE metrics (SPEC §1.5) through scikit-learn, re-evaluation of a saved run, and a table of several runs.
+Re-score a saved run, and merge several runs into one table. The GLUE metrics themselves are data.py's.
 
     python eval.py --out_dir out/lora-mrpc            # reload the saved adapter/head and score the dev split again
     python eval.py --table out/*/metrics.json         # one markdown table, mean ± std over seeds
@@ -7,45 +7,13 @@ GLUE metrics (SPEC §1.5) through scikit-learn, re-evaluation of a saved run, an
 """
 import argparse
 import json
-import math
 import os
 import sys
 from collections import defaultdict
 
 import numpy as np
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, recall_score, roc_auc_score
 
-POSITIVE = {"mrpc": 1, "qqp": 1, "sst2": 1, "cola": 1, "qnli": 0, "rte": 0}  # SPEC §1.4: RTE/QNLI entailment = 0
-MAIN_METRIC = {"cola": "mcc", "stsb": "pearson"}  # the rest: accuracy
-
-
-def main_metric(task):
-    return MAIN_METRIC.get(task, "accuracy")
-
-
-def softmax(x):
-    e = np.exp(x - x.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
-
-def glue_metrics(task, logits, labels):
-    """logits (N, C) or (N, 1) for STS-B, labels (N,) -> {metric: value}."""
-    logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
-    if task == "stsb":
-        pred = logits.reshape(-1)
-        return {"pearson": float(pearsonr(pred, labels)[0]), "spearman": float(spearmanr(pred, labels)[0]),
-                "mse": float(np.mean((pred - labels) ** 2))}
-    prob = softmax(logits)
-    pred = prob.argmax(1)
-    out = {"accuracy": float(accuracy_score(labels, pred)), "mcc": float(matthews_corrcoef(labels, pred)),
-           "loss": float(-np.mean(np.log(np.clip(prob[np.arange(len(labels)), labels], 1e-12, None))))}
-    if task in POSITIVE:  # binary tasks: F1, recall and ROC-AUC of the positive class
-        pos = POSITIVE[task]
-        out["f1"] = float(f1_score(labels, pred, pos_label=pos, zero_division=0))
-        out["recall"] = float(recall_score(labels, pred, pos_label=pos, zero_division=0))
-        out["auc"] = float(roc_auc_score(labels == pos, prob[:, pos])) if len(set(labels.tolist())) == 2 else math.nan
-    return out
+import finetune
 
 
 def table(runs, columns=None, last=False):
@@ -71,22 +39,6 @@ def table(runs, columns=None, last=False):
     return "\n".join(lines)
 
 
-def reevaluate(out_dir):
-    """Rebuild the run's model from its metrics.json, load its saved tensors and score the dev split."""
-    import train
-    path = os.path.join(out_dir, "metrics.json")
-    if not os.path.exists(path):
-        raise SystemExit(f"error: {path} not found; --out_dir must be a folder written by train.py")
-    with open(path) as f:
-        saved = json.load(f)
-    args = train.parse_args([])
-    vars(args).update(saved["args"])
-    model, method, tok, task = train.build(args)
-    method.load(model, out_dir)
-    dev = train.load_examples(task, "dev", args, tok)
-    return train.evaluate(model, dev, task, args, tok.pad_id), saved
-
-
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", help="a folder written by train.py: re-evaluate its saved tensors")
@@ -95,7 +47,10 @@ if __name__ == "__main__":
     p.add_argument("--last", action="store_true", help="table the last epoch instead of the best one")
     a = p.parse_args()
     if a.out_dir:
-        metrics, saved = reevaluate(a.out_dir)
+        try:
+            metrics, saved = finetune.reevaluate(a.out_dir)
+        except (ValueError, OSError) as e:
+            sys.exit(f"error: {e}")
         print(json.dumps({"recomputed": metrics, "saved": saved["metrics"]}, indent=2))
     elif a.table:
         runs = []

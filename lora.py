@@ -1,19 +1,33 @@
 """
-LoRA (Hu et al. 2021) as PEFT implements it, with per-matrix learning rates (seed 000 read as LoRA+, SPEC §2.1),
-and the small interface every nanoPEFT method follows (`Method`):
+The interface every nanoPEFT method follows (`Method`), then LoRA (Hu et al. 2021) as peft implements it, with
+per-matrix learning rates (seed 000 read as LoRA+, SPEC §2.1), then LoRA's adapter files in peft's format.
 
-    wrap(model)            inject adapters, freeze everything else but the task head; returns the model
-    param_groups(model)    optimizer groups: [{"params", "lr", "weight_decay"}, ...]
-    extra_loss(model)      a term added to the task loss (None here)
-    after_step(model, t)   called after the t-th optimizer step (nothing here)
-    save(model, dir) / load(model, dir)   the trained tensors only
+A method is built from its own small dataclass config and never sees train.py's flags:
+
+    method = LoRA(LoRAConfig(r=8, alpha=16))
+    model = method.wrap(model)                 inject adapters; freeze all but them and the task head
+    opt = torch.optim.AdamW(method.param_groups(model))
+    loss = task_loss + method.extra_loss(model)   (when not None)
+    ... backward, opt.step(); method.after_step(model, step); opt.zero_grad()
+    method.merge(model) / method.unmerge(model)   fold the adapters into the base weights for evaluation
+    method.save(model, folder) / method.load(model, folder)   the trained tensors only
+
+The whole interface, all that train.py calls:
+    wrap(model) -> model     trains(name) -> bool     param_groups(model) -> [{"params", "lr", "weight_decay", "name"}]
+    extra_loss(model) -> tensor or None     after_step(model, step), called after the step-th optimizer step and
+    before zero_grad, so this step's gradients are still there     merge(model) / unmerge(model)
+    save(model, folder) / load(model, folder)     label() -> the row name in eval.py's tables
+Merging goes through an adapter-layer protocol: any module with merge() and unmerge() (LoRALinear and its
+subclasses) is merged; a layer that cannot merge (a bottleneck adapter) simply has no merge().
+Errors are exceptions (ValueError, FileNotFoundError) with a one-line message; only the scripts exit.
 
 dynamic_lora.py, tlora_plus.py and adaq_lora.py subclass LoRALinear and LoRA and change only what their paper
-changes. The baselines of SPEC §3 (full fine-tuning, head only, BitFit) sit at the end of this file.
+changes. The baselines of SPEC §3 (full fine-tuning, head only, BitFit) are in baselines.py.
 """
 import json
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -26,24 +40,162 @@ from model import hf_name
 BLOCK_LINEARS = ("query", "key", "value", "c_attn", "out", "fc", "proj")  # "all-linear" (SPEC §1.2)
 
 
+# -----------------------------------------------------------------------------
+# the interface
+
+@dataclass
+class MethodConfig:
+    lr: float = 2e-5            # learning rate of the trained backbone tensors (SPEC §3: full fine-tuning 2e-5)
+    head_lr: float = None       # the task head's learning rate; None: lr
+    weight_decay: float = 0.1   # AdamW's, on every tensor with two or more dimensions (SPEC §1.4)
+
+
+def no_decay(p):
+    """HF Trainer's rule (SPEC §1.4): biases and LayerNorm weights (fewer than two dimensions) get no weight decay."""
+    return p.ndim < 2
+
+
+def groups_for(name, params, lr, wd):
+    """Two AdamW groups for `params`: `name` with weight decay and `name`_nd (biases, norms) without."""
+    return [{"params": [p for p in params if not no_decay(p)], "lr": lr, "weight_decay": wd, "name": name},
+            {"params": [p for p in params if no_decay(p)], "lr": lr, "weight_decay": 0.0, "name": name + "_nd"}]
+
+
+def mergeable_layers(model):
+    """The adapter-layer protocol: every module that can fold itself into its base weight."""
+    return {n: m for n, m in model.named_modules() if callable(getattr(m, "merge", None))
+            and callable(getattr(m, "unmerge", None))}
+
+
+class Method:
+    """What every method shares. The task head always trains; `trains(name)` says which backbone tensors do."""
+    name = "method"
+    Config = MethodConfig
+
+    def __init__(self, cfg=None):
+        self.cfg = cfg if cfg is not None else self.Config()
+
+    def trains(self, name):
+        return False
+
+    def wrap(self, model):
+        for n, p in model.named_parameters():
+            p.requires_grad = n.startswith("head.") or self.trains(n)
+        return model
+
+    def head_lr(self):
+        return self.cfg.head_lr if self.cfg.head_lr is not None else self.cfg.lr
+
+    def param_groups(self, model):
+        backbone = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
+        head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("head.")]
+        groups = groups_for("backbone", backbone, self.cfg.lr, self.cfg.weight_decay)
+        groups += groups_for("head", head, self.head_lr(), self.cfg.weight_decay)
+        return [g for g in groups if g["params"]]
+
+    def label(self):
+        """How a results table names this run; a method with variants adds them (tlora_plus: config and λ)."""
+        return self.name
+
+    def extra_loss(self, model):
+        return None
+
+    def after_step(self, model, step):
+        pass
+
+    def merge(self, model, float_only=False):
+        """Fold every adapter into its base weight. float_only skips 4-bit bases (merging one keeps an fp32 copy)."""
+        for layer in mergeable_layers(model).values():
+            if not (float_only and hasattr(getattr(layer, "base", None), "merge_delta")):
+                layer.merge()
+
+    def unmerge(self, model):
+        for layer in mergeable_layers(model).values():
+            layer.unmerge()
+
+    def save(self, model, folder):
+        tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        meta = {"nanopeft_method": self.name}
+        write_atomic(folder, {"trainable.safetensors": lambda path: save_file(tensors, path, metadata=meta)})
+
+    def load(self, model, folder):
+        path = os.path.join(folder, "trainable.safetensors")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{folder} holds no {self.name} checkpoint (trainable.safetensors); "
+                                    f"was it trained with another --method?")
+        saved = saved_method(path, None)
+        if saved != self.name:
+            raise ValueError(f"{path} was trained with --method {saved}; pass --method {saved} to load it")
+        tensors = load_file(path)
+        params = dict(model.named_parameters())
+        missing = sorted(set(tensors) - set(params))
+        if missing:
+            raise ValueError(f"{path} has tensors this model lacks (e.g. {missing[0]}): another model?")
+        for n, t in tensors.items():
+            if params[n].shape != t.shape:
+                raise ValueError(f"{path}: {n} is {tuple(t.shape)} but this model's is {tuple(params[n].shape)}")
+        model.load_state_dict(tensors, strict=False)
+
+
+def saved_method(path, default):
+    """The method a nanoPEFT safetensors file was written by (its metadata), else `default`."""
+    try:
+        with safe_open(path, "pt") as f:
+            return (f.metadata() or {}).get("nanopeft_method", default)
+    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}); re-save it") from None
+
+
+def write_atomic(folder, files):
+    """files: {name: callable(path)}; each is written to a temp name and renamed, so no half-written file remains."""
+    os.makedirs(folder, exist_ok=True)
+    for name, write in files.items():
+        tmp = os.path.join(folder, f".{name}.tmp")
+        try:
+            write(tmp)
+        except BaseException:  # a full disk, a Ctrl-C: leave no temp file behind
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        os.replace(tmp, os.path.join(folder, name))
+
+
+def write_text(text):
+    def write(path):
+        with open(path, "w") as f:
+            f.write(text)
+    return write
+
+
+# -----------------------------------------------------------------------------
+# the LoRA layer
+
 class LoRALinear(nn.Module):
     """Y = X W0ᵀ + b + s·((dropout(X) Aᵀ) Bᵀ), s = α/r (rsLoRA: α/√r)        (SPEC §1.3)
-    `base` stays frozen and unchanged: an nn.Linear (out, in), GPT-2's Conv1D (in, out) or quant.Linear4bit."""
+    `base` stays frozen and unchanged: an nn.Linear (out, in), GPT-2's Conv1D (in, out) or quant.Linear4bit.
+    The factors are made by create_factors(), the one method a subclass overrides to change them."""
 
     def __init__(self, base, r=8, alpha=16, dropout=0.0, rslora=False):
         super().__init__()
+        if not 1 <= r <= min(base.in_features, base.out_features):
+            raise ValueError(f"rank {r} does not fit a {base.out_features}x{base.in_features} layer: pass a rank "
+                             f"between 1 and {min(base.in_features, base.out_features)}")
         self.base, self.r = base, r
         self.in_features, self.out_features = base.in_features, base.out_features
         self.fan_in_fan_out = type(base).__name__ == "Conv1D"  # GPT-2 stores W0ᵀ
-        weight = getattr(base, "weight", None)  # None for quant.Linear4bit: its tensors are uint8 codes + stats
-        dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
-        device = (weight if weight is not None else next(base.buffers())).device
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))  # (r, in)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))  # (out, r)
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's init: U(-1/√in, 1/√in); B = 0 so ΔW = 0
         self.scaling = alpha / (math.sqrt(r) if rslora else r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # on the adapter path only
         self.merged = False
+        weight = getattr(base, "weight", None)  # None for quant.Linear4bit: its tensors are uint8 codes + stats
+        dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+        device = (weight if weight is not None else next(base.buffers())).device
+        self.create_factors(dtype, device)
+
+    def create_factors(self, dtype, device):
+        """lora_A (r, in) ~ U(-1/√in, 1/√in), peft's kaiming_uniform_(a=√5); lora_B (out, r) = 0, so ΔW = 0."""
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, dtype=dtype, device=device))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, dtype=dtype, device=device))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def delta_weight(self):
         """ΔW = s·B·A, (out, in)."""
@@ -54,7 +206,7 @@ class LoRALinear(nn.Module):
         return F.linear(F.linear(self.dropout(x), self.lora_A) * self.scaling, self.lora_B)
 
     def forward(self, x):
-        y = self.base(x)
+        y = self.base(x)  # the frozen path sees x itself: dropout is the adapter's only (SPEC §1.1)
         return y if self.merged else y + self.adapter(x)
 
     @torch.no_grad()
@@ -85,12 +237,11 @@ def target_names(model, targets):
     wanted = BLOCK_LINEARS if targets == "all-linear" else tuple(targets)
     unknown = [t for t in wanted if t not in BLOCK_LINEARS]
     if unknown:
-        raise SystemExit(f"error: unknown target {unknown[0]!r}; --targets takes layer names among "
-                         f"{', '.join(BLOCK_LINEARS)}")
+        raise ValueError(f"unknown target {unknown[0]!r}; --targets takes layer names among {', '.join(BLOCK_LINEARS)}")
     names = [n for n, m in model.named_modules() if n.startswith("h.") and n.rsplit(".", 1)[-1] in wanted
              and hasattr(m, "in_features")]
     if not names:
-        raise SystemExit(f"error: no layer of this {model.cfg.family} model is named {', '.join(wanted)}")
+        raise ValueError(f"no layer of this {model.cfg.family} model is named {', '.join(wanted)}")
     return names
 
 
@@ -108,146 +259,34 @@ def adapter_layers(model, cls=LoRALinear):
     return {n: m for n, m in model.named_modules() if isinstance(m, cls)}
 
 
-def freeze_all_but(model, trainable):
-    """requires_grad only for parameters whose name passes trainable(name); the task head always trains."""
-    for n, p in model.named_parameters():
-        p.requires_grad = n.startswith("head.") or trainable(n)
-
-
-def merge(model, float_only=False):
-    """Fold every adapter into its base weight. float_only skips 4-bit bases (merging one keeps an fp32 copy)."""
-    for layer in adapter_layers(model).values():
-        if not (float_only and hasattr(layer.base, "merge_delta")):
-            layer.merge()
-
-
-def unmerge(model):
-    for layer in adapter_layers(model).values():
-        layer.unmerge()
-
-
-def no_decay(name, p):
-    """HF Trainer's rule (SPEC §1.4): biases and LayerNorm weights get no weight decay."""
-    return p.ndim < 2
-
-
-def head_groups(model, lr, wd):
-    params = [(n, p) for n, p in model.named_parameters() if n.startswith("head.") and p.requires_grad]
-    return [{"params": [p for n, p in params if not no_decay(n, p)], "lr": lr, "weight_decay": wd, "name": "head"},
-            {"params": [p for n, p in params if no_decay(n, p)], "lr": lr, "weight_decay": 0.0, "name": "head_nd"}]
-
-
-def peft_key(family, name):
-    """Our tensor name -> its key in a peft adapter file: h.0.attn.query.lora_A ->
-    base_model.model.roberta.encoder.layer.0.attention.self.query.lora_A.weight; the head keeps HF's name."""
-    mod, _, leaf = name.rpartition(".")
-    return "base_model.model." + (hf_name(family, mod) + f".{leaf}.weight" if leaf.startswith("lora_") else
-                                  hf_name(family, name))
-
-
-def saved_method(path, default):
-    """The method a nanoPEFT safetensors file was written by (its metadata), else `default`."""
-    with safe_open(path, "pt") as f:
-        return (f.metadata() or {}).get("nanopeft_method", default)
-
-
-def write_text(text):
-    def write(path):
-        with open(path, "w") as f:
-            f.write(text)
-    return write
-
-
-def write_atomic(folder, files):
-    """files: {name: callable(path)}; each is written to a temp name and renamed, so no half-written file remains."""
-    os.makedirs(folder, exist_ok=True)
-    for name, write in files.items():
-        tmp = os.path.join(folder, f".{name}.tmp")
-        write(tmp)
-        os.replace(tmp, os.path.join(folder, name))
-
-
 # -----------------------------------------------------------------------------
-# the method interface, and the baselines of SPEC §3 that need no adapter
+# the method
 
-class Method:
-    """Full fine-tuning (SPEC §3): every parameter trains. The base class of every method."""
-    name, default_lr = "full", 2e-5
+@dataclass
+class LoRAConfig(MethodConfig):
+    r: int = 8                    # adapter rank
+    alpha: float = 16             # scale s = alpha / r
+    dropout: float = 0.1          # on the adapter's input only (SPEC §1.1)
+    rslora: bool = False          # s = alpha / √r
+    targets: object = "all-linear"  # "all-linear" or a list of BLOCK_LINEARS names
+    lr: float = 1e-4              # every A
+    lr_ratio: float = 16.0        # every B at lr·lr_ratio (seed 000 / LoRA+); 1 = tied, the seed's ablation
+    head_lr: float = 4e-4         # SPEC §2.1: the head at a fixed 4e-4
 
-    def __init__(self, args):
-        self.args = args
-        self.lr = args.lr if args.lr is not None else self.default_lr
-
-    def trains(self, name):  # which backbone parameters train
-        return True
-
-    def wrap(self, model):
-        freeze_all_but(model, self.trains)
-        return model
-
-    def param_groups(self, model):
-        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
-        wd = self.args.weight_decay
-        groups = [{"params": [p for n, p in params if not no_decay(n, p)], "lr": self.lr, "weight_decay": wd,
-                   "name": "backbone"},
-                  {"params": [p for n, p in params if no_decay(n, p)], "lr": self.lr, "weight_decay": 0.0,
-                   "name": "backbone_nd"}]
-        head_lr = self.args.head_lr if self.args.head_lr is not None else self.lr
-        return [g for g in groups + head_groups(model, head_lr, wd) if g["params"]]
-
-    def label(self):
-        """How a results table names this run; a method with variants adds them (tlora_plus: config and λ)."""
-        return self.name
-
-    def extra_loss(self, model):
-        return None
-
-    def after_step(self, model, step):
-        pass
-
-    def save(self, model, folder):
-        tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        write_atomic(folder, {"trainable.safetensors": lambda p: save_file(tensors, p,
-                                                                            metadata={"nanopeft_method": self.name})})
-
-    def load(self, model, folder):
-        path = os.path.join(folder, "trainable.safetensors")
-        if not os.path.exists(path):
-            raise SystemExit(f"error: {folder} holds no {self.name} checkpoint (trainable.safetensors); "
-                             f"was it trained with another --method?")
-        saved = saved_method(path, None)
-        if saved != self.name:
-            raise SystemExit(f"error: {path} was trained with --method {saved}; pass --method {saved} to load it")
-        missing = set(load_file(path)) - set(dict(model.named_parameters()))
-        if missing:
-            raise SystemExit(f"error: {path} has tensors this model lacks (e.g. {sorted(missing)[0]}): another model?")
-        model.load_state_dict(load_file(path), strict=False)
-
-
-class HeadOnly(Method):
-    """Feature extraction: the backbone is frozen, only the task head trains (SPEC §3)."""
-    name, default_lr = "head", 1e-3
-
-    def trains(self, name):
-        return False
-
-
-class BitFit(Method):
-    """y = x W0ᵀ + b_trainable: every backbone bias trains, plus the head (SPEC §3)."""
-    name, default_lr = "bitfit", 4e-4
-
-    def trains(self, name):
-        return name.endswith(".bias") and name.startswith("h.")
+    def __post_init__(self):
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout {self.dropout} is not in [0, 1)")
 
 
 class LoRA(Method):
     """LoRA with per-matrix learning rates (seed 000 / LoRA+, SPEC §2.1): every A at lr, every B at lr·lr_ratio,
     the task head at head_lr. lr_ratio 1 is the seed's "remove adaptive learning rate" ablation."""
-    name, default_lr = "lora", 1e-4
+    name = "lora"
+    Config = LoRAConfig
 
     def make_layer(self, base):
-        a = self.args
-        return LoRALinear(base, a.rank, a.alpha, a.dropout, a.rslora)
+        c = self.cfg
+        return LoRALinear(base, c.r, c.alpha, c.dropout, c.rslora)
 
     def trains(self, name):
         return ".lora_" in name
@@ -255,18 +294,20 @@ class LoRA(Method):
     def wrap(self, model):
         for p in model.parameters():
             p.requires_grad = False
-        inject(model, self.args.targets, self.make_layer)
+        inject(model, self.cfg.targets, self.make_layer)
         return super().wrap(model)
 
+    def lr_multipliers(self):
+        """η_X / η for each factor lora_X."""
+        return {"A": 1.0, "B": self.cfg.lr_ratio}
+
     def param_groups(self, model):
-        a = self.args
+        c = self.cfg
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        groups = [{"params": [p for n, p in named if n.endswith("lora_A")], "lr": self.lr, "weight_decay":
-                   a.weight_decay, "name": "A"},
-                  {"params": [p for n, p in named if n.endswith("lora_B")], "lr": self.lr * a.lr_ratio, "weight_decay":
-                   a.weight_decay, "name": "B"}]
-        head_lr = a.head_lr if a.head_lr is not None else 4e-4  # SPEC §2.1: the head at a fixed 4e-4
-        return [g for g in groups + head_groups(model, head_lr, a.weight_decay) if g["params"]]
+        groups = [{"params": [p for n, p in named if n.endswith(".lora_" + x)], "lr": c.lr * m,
+                   "weight_decay": c.weight_decay, "name": x} for x, m in self.lr_multipliers().items()]
+        head = [p for n, p in named if n.startswith("head.")]
+        return [g for g in groups + groups_for("head", head, self.head_lr(), c.weight_decay) if g["params"]]
 
     # ---- adapter files in peft's format: peft.PeftModel.from_pretrained loads them into transformers' model
     def adapter_tensors(self, model):
@@ -274,38 +315,66 @@ class LoRA(Method):
         return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
     def peft_config(self, model):
-        a, family = self.args, model.cfg.family
-        return {"peft_type": "LORA", "task_type": "SEQ_CLS", "r": a.rank, "lora_alpha": a.alpha,
-                "lora_dropout": a.dropout, "use_rslora": a.rslora, "fan_in_fan_out": family == "gpt2",
+        c, family = self.cfg, model.cfg.family
+        return {"peft_type": "LORA", "task_type": "SEQ_CLS", "r": c.r, "lora_alpha": c.alpha,
+                "lora_dropout": c.dropout, "use_rslora": c.rslora, "fan_in_fan_out": family == "gpt2",
                 "target_modules": sorted(hf_name(family, n) for n in adapter_layers(model)), "bias": "none",
-                "modules_to_save": {"gpt2": ["score"], "roberta": ["classifier"], "bert": ["classifier", "pooler"]}[
-                    family], "init_lora_weights": True, "inference_mode": True, "base_model_name_or_path": a.model}
+                "modules_to_save": MODULES_TO_SAVE[family], "init_lora_weights": True, "inference_mode": True,
+                "base_model_name_or_path": getattr(model, "name_or_path", "")}
 
     def save(self, model, folder):
         family = model.cfg.family
         tensors = {peft_key(family, n): p.detach().contiguous() for n, p in self.adapter_tensors(model).items()}
         cfg = json.dumps(self.peft_config(model), indent=2)
         meta = {"format": "pt", "nanopeft_method": self.name}  # peft's own files have no method: read as lora
-        write_atomic(folder, {"adapter_model.safetensors": lambda p: save_file(tensors, p, metadata=meta),
+        write_atomic(folder, {"adapter_model.safetensors": lambda path: save_file(tensors, path, metadata=meta),
                               "adapter_config.json": write_text(cfg)})
 
     def load(self, model, folder):
-        path = os.path.join(folder, "adapter_config.json")
-        if not os.path.exists(path):
-            raise SystemExit(f"error: {folder} has no adapter_config.json; was it trained with another --method?")
-        with open(path) as f:
-            cfg = json.load(f)
-        saved = saved_method(os.path.join(folder, "adapter_model.safetensors"), str(cfg.get("peft_type")).lower())
+        cfg = read_adapter_config(folder)
+        path = os.path.join(folder, "adapter_model.safetensors")
+        saved = saved_method(path, str(cfg.get("peft_type")).lower())
         if saved != self.name:
-            raise SystemExit(f"error: {folder} holds a {saved} adapter; pass --method {saved} to load it")
+            raise ValueError(f"{folder} holds a {saved} adapter; pass --method {saved} to load it")
         params = self.adapter_tensors(model)
         ours = {peft_key(model.cfg.family, n): n for n in params}
-        for key, t in load_file(os.path.join(folder, "adapter_model.safetensors")).items():
+        tensors = load_file(path)
+        for key, t in tensors.items():
             name = ours.get(key)
             if name is None:
-                raise SystemExit(f"error: adapter tensor {key} matches no layer of this model; wrong --model?")
+                raise ValueError(f"adapter tensor {key} matches no layer of this model; wrong --model?")
             if params[name].shape != t.shape:
-                raise SystemExit(f"error: adapter tensor {key} is {tuple(t.shape)} but this model's is "
+                raise ValueError(f"adapter tensor {key} is {tuple(t.shape)} but this model's is "
                                  f"{tuple(params[name].shape)}: pass the --rank it was trained with ({cfg.get('r')})")
-            with torch.no_grad():
-                params[name].copy_(t)
+        absent = sorted(k for k in ours if k not in tensors)
+        if absent:
+            raise ValueError(f"{path} lacks {absent[0]} ({len(absent)} tensors missing): a partial adapter file?")
+        with torch.no_grad():
+            for key, t in tensors.items():
+                params[ours[key]].copy_(t)
+
+
+# -----------------------------------------------------------------------------
+# peft's file format
+
+MODULES_TO_SAVE = {"gpt2": ["score"], "roberta": ["classifier"], "bert": ["classifier", "pooler"]}
+
+
+def peft_key(family, name):
+    """Our tensor name -> its key in a peft adapter file: h.0.attn.query.lora_A ->
+    base_model.model.roberta.encoder.layer.0.attention.self.query.lora_A.weight; the head keeps HF's name."""
+    mod, _, leaf = name.rpartition(".")
+    if leaf.startswith("lora_"):
+        return f"base_model.model.{hf_name(family, mod)}.{leaf}.weight"
+    return "base_model.model." + hf_name(family, name)
+
+
+def read_adapter_config(folder):
+    path = os.path.join(folder, "adapter_config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{folder} has no adapter_config.json; was it trained with another --method?")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); re-save the adapter") from None

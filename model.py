@@ -178,9 +178,6 @@ class Transformer(nn.Module):
         """GPT-2's tied LM head: (B, T, vocab)."""
         return self.encode(input_ids, attention_mask) @ self.wte.weight.t()
 
-    def head_parameters(self):
-        return list(self.head.parameters())
-
 
 # -----------------------------------------------------------------------------
 # checkpoint names: ours -> HF's, per family. A block key is looked up without its "h.{i}." prefix.
@@ -221,19 +218,22 @@ def hf_name(family, name):
 
 
 def config_from_hf(hf, num_labels):
-    family = hf["model_type"]
+    """transformers' config.json (a dict) -> our Config."""
+    family = hf.get("model_type")
     if family not in HF_NAMES:
         raise ValueError(f"model_type {family!r} is not supported: nanoPEFT loads gpt2, roberta and bert checkpoints")
     if family == "gpt2":
-        return Config(family, hf["vocab_size"], hf["n_positions"], 0, hf["n_embd"], hf["n_layer"], hf["n_head"],
-                      hf.get("n_inner") or 4 * hf["n_embd"], hf.get("activation_function", "gelu_new"),
-                      hf.get("layer_norm_epsilon", 1e-5), hf.get("resid_pdrop", 0.1),
-                      hf.get("eos_token_id", 50256) if hf.get("pad_token_id") is None else hf["pad_token_id"],
-                      num_labels)
-    return Config(family, hf["vocab_size"], hf["max_position_embeddings"], hf.get("type_vocab_size", 2),
-                  hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"], hf["intermediate_size"],
-                  hf.get("hidden_act", "gelu"), hf.get("layer_norm_eps", 1e-12), hf.get("hidden_dropout_prob", 0.1),
-                  hf.get("pad_token_id", 0), num_labels)
+        pad_id = hf.get("eos_token_id", 50256) if hf.get("pad_token_id") is None else hf["pad_token_id"]
+        return Config(family=family, vocab_size=hf["vocab_size"], n_positions=hf["n_positions"], n_types=0,
+                      d=hf["n_embd"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+                      d_ff=hf.get("n_inner") or 4 * hf["n_embd"], act=hf.get("activation_function", "gelu_new"),
+                      eps=hf.get("layer_norm_epsilon", 1e-5), dropout=hf.get("resid_pdrop", 0.1), pad_id=pad_id,
+                      num_labels=num_labels)
+    return Config(family=family, vocab_size=hf["vocab_size"], n_positions=hf["max_position_embeddings"],
+                  n_types=hf.get("type_vocab_size", 2), d=hf["hidden_size"], n_layer=hf["num_hidden_layers"],
+                  n_head=hf["num_attention_heads"], d_ff=hf["intermediate_size"], act=hf.get("hidden_act", "gelu"),
+                  eps=hf.get("layer_norm_eps", 1e-12), dropout=hf.get("hidden_dropout_prob", 0.1),
+                  pad_id=hf.get("pad_token_id", 0), num_labels=num_labels)
 
 
 def resolve(name_or_dir):
@@ -241,14 +241,14 @@ def resolve(name_or_dir):
     if os.path.isdir(name_or_dir):
         return name_or_dir
     if name_or_dir.startswith((".", "/", "~")) or name_or_dir.count("/") > 1:  # a path, not an "org/name" id
-        raise SystemExit(f"error: model folder {name_or_dir!r} does not exist; pass --model DIR with config.json")
+        raise FileNotFoundError(f"model folder {name_or_dir!r} does not exist; pass --model DIR with config.json")
     from huggingface_hub import snapshot_download
     try:
         return snapshot_download(name_or_dir, allow_patterns=["config.json", "*.safetensors", "pytorch_model.bin",
                                  "vocab.json", "merges.txt", "vocab.txt", "tokenizer_config.json"])
     except Exception as e:
-        raise SystemExit(f"error: cannot fetch {name_or_dir!r} from the Hugging Face hub ({type(e).__name__}); "
-                         "offline, pass --model DIR (a local folder with config.json and model.safetensors)") from None
+        raise ConnectionError(f"cannot fetch {name_or_dir!r} from the Hugging Face hub ({type(e).__name__}); "
+                              "offline, pass --model DIR (a local folder with config.json and model.safetensors)") from None
 
 
 def load_state_dict(folder):
@@ -259,30 +259,47 @@ def load_state_dict(folder):
     path = os.path.join(folder, "pytorch_model.bin")
     if os.path.exists(path):
         return torch.load(path, map_location="cpu", weights_only=True)
-    raise SystemExit(f"error: {folder} has no model.safetensors or pytorch_model.bin; pass a full checkpoint folder")
+    raise FileNotFoundError(f"{folder} has no model.safetensors or pytorch_model.bin; pass a full checkpoint folder")
+
+
+HF_BUFFERS = (".attn.bias", ".attn.masked_bias", "position_ids")  # HF's saved masks and position ranges: no weights
 
 
 def from_pretrained(name_or_dir, num_labels=2):
     """Build a Transformer from a checkpoint folder or hub id. Every backbone tensor must be found and shaped as
-    ours; the task head is loaded when the checkpoint has one with num_labels outputs, else initialised."""
+    ours, and the checkpoint may hold no backbone tensor we leave unread; the task head is loaded when the
+    checkpoint has one with num_labels outputs, else initialised."""
     folder = resolve(name_or_dir)
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.exists(cfg_path):
-        raise SystemExit(f"error: {folder} has no config.json; pass --model DIR pointing at a HF checkpoint folder")
-    with open(cfg_path) as f:
-        cfg = config_from_hf(json.load(f), num_labels)
+        raise FileNotFoundError(f"{folder} has no config.json; pass --model DIR pointing at a HF checkpoint folder")
+    try:
+        with open(cfg_path) as f:
+            cfg = config_from_hf(json.load(f), num_labels)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    except KeyError as e:
+        raise ValueError(f"{cfg_path} lacks the key {e}; is it a transformers config.json?") from None
     model = Transformer(cfg)
+    model.name_or_path = name_or_dir  # adapter files name their base model (peft's base_model_name_or_path)
     sd = load_state_dict(folder)
-    prefix = HF_PREFIX[cfg.family]
-    ours = model.state_dict()
-    for name, t in ours.items():
+    prefix, table = HF_PREFIX[cfg.family], HF_NAMES[cfg.family]
+    read = set()
+    for name, t in model.state_dict().items():
         key = hf_name(cfg.family, name)
-        # checkpoints of a bare backbone (BertModel, GPT2Model) drop the "bert."/"transformer." prefix
-        src = sd.get(key, sd.get(key[len(prefix):]) if key.startswith(prefix) else None)
-        if src is None or src.shape != t.shape:
+        if key not in sd and key.startswith(prefix):  # a bare backbone (BertModel, GPT2Model): no "bert." prefix
+            key = key[len(prefix):]
+        if key not in sd or sd[key].shape != t.shape:
             if name.startswith("head."):
                 continue  # a fresh task head
-            raise SystemExit(f"error: checkpoint {folder} has no tensor {key} of shape {tuple(t.shape)}")
+            raise ValueError(f"checkpoint {folder} has no tensor {key} of shape {tuple(t.shape)}")
         with torch.no_grad():
-            t.copy_(src.to(t.dtype))
+            t.copy_(sd[key].to(t.dtype))
+        read.add(key)
+    roots = {table[k].split(".")[0] for k in ("wte", "wpe", "wtt", "ln_emb", "h", "ln_f") if k in table}
+    unread = sorted(k for k in sd if k not in read and not k.endswith(HF_BUFFERS)
+                    and (k[len(prefix):] if k.startswith(prefix) else k).split(".")[0] in roots)
+    if unread:  # nanoGPT's key-count check: a backbone tensor we do not read is a layout we do not know
+        raise ValueError(f"checkpoint {folder} has {len(unread)} backbone tensors this model does not read "
+                         f"(e.g. {unread[0]}); is it a plain {cfg.family} checkpoint?")
     return model

@@ -4,6 +4,7 @@ bitsandbytes, or a hand computation. Tiny random configs keep the whole file to 
 
     python -m pytest -q test_all.py
 """
+import dataclasses
 import json
 import math
 import os
@@ -15,13 +16,14 @@ import numpy as np
 import pytest
 import torch
 
+import baselines
 import data
 import eval as ev
+import finetune
 import lora
 import model as M
 import quant
 import tlora_plus
-import train
 from tokenizer import load_tokenizer, truncate_pair
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -66,8 +68,13 @@ def save_hf(hf, tmp_path, safe=True):
     return folder
 
 
-def args_for(*argv):
-    return train.parse_args(["--dropout", "0", "--rank", "4", "--alpha", "8", *argv])
+def method_for(name, **cfg):
+    """A method as a user builds one, from its class and its dataclass config; a tiny adapter (r 4, α 8, no dropout)
+    unless cfg says otherwise."""
+    cls = finetune.METHODS[name]
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    tiny = {k: v for k, v in dict(r=4, alpha=8, dropout=0.0).items() if k in fields}
+    return cls(cls.Config(**{**tiny, **cfg}))
 
 
 # ------------------------------------------------------------------------------------------------ model.py
@@ -116,12 +123,12 @@ def test_gpt2_lm_head_is_tied_and_matches_transformers(tmp_path):
 
 
 def test_missing_model_folder_and_offline_hub_id_fail_with_one_line(tmp_path, monkeypatch):
-    with pytest.raises(SystemExit, match="does not exist; pass --model DIR"):
+    with pytest.raises(FileNotFoundError, match="does not exist; pass --model DIR"):
         M.from_pretrained(str(tmp_path / "nowhere") + "/")
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(SystemExit, match="offline, pass --model DIR"):
+    with pytest.raises(ConnectionError, match="offline, pass --model DIR"):
         M.from_pretrained("nanopeft-test/no-such-model")
 
 
@@ -190,9 +197,9 @@ def test_bpe_matches_transformers_on_real_gpt2_vocab(family, tmp_path):
 def test_tokenizer_files_without_special_tokens_fail_with_one_line(tmp_path):
     json.dump({"a": 0, "b": 1}, open(tmp_path / "vocab.json", "w"))
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    with pytest.raises(SystemExit, match="has no <s> token; is it a roberta checkpoint"):
+    with pytest.raises(ValueError, match="has no <s> token; is it a roberta checkpoint"):
         load_tokenizer(str(tmp_path), "roberta")
-    with pytest.raises(SystemExit, match="has no vocab.txt"):
+    with pytest.raises(FileNotFoundError, match="has no vocab.txt"):
         load_tokenizer(str(tmp_path), "bert")
 
 
@@ -236,16 +243,16 @@ def test_glue_tsv_reader_parses_mrpc_and_headerless_cola(tmp_path):
 
 
 def test_glue_bad_input_gives_one_clear_line(tmp_path):
-    with pytest.raises(SystemExit, match="MRPC/train.tsv not found"):
+    with pytest.raises(FileNotFoundError, match="MRPC/train.tsv not found"):
         data.load_split(data.get_task("mrpc"), "train", str(tmp_path))
     os.makedirs(tmp_path / "RTE")
     (tmp_path / "RTE" / "train.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n")
-    with pytest.raises(SystemExit, match="label 'maybe' is not one of"):
+    with pytest.raises(ValueError, match="label 'maybe' is not one of"):
         data.load_split(data.get_task("rte"), "train", str(tmp_path))
     (tmp_path / "RTE" / "train.tsv").write_text("index\tsentence1\tlabel\n0\ta\tentailment\n")
-    with pytest.raises(SystemExit, match="no column 'sentence2'"):
+    with pytest.raises(ValueError, match="no column 'sentence2'"):
         data.load_split(data.get_task("rte"), "train", str(tmp_path))
-    with pytest.raises(SystemExit, match="unknown task 'mrcp'"):
+    with pytest.raises(ValueError, match="unknown task 'mrcp'"):
         data.get_task("mrcp")
 
 
@@ -281,8 +288,7 @@ def peft_pair(family, tmp_path, **lora_kw):
     from peft import LoraConfig, get_peft_model
     hf = tiny_hf(family)
     folder = save_hf(hf, tmp_path)
-    args = args_for("--model", folder, *sum((["--" + k, str(v)] for k, v in lora_kw.items()), []))
-    method = lora.LoRA(args)
+    method = method_for("lora", **lora_kw)
     ours = method.wrap(M.from_pretrained(folder))
     torch.manual_seed(1)
     for layer in lora.adapter_layers(ours).values():
@@ -330,9 +336,9 @@ def assert_merge_round_trip(model, family, label):
     before = {n: p.clone() for n, p in model.named_parameters() if ".base." in n}
     with torch.no_grad():
         y = model(ids, mask, types)
-        lora.merge(model)
+        lora.Method().merge(model)  # the adapter-layer protocol every method's merge() runs
         y_merged = model(ids, mask, types)
-        lora.unmerge(model)
+        lora.Method().unmerge(model)
         y_back = model(ids, mask, types)
     d_merge, d_back = (y - y_merged).abs().max().item(), (y - y_back).abs().max().item()
     assert d_merge <= 1e-5 * max(1, y.abs().max().item()), f"{family} {label}: merged output differs by {d_merge:.2e}"
@@ -378,8 +384,7 @@ def test_adapter_files_load_in_peft_and_back(tmp_path):
 def test_lora_plus_optimizer_groups(tmp_path):
     hf = tiny_hf("bert")
     folder = save_hf(hf, tmp_path)
-    args = args_for("--model", folder, "--lr", "1e-4", "--lr_ratio", "16", "--head_lr", "4e-4")
-    method = lora.LoRA(args)
+    method = method_for("lora", lr=1e-4, lr_ratio=16, head_lr=4e-4)
     model = method.wrap(M.from_pretrained(folder))
     groups = {g["name"]: g for g in method.param_groups(model)}
     assert groups["A"]["lr"] == 1e-4 and groups["B"]["lr"] == pytest.approx(1.6e-3) and groups["head"]["lr"] == 4e-4
@@ -391,7 +396,7 @@ def test_lora_plus_optimizer_groups(tmp_path):
     assert groups["head_nd"]["weight_decay"] == 0.0
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert all(".lora_" in n or n.startswith("head.") for n in trainable)
-    tied = lora.LoRA(args_for("--model", folder, "--lr", "1e-4", "--lr_ratio", "1"))
+    tied = method_for("lora", lr=1e-4, lr_ratio=1)
     assert {g["name"]: g["lr"] for g in tied.param_groups(model)}["B"] == 1e-4  # the seed's ablation
 
 
@@ -399,7 +404,7 @@ def test_baselines_train_what_spec_says(tmp_path):
     folder = save_hf(tiny_hf("roberta"), tmp_path)
     counts = {}
     for name in ("full", "head", "bitfit"):
-        model = train.METHODS[name](args_for("--model", folder)).wrap(M.from_pretrained(folder))
+        model = method_for(name).wrap(M.from_pretrained(folder))
         counts[name] = {n for n, p in model.named_parameters() if p.requires_grad}
     head = {n for n in counts["full"] if n.startswith("head.")}
     assert counts["head"] == head
@@ -409,29 +414,29 @@ def test_baselines_train_what_spec_says(tmp_path):
 
 def test_checkpoint_from_another_method_is_refused(tmp_path):
     folder = save_hf(tiny_hf("bert"), tmp_path)
-    bitfit = lora.BitFit(args_for("--model", folder))
+    bitfit = baselines.BitFit()
     model = bitfit.wrap(M.from_pretrained(folder))
     bitfit.save(model, str(tmp_path / "ck"))
-    with pytest.raises(SystemExit, match="holds no lora|another --method"):
-        lora.LoRA(args_for("--model", folder)).load(model, str(tmp_path / "ck"))
-    with pytest.raises(SystemExit, match="--method bitfit"):
-        lora.Method(args_for("--model", folder)).load(model, str(tmp_path / "ck"))
-    lo = lora.LoRA(args_for("--model", folder))
+    with pytest.raises(FileNotFoundError, match="holds no lora|another --method"):
+        method_for("lora").load(model, str(tmp_path / "ck"))
+    with pytest.raises(ValueError, match="--method bitfit"):
+        baselines.FullFineTuning().load(model, str(tmp_path / "ck"))
+    lo = method_for("lora")
     m2 = lo.wrap(M.from_pretrained(folder))
     lo.save(m2, str(tmp_path / "lo"))
-    with pytest.raises(SystemExit, match="pass the --rank it was trained with"):
-        big = lora.LoRA(args_for("--model", folder, "--rank", "8"))
+    with pytest.raises(ValueError, match="pass the --rank it was trained with"):
+        big = method_for("lora", r=8)
         big.load(big.wrap(M.from_pretrained(folder)), str(tmp_path / "lo"))
 
 
 # ------------------------------------------------------------------------------------------------ tlora_plus.py
 
-def tlora_pair(tmp_path, method="tlora_plus", *argv, family="bert"):
+def tlora_pair(tmp_path, method="tlora_plus", family="bert", **cfg):
     """(method, a tiny model wrapped by it, the checkpoint folder)."""
     folder = str(tmp_path / f"hf-{family}")
     if not os.path.isdir(folder):
         tiny_hf(family).save_pretrained(folder)
-    m = train.METHODS[method](args_for("--model", folder, "--method", method, *argv))
+    m = method_for(method, **cfg)
     return m, m.wrap(M.from_pretrained(folder)).eval(), folder
 
 
@@ -445,7 +450,7 @@ def randomize_b(model, std=0.3, seed=1):
 
 @pytest.mark.parametrize("method, cfg", [("tlora_plus", c) for c in tlora_plus.CONFIGS] + [("tlora", "B")])
 def test_tlora_plus_parameter_counts_per_configuration(method, cfg, tmp_path):
-    _, model, _ = tlora_pair(tmp_path, method, "--tlora_train", cfg)
+    _, model, _ = tlora_pair(tmp_path, method, train=cfg)
     r, want, total, g = 4, 0, 0, int(method == "tlora")  # g: TLoRA's per-module scalar
     for layer in lora.adapter_layers(model).values():
         n, m = layer.in_features, layer.out_features
@@ -459,7 +464,7 @@ def test_tlora_plus_parameter_counts_per_configuration(method, cfg, tmp_path):
 
 @pytest.mark.parametrize("method, cfg", [("tlora_plus", c) for c in tlora_plus.CONFIGS] + [("tlora", "B")])
 def test_tlora_gradients_reach_exactly_the_trainable_matrices(method, cfg, tmp_path):
-    _, model, _ = tlora_pair(tmp_path, method, "--tlora_train", cfg)
+    _, model, _ = tlora_pair(tmp_path, method, train=cfg)
     randomize_b(model)
     ids, mask, types = batch("bert")
     torch.nn.functional.cross_entropy(model(ids, mask, types), torch.tensor([0, 1, 1])).backward()
@@ -482,8 +487,7 @@ def test_tlora_plus_lr_ratio_groups(tmp_path):
     layers = lora.adapter_layers(model).values()
     spec = {1: (1, 1), 2: (2.83, 1.41), 4: (8, 2), 5: (11.18, 2.24), 8: (22.63, 2.83), 10: (31.62, 3.16)}  # SPEC §2.3
     for lam, (b, c) in spec.items():
-        m = tlora_plus.TLoRAPlus(args_for("--model", folder, "--lr", "1e-4", "--ratio", str(lam),
-                                          "--weight_decay", "0.1"))
+        m = method_for("tlora_plus", lr=1e-4, ratio=lam, weight_decay=0.1)
         g = {x["name"]: x for x in m.param_groups(model)}
         got = (g["A"]["lr"] / 1e-4, g["B"]["lr"] / 1e-4, g["C"]["lr"] / 1e-4)
         assert (round(got[0], 2), round(got[1], 2), round(got[2], 2)) == (1, b, c), \
@@ -494,9 +498,9 @@ def test_tlora_plus_lr_ratio_groups(tmp_path):
     for x in "ABC":
         assert ids[x] == {id(getattr(l, "lora_" + x)) for l in layers}, f"group {x} holds the wrong tensors"
     assert ids["head"] | ids["head_nd"] == {id(p) for p in model.head.parameters()}
-    head = tlora_plus.TLoRAPlus(args_for("--model", folder, "--lr", "1e-4", "--head_lr", "5e-4"))
+    head = method_for("tlora_plus", lr=1e-4, head_lr=5e-4)
     assert {x["name"]: x["lr"] for x in head.param_groups(model)}["head"] == 5e-4, "--head_lr is honoured"
-    orig, tl_model, _ = tlora_pair(tmp_path, "tlora", "--lr", "1e-4", "--ratio", "8")
+    orig, tl_model, _ = tlora_pair(tmp_path, "tlora", lr=1e-4, ratio=8)
     g = {x["name"]: x["lr"] for x in orig.param_groups(tl_model)}
     assert g == {"B": 1e-4, "g": 1e-4, "head": 1e-4, "head_nd": 1e-4}, f"TLoRA: B and g at η, no ratio; got {g}"
 
@@ -566,7 +570,7 @@ def test_tlora_delta_w_zero_at_init(method, tmp_path):
         d = (model(ids, mask, types) - plain(ids, mask, types)).abs().max().item()
         nonzero = sum(torch.count_nonzero(l.delta_weight()).item() for l in lora.adapter_layers(model).values())
     assert d == 0 and nonzero == 0, f"{method} at init: logits move by {d:.2e}, ΔW has {nonzero} nonzero entries"
-    _, lecun, _ = tlora_pair(tmp_path, method, "--b_init", "lecun")
+    _, lecun, _ = tlora_pair(tmp_path, method, b_init="lecun")
     with torch.no_grad():
         d = (lecun(ids, mask, types) - plain(ids, mask, types)).abs().max().item()
     assert d > 1e-4, f"b_init lecun should perturb the model at step 0, logits moved by only {d:.2e}"
@@ -575,11 +579,11 @@ def test_tlora_delta_w_zero_at_init(method, tmp_path):
 def test_tlora_save_load_round_trip_and_refuses_other_methods(tmp_path):
     ids, mask, types = batch("bert")
     for method, cfg in (("tlora_plus", "ABC"), ("tlora_plus", "B"), ("tlora", "B")):
-        m, model, folder = tlora_pair(tmp_path, method, "--tlora_train", cfg, "--seed", "0")
+        m, model, folder = tlora_pair(tmp_path, method, train=cfg, seed=0)
         randomize_b(model)
         out = str(tmp_path / f"ck-{method}-{cfg}")
         m.save(model, out)
-        m2, fresh, _ = tlora_pair(tmp_path, method, "--tlora_train", cfg, "--seed", "1")  # other frozen A, C
+        m2, fresh, _ = tlora_pair(tmp_path, method, train=cfg, seed=1)  # other frozen A, C
         with torch.no_grad():
             y = model(ids, mask, types)
             d_before = (fresh(ids, mask, types) - y).abs().max().item()
@@ -588,16 +592,16 @@ def test_tlora_save_load_round_trip_and_refuses_other_methods(tmp_path):
         assert d_before > 0 and d == 0, f"{method} {cfg}: reloaded logits differ by {d:.2e} (before load {d_before:.2e})"
         saved = json.load(open(os.path.join(out, "adapter_config.json")))
         assert saved["peft_type"] == method.upper() and saved["r"] == 4 and saved["trainable"] == cfg
-    lo = lora.LoRA(args_for("--model", folder))
+    lo = method_for("lora")
     lo_model = lo.wrap(M.from_pretrained(folder))
     lo.save(lo_model, str(tmp_path / "ck-lora"))
     for loader, ck, saved in (("tlora_plus", "ck-lora", "lora"), ("tlora", "ck-tlora_plus-ABC", "tlora_plus"),
                               ("tlora_plus", "ck-tlora-B", "tlora"), ("lora", "ck-tlora_plus-ABC", "tlora_plus")):
-        m = train.METHODS[loader](args_for("--model", folder))
-        with pytest.raises(SystemExit, match=f"pass --method {saved} to load it"):
+        m = method_for(loader)
+        with pytest.raises(ValueError, match=f"pass --method {saved} to load it"):
             m.load(m.wrap(M.from_pretrained(folder)), str(tmp_path / ck))
-    big = tlora_plus.TLoRAPlus(args_for("--model", folder, "--rank", "8"))
-    with pytest.raises(SystemExit, match=r"pass the --rank it was trained with \(4\)"):
+    big = method_for("tlora_plus", r=8)
+    with pytest.raises(ValueError, match=r"pass the --rank it was trained with \(4\)"):
         big.load(big.wrap(M.from_pretrained(folder)), str(tmp_path / "ck-tlora_plus-ABC"))
 
 
@@ -605,14 +609,14 @@ def test_train_tlora_plus_end_to_end_writes_metrics_json(tmp_path):
     glue = str(tmp_path / "glue")
     folder = tiny_checkpoint(tmp_path, write_glue(glue, n=48))
     out = str(tmp_path / "out")
-    result = train.main(train.parse_args(["--method", "tlora_plus", "--task", "mrpc", "--model", folder,
+    result = finetune.run(finetune.parse_args(["--method", "tlora_plus", "--task", "mrpc", "--model", folder,
                                           "--data_dir", glue, "--epochs", "2", "--batch_size", "8", "--lr", "1e-3",
                                           "--out_dir", out]))
     saved = json.load(open(os.path.join(out, "metrics.json")))
     assert saved["method"] == "tlora_plus" and saved["steps"] == 2 * 6 and len(saved["history"]) == 2
     assert saved["label"] == "tlora_plus ABC λ=4"  # eval.py --table's row name
     assert saved["trainable_params"] == result["trainable_params"] and 0 < saved["trainable_pct"] < 100
-    recomputed, _ = ev.reevaluate(out)  # a fresh model, then the saved A, B, C and head
+    recomputed, _ = finetune.reevaluate(out)  # a fresh model, then the saved A, B, C and head
     assert recomputed["accuracy"] == saved["metrics"]["accuracy"]
     assert recomputed["loss"] == pytest.approx(saved["metrics"]["loss"], abs=1e-5), \
         f"reloaded loss {recomputed['loss']:.6f} vs saved {saved['metrics']['loss']:.6f}"
@@ -798,7 +802,7 @@ def test_quantize_model_skips_head():
 # Standalone: python -m pytest -q _quant_tests.py. To paste into test_all.py, drop these imports (it has them).
 
 
-ADAPTER_METHODS = [m for m in ("lora", "tlora_plus", "tlora") if m in train.METHODS]  # those built on lora.inject
+ADAPTER_METHODS = [m for m in ("lora", "tlora_plus", "tlora") if m in finetune.METHODS]  # those built on lora.inject
 
 
 def qlora_pair(family, tmp_path, method="lora"):
@@ -816,7 +820,7 @@ def qlora_pair(family, tmp_path, method="lora"):
     models = []
     for model in (q4, ref):
         torch.manual_seed(0)
-        model = train.METHODS[method](args_for("--model", folder, "--method", method)).wrap(model).eval()
+        model = method_for(method).wrap(model).eval()
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for layer in lora.adapter_layers(model).values():
@@ -876,12 +880,12 @@ def test_merge_into_4bit_base_dequantizes_and_unmerge_restores(family, tmp_path)
     with torch.no_grad():
         y = q4(ids, mask, types)
         with pytest.warns(UserWarning, match="dequantized") as said:
-            lora.merge(q4)
-        lora.merge(ref)
+            lora.Method().merge(q4)
+        lora.Method().merge(ref)
         y_merged, y_ref_merged = q4(ids, mask, types), ref(ids, mask, types)
         merged = [b.merged_weight for b in bases.values()]
         assert stored_unchanged(), "merging rewrote the stored 4-bit tensors (requantized?)"
-        lora.unmerge(q4)
+        lora.Method().unmerge(q4)
         y_back = q4(ids, mask, types)
     message = str(said[0].message)
     assert "not requantized" in message and len(message.splitlines()) == 1, message
@@ -900,7 +904,8 @@ def test_trainable_pct_counts_quantized_weights_as_logical(tmp_path):
     for method in ("lora", "bitfit", "head"):
         counts = {}
         for q in ("none", "nf4"):
-            model, m, _, _ = train.build(args_for("--model", folder, "--method", method, "--quant", q))
+            m = method_for(method)
+            model, _, _ = finetune.build(finetune.parse_args(["--model", folder, "--quant", q]), m)
             trainable = sum(p.numel() for g in m.param_groups(model) for p in g["params"])
             counts[q] = (trainable, quant.count_params(model))
         stored = sum(p.numel() for p in model.parameters())  # the nf4 model's Parameters: 4-bit weights missing
@@ -915,28 +920,29 @@ def test_train_end_to_end_with_quant_nf4(method, tmp_path):
     out = str(tmp_path / "out")
     argv = ["--method", method, "--task", "mrpc", "--model", folder, "--data_dir", glue, "--epochs", "2",
             "--batch_size", "8", "--lr", "1e-3", "--out_dir", out]
-    result = train.main(train.parse_args(argv + ["--quant", "nf4"]))
+    result = finetune.run(finetune.parse_args(argv + ["--quant", "nf4"]))
     saved = json.load(open(os.path.join(out, "metrics.json")))
     assert saved["args"]["quant"] == "nf4" and saved["steps"] == 2 * 6
     assert saved["label"].startswith(method) and saved["label"].endswith("+nf4")  # its own rows in eval.py --table
     assert saved["total_params"] == result["total_params"]
-    float_model, _, _, _ = train.build(train.parse_args(argv))  # train.py's total of the same run without --quant:
+    float_args = finetune.parse_args(argv)
+    float_model, _, _ = finetune.build(float_args, finetune.method_from_args(float_args))  # train.py's total of the same run without --quant:
     total = sum(p.numel() for p in float_model.parameters()) + sum(  # parameters + adapter buffers (SPEC §1.5)
         b.numel() for n, b in float_model.named_buffers() if ".lora_" in n)
     assert saved["total_params"] == total, f"total {saved['total_params']} vs {total} unquantized: 4-bit not counted?"
-    recomputed, _ = ev.reevaluate(out)  # rebuilds with --quant nf4 from metrics.json: the same codes, the same numbers
+    recomputed, _ = finetune.reevaluate(out)  # rebuilds with --quant nf4 from metrics.json: the same codes, the same numbers
     assert recomputed["accuracy"] == saved["metrics"]["accuracy"]
     assert recomputed["loss"] == pytest.approx(saved["metrics"]["loss"], abs=1e-5)
 
 
 def test_quant_full_finetuning_is_refused_with_one_line(tmp_path):
     folder = tiny_checkpoint(tmp_path, ["a", "b", "c"])
-    with pytest.raises(SystemExit) as e:
-        train.build(args_for("--model", folder, "--method", "full", "--quant", "nf4"))
+    with pytest.raises(ValueError) as e:
+        finetune.build(finetune.parse_args(["--model", folder, "--method", "full", "--quant", "nf4"]), method_for("full"))
     message = str(e.value)
-    assert message.startswith("error: --quant nf4") and "--method full" in message, message
+    assert message.startswith("--quant nf4") and "--method full" in message, message
     assert len(message.splitlines()) == 1, message
-    model, _, _, _ = train.build(args_for("--model", folder, "--method", "head", "--quant", "nf4"))
+    model, _, _ = finetune.build(finetune.parse_args(["--model", folder, "--quant", "nf4"]), method_for("head"))
     assert all(n.startswith("head.") for n, p in model.named_parameters() if p.requires_grad)
 
 
@@ -946,7 +952,7 @@ def test_glue_metrics_match_hand_computation():
     labels = np.array([1, 1, 1, 0, 0, 1, 0, 1])
     pred = np.array([1, 0, 1, 0, 1, 1, 0, 1])
     logits = np.stack([1 - pred, pred], 1).astype(float) * 2.0
-    m = ev.glue_metrics("mrpc", logits, labels)
+    m = data.glue_metrics("mrpc", logits, labels)
     tp, tn, fp, fn = 4, 2, 1, 1
     assert m["accuracy"] == 6 / 8
     assert m["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
@@ -954,11 +960,11 @@ def test_glue_metrics_match_hand_computation():
     assert m["mcc"] == pytest.approx((tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
     p1 = math.exp(2) / (1 + math.exp(2))
     assert m["loss"] == pytest.approx(-(6 * math.log(p1) + 2 * math.log(1 - p1)) / 8)
-    rte = ev.glue_metrics("rte", logits, labels)  # positive class = entailment = 0
+    rte = data.glue_metrics("rte", logits, labels)  # positive class = entailment = 0
     assert rte["recall"] == pytest.approx(2 / 3)
-    s = ev.glue_metrics("stsb", np.array([[1.0], [2.0], [3.0], [5.0]]), np.array([1.0, 2.0, 3.0, 4.0]))
+    s = data.glue_metrics("stsb", np.array([[1.0], [2.0], [3.0], [5.0]]), np.array([1.0, 2.0, 3.0, 4.0]))
     assert s["spearman"] == pytest.approx(1.0) and s["pearson"] == pytest.approx(np.corrcoef([1, 2, 3, 5], [1, 2, 3, 4])[0, 1])
-    always_pos = ev.glue_metrics("mrpc", np.tile([0.0, 1.0], (8, 1)), labels)
+    always_pos = data.glue_metrics("mrpc", np.tile([0.0, 1.0], (8, 1)), labels)
     assert always_pos["mcc"] == 0.0  # MCC defined as 0 when the denominator is 0 (SPEC §1.5)
 
 
@@ -970,12 +976,12 @@ def test_table_merges_seeds_into_mean_and_std():
 
 
 def test_table_keeps_tlora_plus_configurations_apart_and_reads_the_last_epoch():
-    import train
     from tlora_plus import TLoRA, TLoRAPlus
 
     def run(argv, best, last, method=TLoRAPlus):
+        args = finetune.parse_args(argv + ["--method", method.name])
         return {"task": "mrpc", "method": method.name, "model": "minilm", "trainable_pct": 2.0,
-                "label": method(train.parse_args(argv)).label(), "metrics": {"accuracy": best},
+                "label": finetune.method_from_args(args).label(), "metrics": {"accuracy": best},
                 "last": {"epoch": 2, "step": 460, "accuracy": last, "train_loss": 0.5}}
     runs = [run([], 0.8, 0.7), run(["--ratio", "4"], 0.9, 0.9), run(["--tlora_train", "CB"], 0.6, 0.6),
             run(["--ratio", "8"], 0.5, 0.5), run(["--ratio", "8"], 0.4, 0.4, TLoRA)]
@@ -1010,7 +1016,7 @@ def test_train_end_to_end_writes_metrics_json(method, tmp_path):
     glue = str(tmp_path / "glue")
     folder = tiny_checkpoint(tmp_path, write_glue(glue, n=48))
     out = str(tmp_path / "out")
-    result = train.main(train.parse_args(["--method", method, "--task", "mrpc", "--model", folder, "--data_dir", glue,
+    result = finetune.run(finetune.parse_args(["--method", method, "--task", "mrpc", "--model", folder, "--data_dir", glue,
                                           "--epochs", "2", "--batch_size", "8", "--lr", "1e-3", "--out_dir", out]))
     saved = json.load(open(os.path.join(out, "metrics.json")))
     for key in ("task", "method", "model", "metrics", "best_epoch", "trainable_params", "total_params",
@@ -1019,7 +1025,7 @@ def test_train_end_to_end_writes_metrics_json(method, tmp_path):
     assert saved["steps"] == 2 * 6 and len(saved["history"]) == 2
     assert 0 <= saved["metrics"]["accuracy"] <= 1 and 0 < saved["trainable_pct"] < 100
     assert saved["trainable_params"] == result["trainable_params"]
-    recomputed, _ = ev.reevaluate(out)  # reload the saved tensors into a fresh model: the same numbers
+    recomputed, _ = finetune.reevaluate(out)  # reload the saved tensors into a fresh model: the same numbers
     assert recomputed["accuracy"] == saved["metrics"]["accuracy"]
     assert recomputed["loss"] == pytest.approx(saved["metrics"]["loss"], abs=1e-5)
 
@@ -1059,14 +1065,14 @@ def test_compiled_and_eager_training_give_the_same_losses(tmp_path, monkeypatch)
     """20 steps, dropout off everywhere: torch.compile (inductor, CPU) reproduces eager losses within 1e-4."""
     glue = str(tmp_path / "glue")
     folder = tiny_checkpoint(tmp_path, write_glue(glue, n=160), dropout=0.0)
-    monkeypatch.setitem(train.METHODS, "counting_lora", CountingLoRA)
+    methods = {**finetune.METHODS, "counting_lora": CountingLoRA}
     logs = {}
     for compiled in (False, True):
         CountingLoRA.calls = []
         argv = ["--method", "counting_lora", "--task", "mrpc", "--model", folder, "--data_dir", glue, "--epochs", "1",
                 "--batch_size", "8", "--lr", "1e-3", "--dropout", "0", "--log_every", "1", "--pad_multiple", "32",
                 "--eval_batch_size", "128"] + (["--compile"] if compiled else [])
-        logs[compiled] = [loss for _, loss in train.main(train.parse_args(argv))["loss_log"]]
+        logs[compiled] = [loss for _, loss in finetune.run(finetune.parse_args(argv, methods), methods)["loss_log"]]
         assert CountingLoRA.calls == list(range(1, 21)), f"after_step ran at {CountingLoRA.calls}"
     diff = max(abs(a - b) for a, b in zip(logs[False], logs[True]))
     assert len(logs[True]) == 20 and diff <= 1e-4, f"compiled losses differ from eager by {diff:.2e}"
@@ -1074,5 +1080,5 @@ def test_compiled_and_eager_training_give_the_same_losses(tmp_path, monkeypatch)
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_device_cuda_without_a_gpu_is_one_clear_line():
-    with pytest.raises(SystemExit, match="torch sees no CUDA GPU here; pass --device cpu"):
-        train.parse_args(["--device", "cuda"])
+    with pytest.raises(ValueError, match="torch sees no CUDA GPU here; pass --device cpu"):
+        finetune.parse_args(["--device", "cuda"])

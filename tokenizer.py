@@ -62,7 +62,7 @@ class BPETokenizer:
         specials = ("<s>", "</s>", "<pad>") if family == "roberta" else ("<|endoftext|>",)
         missing = [s for s in specials if s not in vocab]
         if missing:
-            raise SystemExit(f"error: {folder}/vocab.json has no {missing[0]} token; is it a {family} checkpoint?")
+            raise ValueError(f"{folder}/vocab.json has no {missing[0]} token; is it a {family} checkpoint?")
         if family == "roberta":
             self.bos, self.eos, self.pad_id = vocab["<s>"], vocab["</s>"], vocab["<pad>"]
         else:
@@ -160,11 +160,11 @@ class WordPieceTokenizer:
 def load_tokenizer(folder, family):
     if family == "bert":
         if not os.path.exists(os.path.join(folder, "vocab.txt")):
-            raise SystemExit(f"error: {folder} has no vocab.txt; a bert checkpoint needs its WordPiece vocab.txt")
+            raise FileNotFoundError(f"{folder} has no vocab.txt; a bert checkpoint needs its WordPiece vocab.txt")
         path = os.path.join(folder, "tokenizer_config.json")
         lower = json.load(open(path)).get("do_lower_case", True) if os.path.exists(path) else True
         return WordPieceTokenizer(folder, lower)
     for f in ("vocab.json", "merges.txt"):
         if not os.path.exists(os.path.join(folder, f)):
-            raise SystemExit(f"error: {folder} has no {f}; a {family} checkpoint needs vocab.json and merges.txt")
+            raise FileNotFoundError(f"{folder} has no {f}; a {family} checkpoint needs vocab.json and merges.txt")
     return BPETokenizer(folder, family)

@@ -1,0 +1,314 @@
+"""
+One fine-tuning run, read top to bottom: the flags, the one place they become a method's config, the model, one
+training step, evaluation on merged weights, the epoch loop, and the files a run leaves. train.py runs it from the
+command line; bench.py times the same step and runs the same loop on transformers + peft; eval.py re-scores a
+saved run. Methods plug in through lora.py's interface (wrap / param_groups / extra_loss / after_step / merge /
+save / load / label): nothing here asks which method runs. Errors are exceptions; the scripts print them.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+import baselines
+import data
+import quant
+import tlora_plus
+from lora import LoRA
+from model import from_pretrained, resolve
+from tokenizer import load_tokenizer
+
+METHODS = {"full": baselines.FullFineTuning, "head": baselines.HeadOnly, "bitfit": baselines.BitFit, "lora": LoRA,
+           "tlora": tlora_plus.TLoRA, "tlora_plus": tlora_plus.TLoRAPlus}
+
+
+# -----------------------------------------------------------------------------
+# flags, and the one place they become a method's config
+
+def parser(methods=METHODS):
+    p = argparse.ArgumentParser(description="nanoPEFT: fine-tune on GLUE with one PEFT method")
+    # what to train
+    p.add_argument("--method", default="lora", help=f"one of {', '.join(methods)}")
+    p.add_argument("--task", default="mrpc", help=f"GLUE task: {', '.join(data.TASKS)}")
+    p.add_argument("--model", default="roberta-base", help="hub id or local folder (config.json + weights)")
+    p.add_argument("--data_dir", default=None, help="GLUE TSV folder (e.g. ../shared/data/glue); default: the hub")
+    p.add_argument("--out_dir", default=None, help="where metrics.json and the trained tensors go")
+    # the method's config: a flag left out keeps the default of the method's dataclass (lora.LoRAConfig, ...)
+    p.add_argument("--rank", type=int, default=None, help="adapter rank r (default 8)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha: scale alpha/r (default 16)")
+    p.add_argument("--dropout", type=float, default=None, help="dropout on the adapter input (default 0.1)")
+    p.add_argument("--rslora", action="store_true", default=None, help="scale alpha/sqrt(r) instead of alpha/r")
+    p.add_argument("--targets", default=None, help="all-linear (default) or a comma list of "
+                   "query,key,value,c_attn,out,fc,proj")
+    p.add_argument("--tlora_train", default=None, choices=tlora_plus.CONFIGS, help="TLoRA+ trainable factors (ABC)")
+    p.add_argument("--ratio", type=float, default=None, help="TLoRA+ lambda: lr_B = lr*lambda^1.5, "
+                   "lr_C = lr*lambda^0.5 (default 4)")
+    p.add_argument("--b_init", default=None, choices=["zero", "lecun"], help="TLoRA B init: 0 or N(0, 1/r)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (LoRA: of the A matrices; default: the "
+                   "method's)")
+    p.add_argument("--lr_ratio", type=float, default=None, help="LoRA: lr of B = lr x lr_ratio (default 16; "
+                   "1 = tied, SPEC 2.1)")
+    p.add_argument("--head_lr", type=float, default=None, help="task-head learning rate (default: the method's)")
+    p.add_argument("--weight_decay", type=float, default=None, help="AdamW weight decay (default 0.1)")
+    # the run
+    p.add_argument("--quant", default="none", choices=["none", "nf4"], help="store the frozen base in NF4 (QLoRA)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: run all epochs)")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--eval_batch_size", type=int, default=64)
+    p.add_argument("--max_len", type=int, default=None, help="max tokens per example (default: the task's, SPEC 1.4)")
+    p.add_argument("--max_train_samples", type=int, default=0, help="use only the first N training examples")
+    p.add_argument("--warmup_ratio", type=float, default=0.06)
+    p.add_argument("--grad_clip", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--log_every", type=int, default=20, help="read the loss back every N steps")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA: with CUDA graphs)")
+    p.add_argument("--pad_multiple", type=int, default=None, help="pad batches to a multiple of this "
+                   "(default: 32 with --compile, so it compiles a handful of shapes; else 1)")
+    return p
+
+
+def parse_args(argv=None, methods=METHODS):
+    args = parser(methods).parse_args(argv)
+    if args.method not in methods:
+        raise ValueError(f"unknown method {args.method!r}; choose one of {', '.join(methods)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA GPU here; pass --device cpu")
+    if args.pad_multiple is None:
+        args.pad_multiple = 32 if args.compile else 1
+    if args.targets not in (None, "all-linear"):
+        args.targets = args.targets.split(",")
+    return args
+
+
+FLAG_OF = {"r": "rank", "train": "tlora_train"}  # config field -> flag, where the paper's name is not the flag's
+
+
+def method_from_args(args, methods=METHODS):
+    """The method's dataclass config from the flags of the same names; a flag left at None keeps the default."""
+    cls = methods[args.method]
+    given = {f.name: getattr(args, FLAG_OF.get(f.name, f.name), None) for f in dataclasses.fields(cls.Config)}
+    return cls(cls.Config(**{k: v for k, v in given.items() if v is not None}))
+
+
+# -----------------------------------------------------------------------------
+# the model, the data, the optimizer
+
+def build(args, method):
+    """-> (model wrapped by the method, tokenizer, task), on args.device."""
+    task = data.get_task(args.task)
+    folder = resolve(args.model)
+    torch.manual_seed(args.seed)
+    model = from_pretrained(folder, num_labels=task.num_labels)
+    model.name_or_path = args.model
+    tok = load_tokenizer(folder, model.cfg.family)
+    if args.quant == "nf4":  # before wrap: an adapter layer then wraps a Linear4bit as it would an nn.Linear
+        quant.quantize_model(model)
+        frozen = [n + ".weight" for n, m in model.named_modules() if isinstance(m, quant.Linear4bit)]
+        if any(method.trains(n) for n in frozen):
+            raise ValueError(f"--quant nf4 stores the base weights in 4 bits, which cannot train, but --method "
+                             f"{args.method} trains them; use an adapter method (lora = QLoRA), head or bitfit")
+    model = method.wrap(model).to(args.device)
+    return model, tok, task
+
+
+def load_examples(task, split, args, tok):
+    rows = data.load_split(task, split, args.data_dir)
+    if split == "train" and args.max_train_samples:
+        rows = rows[:args.max_train_samples]
+    return data.encode(tok, rows, args.max_len or task.max_len)
+
+
+def lr_lambda(warmup, total):
+    """Linear warmup over `warmup` steps, then linear decay to 0 at `total` (SPEC §1.4)."""
+    return lambda t: t / max(1, warmup) if t < warmup else max(0.0, (total - t) / max(1, total - warmup))
+
+
+def optimizer(method, model, total, warmup_ratio, device):
+    """AdamW over the method's groups (SPEC §1.4) and the warmup-then-linear-decay schedule over `total` steps."""
+    opt = torch.optim.AdamW(method.param_groups(model), betas=(0.9, 0.999), eps=1e-8, fused=device.startswith("cuda"))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(warmup_ratio * total), total))
+
+
+def compile_model(model, device):
+    """torch.compile, one graph per padded shape. On CUDA, "reduce-overhead" also replays each step as a CUDA graph.
+    On CPU, dropout keeps ATen's vectorised RNG: inductor's own made each MiniLM step ~10% slower than eager here.
+    A method's extra_loss and after_step hooks stay outside the compiled forward and run as usual."""
+    if device.startswith("cuda"):
+        return torch.compile(model, mode="reduce-overhead")
+    import torch._inductor.config
+    torch._inductor.config.fallback_random = True
+    return torch.compile(model)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (fp32 master weights, SPEC §1.4); plain fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+
+
+# -----------------------------------------------------------------------------
+# one step, evaluation
+
+def task_loss(logits, labels):
+    if logits.size(-1) == 1:  # STS-B regression
+        return F.mse_loss(logits.view(-1).float(), labels)
+    return F.cross_entropy(logits.float(), labels)
+
+
+def train_step(model, forward, method, batch, opt, sched, step, grad_clip, device):
+    """The step-th optimizer step: forward (`forward` is the model or its compiled self), the task loss plus the
+    method's extra loss, backward, clip, AdamW, the schedule, then the method's after_step (before zero_grad, so it
+    can read this step's gradients). Returns the loss on the device: reading it is the caller's host sync."""
+    b = {k: v.to(device) for k, v in batch.items()}
+    with autocast(device):
+        logits = forward(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+    loss = task_loss(logits, b["labels"])
+    extra = method.extra_loss(model)
+    if extra is not None:
+        loss = loss + extra
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
+    opt.step()
+    sched.step()
+    method.after_step(model, step)
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+@torch.no_grad()
+def evaluate(model, forward, method, examples, task, args, pad_id):
+    """Dev metrics, on merged weights: an adapted layer then costs what the frozen layer costs."""
+    model.eval()
+    method.merge(model, float_only=True)
+    logits = [None] * len(examples)
+    for idx, b in data.eval_batches(examples, args.eval_batch_size, pad_id, task.num_labels == 1, args.pad_multiple):
+        with autocast(args.device):
+            out = forward(b["input_ids"].to(args.device), b["attention_mask"].to(args.device),
+                          b["token_type_ids"].to(args.device)).float().cpu()
+        for i, row in zip(idx, out):
+            logits[i] = row
+    method.unmerge(model)
+    return data.glue_metrics(task.name, torch.stack(logits).numpy(), [e["label"] for e in examples])
+
+
+def peak_memory_mb(device):
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the whole process's peak
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+def run(args, methods=METHODS):
+    """Train args.method on args.task, keep the best epoch, save it to args.out_dir. Returns metrics.json's dict."""
+    random.seed(args.seed)
+    method = method_from_args(args, methods)
+    model, tok, task = build(args, method)
+    train = load_examples(task, "train", args, tok)
+    dev = load_examples(task, "dev", args, tok)
+    steps_per_epoch = math.ceil(len(train) / args.batch_size)
+    total = args.epochs * steps_per_epoch
+    if args.max_steps:
+        total = min(args.max_steps, total)
+    opt, sched = optimizer(method, model, total, args.warmup_ratio, args.device)
+    # SPEC §1.5: all parameters (a 4-bit weight counts out·in) plus adapter buffers (TLoRA's frozen factors)
+    n_all = quant.count_params(model) + sum(b.numel() for n, b in model.named_buffers() if ".lora_" in n)
+    n_train = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    print(f"{args.method} on {task.name}: {n_train:,} trainable of {n_all:,} ({100 * n_train / n_all:.3f}%), "
+          f"{len(train)} train / {len(dev)} dev examples, {total} steps on {args.device}")
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    forward = compile_model(model, args.device) if args.compile else model
+
+    rng = random.Random(args.seed)  # the data order of every epoch
+    step = 0
+    train_seconds = 0.0
+    history = []  # one row per epoch
+    log = []      # (step, loss) at every log step
+    best = None   # (metrics, epoch, trained tensors) of the best epoch so far
+    for epoch in range(args.epochs):
+        model.train()
+        t0, losses = time.time(), []
+        batches = data.train_batches(train, args.batch_size, tok.pad_id, task.num_labels == 1, rng, args.pad_multiple)
+        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", file=sys.stdout,
+                   disable=not sys.stdout.isatty())
+        for b in bar:
+            step += 1
+            loss = train_step(model, forward, method, b, opt, sched, step, args.grad_clip, args.device)
+            if step % args.log_every == 0 or step == total:  # the only host sync of the step
+                losses.append(loss.item())
+                log.append((step, losses[-1]))
+                if not math.isfinite(losses[-1]):
+                    raise FloatingPointError(f"loss is {losses[-1]} at step {step}; lower --lr (now {method.cfg.lr:g})")
+                lr = sched.get_last_lr()[0]
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
+                if bar.disable:  # no terminal (a log file): one line per log step instead of the bar
+                    s_per_step = (time.time() - t0) / (step - epoch * steps_per_epoch)
+                    print(f"step {step}/{total}: loss {losses[-1]:.4f}, lr {lr:.2e}, {s_per_step:.3f} s/step",
+                          flush=True)
+            if step >= total:
+                break
+        train_seconds += time.time() - t0
+        metrics = evaluate(model, forward, method, dev, task, args, tok.pad_id)
+        history.append({"epoch": epoch + 1, "step": step, "train_loss": sum(losses) / max(1, len(losses)), **metrics})
+        print(f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.4f}, dev " +
+              ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        key = data.main_metric(task.name)
+        if best is None or metrics[key] > best[0][key]:
+            trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            best = (metrics, epoch + 1, trained)
+        if step >= total:
+            break
+
+    metrics, best_epoch, trained = best
+    with torch.no_grad():  # keep the best epoch's weights
+        for n, p in model.named_parameters():
+            if n in trained:
+                p.copy_(trained[n])
+    label = method.label() + ("+nf4" if args.quant == "nf4" else "")  # eval.py's table rows: QLoRA apart from LoRA
+    result = {"task": task.name, "method": args.method, "label": label, "model": args.model, "metrics": metrics,
+              "best_epoch": best_epoch, "last": history[-1], "history": history, "loss_log": log,
+              "trainable_params": n_train, "total_params": n_all, "trainable_pct": 100 * n_train / n_all,
+              "steps": step, "train_seconds": train_seconds, "s_per_step": train_seconds / max(1, step),
+              "peak_memory_mb": peak_memory_mb(args.device), "args": vars(args),
+              "method_config": dataclasses.asdict(method.cfg)}
+    print(f"best epoch {best_epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if args.out_dir:
+        method.save(model, args.out_dir)
+        write_json(os.path.join(args.out_dir, "metrics.json"), result)  # last: its presence means the run is whole
+        print(f"wrote {args.out_dir}/metrics.json")
+    return result
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def reevaluate(out_dir, methods=METHODS):
+    """Rebuild a saved run's model from its metrics.json, load its trained tensors and score the dev split again."""
+    path = os.path.join(out_dir, "metrics.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found; --out_dir must be a folder written by train.py")
+    with open(path) as f:
+        saved = json.load(f)
+    args = parse_args([], methods)
+    vars(args).update(saved["args"])
+    method = method_from_args(args, methods)
+    model, tok, task = build(args, method)
+    method.load(model, out_dir)
+    dev = load_examples(task, "dev", args, tok)
+    return evaluate(model, model, method, dev, task, args, tok.pad_id), saved
