@@ -235,7 +235,7 @@ def run(args, methods=METHODS):
     step = 0
     train_seconds = 0.0
     history = []  # one row per epoch
-    log = []      # (step, loss) at every log step
+    log = []      # (step, loss, lr) at every log step
     best = None   # (metrics, epoch, trained tensors) of the best epoch so far
     for epoch in range(args.epochs):
         model.train()
@@ -248,10 +248,10 @@ def run(args, methods=METHODS):
             loss = train_step(model, forward, method, b, opt, sched, step, args.grad_clip, args.device)
             if step % args.log_every == 0 or step == total:  # the only host sync of the step
                 losses.append(loss.item())
-                log.append((step, losses[-1]))
+                lr = sched.get_last_lr()[0]  # the first group's learning rate for the next step
+                log.append((step, losses[-1], lr))
                 if not math.isfinite(losses[-1]):
                     raise FloatingPointError(f"loss is {losses[-1]} at step {step}; lower --lr (now {method.cfg.lr:g})")
-                lr = sched.get_last_lr()[0]
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
                 if bar.disable:  # no terminal (a log file): one line per log step instead of the bar
                     s_per_step = (time.time() - t0) / (step - epoch * steps_per_epoch)
