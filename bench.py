@@ -2,16 +2,19 @@
 Benchmarks against the references nanoPEFT is checked against (transformers + peft). Reference libraries are
 imported here and in test_all.py only, never by the product.
 
-    python bench.py peft_glue --task mrpc --model DIR --data_dir ../shared/data/glue --seed 0 --out_dir out/peft0
-        the same training run as `train.py --method lora`, but on transformers + peft: same data, batches, seeds,
-        optimizer groups (A at lr, B at lr x lr_ratio, head at head_lr), schedule and evaluation (train.py's loop)
+    python bench.py peft_glue --task mrpc --model DIR --data_dir ../shared/data/glue --seed 0
+                              --out_dir out/peft0
+        the same training run as `train.py --method lora`, but on transformers + peft: same data, batches,
+        seeds, optimizer groups (A at lr, B at lr x lr_ratio, head at head_lr), schedule and evaluation
+        (train.py's loop)
     python bench.py speed [--minilm DIR] [--data_dir GLUE] [--device cuda] [--compile]
-        ms/step, tokens/s, eval latency (merged and not), peak memory, adapter bytes and trainable parameters of
-        every method, ours and transformers+peft LoRA, against the frozen base (forward + backward to the inputs)
+        ms/step, tokens/s, eval latency (merged and not), peak memory, adapter bytes and trainable parameters
+        of every method, ours and transformers+peft LoRA, against the frozen base (forward + backward to the
+        inputs)
     python bench.py quant [--minilm DIR] [--out FILE.json]
-        stored bytes, bits/param and peak training RSS of fp32 LoRA vs QLoRA vs QLoRA + double quant (one fresh
-        process each) on random-init GPT-2-small/medium and RoBERTa-base, and on MiniLM's real weights if given;
-        then NF4 quantize/dequantize time against bitsandbytes on CPU
+        stored bytes, bits/param and peak training RSS of fp32 LoRA vs QLoRA vs QLoRA + double quant (one
+        fresh process each) on random-init GPT-2-small/medium and RoBERTa-base, and on MiniLM's real weights
+        if given; then NF4 quantize/dequantize time against bitsandbytes on CPU
 """
 import argparse
 import copy
@@ -52,12 +55,12 @@ class HFClassifier(nn.Module):
 
 class PeftLoRA(lora.LoRA):
     """LoRA through peft on transformers' model, started from exactly our initial adapter and head values.
-    merge()/unmerge() come from lora.Method: peft's LoRA layers have merge() and unmerge(), so evaluation runs on
-    merged weights as ours does."""
+    merge()/unmerge() come from lora.Method: peft's LoRA layers have merge() and unmerge(), so evaluation runs
+    on merged weights as ours does."""
     name = "peft_lora"
     hf_model = None  # a transformers model to wrap; None: load the checkpoint our model was loaded from
 
-    def wrap(self, model):
+    def wrap(self, model, batches=None):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForSequenceClassification
         ours = super().wrap(model)  # ours, only to draw the initial values and the target list
@@ -66,10 +69,10 @@ class PeftLoRA(lora.LoRA):
             M.resolve(model.name_or_path), num_labels=model.cfg.num_labels)
         if model.cfg.family == "gpt2":
             hf.config.pad_token_id = model.cfg.pad_id
-        peft_model = get_peft_model(hf, LoraConfig(task_type="SEQ_CLS", r=cfg["r"], lora_alpha=cfg["lora_alpha"],
-                                    lora_dropout=cfg["lora_dropout"], target_modules=cfg["target_modules"],
-                                    modules_to_save=cfg["modules_to_save"], fan_in_fan_out=cfg["fan_in_fan_out"],
-                                    use_rslora=cfg["use_rslora"]))
+        peft_model = get_peft_model(hf, LoraConfig(
+            task_type="SEQ_CLS", r=cfg["r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
+            target_modules=cfg["target_modules"], modules_to_save=cfg["modules_to_save"],
+            fan_in_fan_out=cfg["fan_in_fan_out"], use_rslora=cfg["use_rslora"]))
         theirs = dict(peft_model.named_parameters())
         with torch.no_grad():
             for n, p in ours.named_parameters():
@@ -91,10 +94,12 @@ class PeftLoRA(lora.LoRA):
     def param_groups(self, model):
         c, named = self.cfg, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         head = [p for n, p in named if ".lora_" not in n]
-        groups = [{"params": [p for n, p in named if ".lora_A." in n], "lr": c.lr, "weight_decay": c.weight_decay},
+        groups = [{"params": [p for n, p in named if ".lora_A." in n], "lr": c.lr,
+                   "weight_decay": c.weight_decay},
                   {"params": [p for n, p in named if ".lora_B." in n], "lr": c.lr * c.lr_ratio,
                    "weight_decay": c.weight_decay}]
-        return [g for g in groups + lora.groups_for("head", head, self.head_lr(), c.weight_decay) if g["params"]]
+        return [g for g in groups + lora.groups_for("head", head, self.head_lr(), c.weight_decay)
+                if g["params"]]
 
     def save(self, model, folder):
         model.peft_model.save_pretrained(folder)
@@ -110,8 +115,8 @@ def peft_glue(argv):
 
 def fresh(fn, config, threads=None):
     """Run fn(config) in a new `python bench.py _fresh` process and return what it returns (through JSON).
-    threads sets OMP_NUM_THREADS there (torch's and bnb's CPU threads): on a busy CPU, threads that wait for each
-    other make every op many times slower."""
+    threads sets OMP_NUM_THREADS there (torch's and bnb's CPU threads): on a busy CPU, threads that wait for
+    each other make every op many times slower."""
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     r = subprocess.run([sys.executable, os.path.abspath(__file__), "_fresh", fn.__name__, json.dumps(config)],
                        capture_output=True, text=True, env=env)
@@ -128,8 +133,8 @@ def peak_rss_mb():
 # quant: the stored size and the training memory of fp32 LoRA vs QLoRA vs QLoRA + double quant (issue 5)
 
 RANDOM_MODELS = {  # random init: memory does not depend on the weight values, so nothing is downloaded
-    "gpt2-small": dict(family="gpt2", vocab_size=50257, n_positions=1024, n_types=0, d=768, n_layer=12, n_head=12,
-                       d_ff=3072, act="gelu_new", eps=1e-5, pad_id=50256),
+    "gpt2-small": dict(family="gpt2", vocab_size=50257, n_positions=1024, n_types=0, d=768, n_layer=12,
+                       n_head=12, d_ff=3072, act="gelu_new", eps=1e-5, pad_id=50256),
     "gpt2-medium": dict(family="gpt2", vocab_size=50257, n_positions=1024, n_types=0, d=1024, n_layer=24,
                         n_head=16, d_ff=4096, act="gelu_new", eps=1e-5, pad_id=50256),
     "roberta-base": dict(family="roberta", vocab_size=50265, n_positions=514, n_types=1, d=768, n_layer=12,
@@ -138,13 +143,15 @@ RANDOM_MODELS = {  # random init: memory does not depend on the weight values, s
                           n_head=16, d_ff=4096, act="gelu", eps=1e-5, pad_id=1),
 }
 MRPC_STEPS_30_EPOCHS = 30 * 230  # 3668 examples at batch 16: the schedule's length in timed steps
-PRECISIONS = {"fp32": None, "nf4": False, "nf4_dq": True}  # base precision -> double_quant (None: not quantized)
+MRPC_WARMUP = int(0.06 * MRPC_STEPS_30_EPOCHS)  # warmup_ratio 0.06 (SPEC §1.4)
+# base precision -> double_quant (None: not quantized)
+PRECISIONS = {"fp32": None, "nf4": False, "nf4_dq": True}
 
 
 def random_model(cfg, double_quant):
-    """A random-init Transformer. Quantized, one random layer per shape is drawn in fp32 and quantized, and each block
-    linear gets its own copy of those codes (memory and time do not depend on the values). The fp32 backbone never
-    exists whole, as with a QLoRA loader that streams a checkpoint."""
+    """A random-init Transformer. Quantized, one random layer per shape is drawn in fp32 and quantized, and
+    each block linear gets its own copy of those codes (memory and time do not depend on the values). The fp32
+    backbone never exists whole, as with a QLoRA loader that streams a checkpoint."""
     if double_quant is None:
         return M.Transformer(cfg)
     with torch.device("meta"):
@@ -168,9 +175,9 @@ def random_model(cfg, double_quant):
 
 
 def lora_steps(c):
-    """c: model (a RANDOM_MODELS name or a checkpoint folder), precision, batch, seq, steps. Runs train.py's step
-    (finetune.train_step: forward, loss, backward, clip, AdamW, schedule, after_step) with LoRA r=8 on all
-    linears, on random tokens."""
+    """c: model (a RANDOM_MODELS name or a checkpoint folder), precision, batch, seq, steps. Runs train.py's
+    step (finetune.train_step: forward, loss, backward, clip, AdamW, schedule, after_step) with LoRA r=8 on
+    all linears, on random tokens."""
     rss_imports = peak_rss_mb()
     torch.manual_seed(0)
     double_quant = PRECISIONS[c["precision"]]
@@ -180,15 +187,17 @@ def lora_steps(c):
         model = M.from_pretrained(c["model"])
         if double_quant is not None:
             quant.quantize_model(model, double_quant=double_quant)
-    trim = ctypes.CDLL("libc.so.6").malloc_trim  # glibc keeps freed heap pages; trimming them after the build and
-    trim(0)                                      # after each step makes the peak the step's own, not leftovers
+    # glibc keeps freed heap pages; trimming them after the build and after each step makes the peak the
+    # step's own, not leftovers
+    trim = ctypes.CDLL("libc.so.6").malloc_trim
+    trim(0)
     rss_build = peak_rss_mb()  # the high-water mark so far: the build's peak
     stored = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     n_params = quant.count_params(model)
     bits = quant.bits_per_param(model) if double_quant is not None else 32.0
     method = lora.LoRA(lora.LoRAConfig(r=8, alpha=16, dropout=0.1))
     model = method.wrap(model).train()
-    opt, sched = finetune.optimizer(method, model, MRPC_STEPS_30_EPOCHS, 0.06, "cpu")
+    opt, sched = finetune.optimizer(method, model, MRPC_STEPS_30_EPOCHS, MRPC_WARMUP, "cpu")
     B, T, V = c["batch"], c["seq"], model.cfg.vocab_size
     batch = {"input_ids": torch.randint(V, (B, T)), "attention_mask": torch.ones(B, T, dtype=torch.long),
              "token_type_ids": torch.zeros(B, T, dtype=torch.long), "labels": torch.randint(2, (B,))}
@@ -212,20 +221,22 @@ def median_seconds(fn, repeats):
 
 
 def quant_speed(c):
-    """Median ms (of c["repeats"]) to quantize and dequantize one weight of each of c["shapes"] in NF4 (block 64,
-    double quant): ours vs bitsandbytes."""
+    """Median ms (of c["repeats"]) to quantize and dequantize one weight of each of c["shapes"] in NF4 (block
+    64, double quant): ours vs bitsandbytes."""
     import bitsandbytes.functional as bnbF
     rows, repeats = [], c["repeats"]
     for shape in c["shapes"]:
         W = torch.randn(shape, generator=torch.Generator().manual_seed(0))
         state = quant.quantize_nf4(W)
         packed, ref = bnbF.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
-        with torch._dynamo.config.patch(disable=True):  # as in the tests: keep bnb's CPU path out of torch.compile
+        # as in the tests: keep bnb's CPU path out of torch.compile
+        with torch._dynamo.config.patch(disable=True):
             rows.append({"shape": list(shape),
                          "ours_quantize_ms": 1e3 * median_seconds(lambda: quant.quantize_nf4(W), repeats),
                          "bnb_quantize_ms": 1e3 * median_seconds(lambda: bnbF.quantize_4bit(
                              W, blocksize=64, compress_statistics=True, quant_type="nf4"), repeats),
-                         "ours_dequantize_ms": 1e3 * median_seconds(lambda: quant.dequantize_nf4(state), repeats),
+                         "ours_dequantize_ms": 1e3 * median_seconds(lambda: quant.dequantize_nf4(state),
+                                                                    repeats),
                          "bnb_dequantize_ms": 1e3 * median_seconds(lambda: bnbF.dequantize_4bit(packed, ref),
                                                                    repeats)})
     return rows
@@ -233,7 +244,8 @@ def quant_speed(c):
 
 def quant_bench(argv):
     p = argparse.ArgumentParser(prog="python bench.py quant", description="NF4 memory and speed (issue 5)")
-    p.add_argument("--minilm", default=None, help="a MiniLM checkpoint folder (real weights); skipped if not given")
+    p.add_argument("--minilm", default=None,
+                   help="a MiniLM checkpoint folder (real weights); skipped if not given")
     p.add_argument("--out", default=None, help="also write the results to this JSON file")
     p.add_argument("--batch", type=int, default=8, help="batch size (16, with --steps 3: ~8 min on one core)")
     p.add_argument("--seq", type=int, default=128, help="tokens per example")
@@ -265,23 +277,28 @@ def quant_bench(argv):
              "RSS after imports MB | build peak MB | peak RSS MB | peak - imports MB | s/step |",
              "|---" * 11 + "|"]
     for r in runs:
-        lines.append(f"| {os.path.basename(r['model'].rstrip('/'))} | {r['precision']} | {r['params'] / 1e6:.1f}M | "
-                     f"{r['stored_bytes'] / 2**20:.1f} | {r['bits_per_param']:.3f} | {r['batch']} x {r['seq']}, "
-                     f"{r['steps']} | {r['rss_after_imports_mb']:.0f} | {r['build_peak_rss_mb']:.0f} | "
+        lines.append(f"| {os.path.basename(r['model'].rstrip('/'))} | {r['precision']} | "
+                     f"{r['params'] / 1e6:.1f}M | {r['stored_bytes'] / 2**20:.1f} | "
+                     f"{r['bits_per_param']:.3f} | {r['batch']} x {r['seq']}, {r['steps']} | "
+                     f"{r['rss_after_imports_mb']:.0f} | {r['build_peak_rss_mb']:.0f} | "
                      f"{r['peak_rss_mb']:.0f} | {r['peak_minus_imports_mb']:.0f} | {r['s_per_step']:.2f} |")
-    lines += ["", "| weight (out x in) | quantize ms: ours / bnb | dequantize ms: ours / bnb |", "|---|---|---|"]
+    lines += ["", "| weight (out x in) | quantize ms: ours / bnb | dequantize ms: ours / bnb |",
+              "|---|---|---|"]
     for s in speed:
         lines.append(f"| {s['shape'][0]} x {s['shape'][1]} | {s['ours_quantize_ms']:.2f} / "
-                     f"{s['bnb_quantize_ms']:.2f} | {s['ours_dequantize_ms']:.2f} / {s['bnb_dequantize_ms']:.2f} |")
+                     f"{s['bnb_quantize_ms']:.2f} | {s['ours_dequantize_ms']:.2f} / "
+                     f"{s['bnb_dequantize_ms']:.2f} |")
     print("\n".join(lines))
     if a.out:
-        finetune.write_json(a.out, {"runs": runs, "speed": speed, "threads": a.threads})  # temp file, then os.replace
+        # temp file, then os.replace
+        finetune.write_json(a.out, {"runs": runs, "speed": speed, "threads": a.threads})
         print(f"wrote {a.out}")
     return runs, speed
 
 
 # -----------------------------------------------------------------------------
-# speed: one training step of every method, ours and peft's, on the same model, batch and lengths (issues 6, 8)
+# speed: one training step of every method, ours and peft's, on the same model, batch and lengths
+# (issues 6, 8)
 
 OURS = ("lora", "tlora_plus", "tlora", "bitfit", "head", "full", "qlora")  # qlora: lora over an NF4 base
 BF16_PEAK_TFLOPS = 989.0  # H100/H200 dense bf16 (datasheet); the fraction of it is reported on CUDA
@@ -295,8 +312,8 @@ def hf_config(cfg):
                             n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.d_ff, pad_token_id=cfg.pad_id)
     Cfg = T.RobertaConfig if cfg.family == "roberta" else T.BertConfig
     return Cfg(vocab_size=cfg.vocab_size, hidden_size=cfg.d, num_hidden_layers=cfg.n_layer,
-               num_attention_heads=cfg.n_head, intermediate_size=cfg.d_ff, max_position_embeddings=cfg.n_positions,
-               type_vocab_size=cfg.n_types, pad_token_id=cfg.pad_id)
+               num_attention_heads=cfg.n_head, intermediate_size=cfg.d_ff,
+               max_position_embeddings=cfg.n_positions, type_vocab_size=cfg.n_types, pad_token_id=cfg.pad_id)
 
 
 def build_for_speed(c):
@@ -308,8 +325,10 @@ def build_for_speed(c):
             p.requires_grad = False
         ours.wte.register_forward_hook(lambda m, i, out: out.detach().requires_grad_())
         return ours, None
-    cls = PeftLoRA if c["impl"] == "peft" else finetune.METHODS["lora" if c["method"] == "qlora" else c["method"]]
-    adapter = {"r": c["rank"], "alpha": 2 * c["rank"], "dropout": 0.0}  # the fields LoRA's and TLoRA+'s configs take
+    cls = (PeftLoRA if c["impl"] == "peft"
+           else finetune.METHODS["lora" if c["method"] == "qlora" else c["method"]])
+    # the fields LoRA's and TLoRA+'s configs take
+    adapter = {"r": c["rank"], "alpha": 2 * c["rank"], "dropout": 0.0}
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     method = cls(cls.Config(**{k: v for k, v in adapter.items() if k in fields}))
     if c["impl"] == "peft":
@@ -330,14 +349,15 @@ def speed_config(c):
     B, T = len(c["lengths"]), max(c["lengths"])
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, model.cfg.vocab_size, (B, T), generator=g)
-    mask = (torch.arange(T)[None, :] < torch.tensor(c["lengths"])[:, None]).long()  # right padding, real lengths
+    # right padding, real lengths
+    mask = (torch.arange(T)[None, :] < torch.tensor(c["lengths"])[:, None]).long()
     ids, mask, types, labels = (t.to(dev) for t in (ids, mask, torch.zeros_like(ids), torch.randint(2, (B,))))
     batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels}
     params = [p for p in model.parameters() if p.requires_grad]
     fwd = finetune.compile_model(model, dev) if c["compile"] else model
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     if method:  # train.py's whole step: finetune.train_step, with its schedule and the method's after_step
-        opt, sched = finetune.optimizer(method, model, MRPC_STEPS_30_EPOCHS, 0.06, dev)
+        opt, sched = finetune.optimizer(method, model, MRPC_STEPS_30_EPOCHS, MRPC_WARMUP, dev)
         steps = itertools.count(1)
         step = lambda: finetune.train_step(model, fwd, method, batch, opt, sched, next(steps), 1.0, dev)
     else:  # the frozen base: forward and the backward to the input embeddings, nothing to update
@@ -368,7 +388,8 @@ def speed_config(c):
     model.eval()
     median_ms(infer, 1)
     eval_ms, eval_merged_ms = median_ms(infer, c["steps"]), None
-    if method and c["method"] not in ("qlora", "bitfit", "head", "full"):  # merged: what inference should cost
+    # merged: what inference should cost
+    if method and c["method"] not in ("qlora", "bitfit", "head", "full"):
         method.merge(model)  # peft's layers have merge()/unmerge() too: lora.Method's protocol merges both
         median_ms(infer, 1)
         eval_merged_ms = median_ms(infer, c["steps"])
@@ -380,16 +401,17 @@ def speed_config(c):
             adapter_bytes = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
     n_backbone = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and "head" not in n) \
         + sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, quant.Linear4bit))
-    return {**{k: v for k, v in c.items() if k != "lengths"}, "batch": B, "T": T, "real_tokens": sum(c["lengths"]),
-            "step_ms": step_ms, "tokens_per_s": 1e3 * sum(c["lengths"]) / step_ms, "eval_ms": eval_ms,
+    return {**{k: v for k, v in c.items() if k != "lengths"}, "batch": B, "T": T,
+            "real_tokens": sum(c["lengths"]), "step_ms": step_ms,
+            "tokens_per_s": 1e3 * sum(c["lengths"]) / step_ms, "eval_ms": eval_ms,
             "eval_merged_ms": eval_merged_ms, "peak_mb": peak, "adapter_bytes": adapter_bytes,
             "trainable": sum(p.numel() for p in params),
             "tflops": 4 * n_backbone * B * T / (step_ms * 1e-3) / 1e12}  # forward + input-gradient backward
 
 
 def mrpc_lengths(batch, data_dir, folder, family, seed=0):
-    """Token counts of `batch` MRPC training pairs drawn at random, through the checkpoint's tokenizer (GPT-2's
-    BPE files serve RoBERTa too: its pair adds <s> </s></s> </s>)."""
+    """Token counts of `batch` MRPC training pairs drawn at random, through the checkpoint's tokenizer
+    (GPT-2's BPE files serve RoBERTa too: its pair adds <s> </s></s> </s>)."""
     import random
     from tokenizer import load_tokenizer
     rows = data.load_split(data.get_task("mrpc"), "train", data_dir)
@@ -407,15 +429,19 @@ def speed_rows(model, compile_too):
 
 
 def speed_bench(argv):
-    p = argparse.ArgumentParser(prog="python bench.py speed", description="step time, tokens/s, latency, memory")
-    p.add_argument("--minilm", default=None, help="MiniLM checkpoint folder (real weights); skipped if not given")
+    p = argparse.ArgumentParser(prog="python bench.py speed",
+                                description="step time, tokens/s, latency, memory")
+    p.add_argument("--minilm", default=None,
+                   help="MiniLM checkpoint folder (real weights); skipped if not given")
     p.add_argument("--models", default=None, help="comma list of " + ", ".join(RANDOM_MODELS) +
-                   " (default: roberta-base,gpt2-small; on cuda also roberta-large,gpt2-medium; \"\" for none)")
+                   " (default: roberta-base,gpt2-small; on cuda also roberta-large,gpt2-medium;"
+                   " \"\" for none)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128, help="tokens per example when no real lengths are given")
     p.add_argument("--data_dir", default=None, help="GLUE folder: batches take real MRPC lengths")
-    p.add_argument("--vocab", default=None, help="GPT-2 BPE folder (vocab.json, merges.txt) for gpt2/roberta lengths")
+    p.add_argument("--vocab", default=None,
+                   help="GPT-2 BPE folder (vocab.json, merges.txt) for gpt2/roberta lengths")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="timed steps per row (the median is reported)")
@@ -423,8 +449,8 @@ def speed_bench(argv):
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process")
     p.add_argument("--out", default="bench_speed.json")
     a = p.parse_args(argv)
-    names = [n for n in a.models.split(",") if n] if a.models is not None else ["roberta-base", "gpt2-small"] + (
-        ["roberta-large", "gpt2-medium"] if a.device == "cuda" else [])
+    names = [n for n in a.models.split(",") if n] if a.models is not None else (
+        ["roberta-base", "gpt2-small"] + (["roberta-large", "gpt2-medium"] if a.device == "cuda" else []))
     unknown = [n for n in names if n not in RANDOM_MODELS]
     if unknown:
         raise ValueError(f"unknown model {unknown[0]!r}; --models takes {', '.join(RANDOM_MODELS)}")
@@ -433,18 +459,21 @@ def speed_bench(argv):
     for model in models:
         family = "bert" if model == a.minilm else RANDOM_MODELS[model]["family"]
         folder = a.minilm if model == a.minilm else a.vocab
-        lengths = mrpc_lengths(a.batch, a.data_dir, folder, family) if a.data_dir and folder else [a.seq] * a.batch
+        lengths = (mrpc_lengths(a.batch, a.data_dir, folder, family) if a.data_dir and folder
+                   else [a.seq] * a.batch)
         rows = []
         for impl, method, compiled in speed_rows(model, a.compile):
             c = {"model": model, "impl": impl, "method": method, "rank": a.rank, "lengths": lengths,
-                 "warmup": a.warmup + (3 if compiled else 0), "steps": a.steps, "device": a.device, "compile": compiled}
+                 "warmup": a.warmup + (3 if compiled else 0), "steps": a.steps, "device": a.device,
+                 "compile": compiled}
             rows.append(fresh(speed_config, c, a.threads))
             print(f"{os.path.basename(model)} {impl} {method}{' compiled' if compiled else ''}: "
                   f"{rows[-1]['step_ms']:.1f} ms/step", file=sys.stderr, flush=True)
         results += rows
         lines += speed_table(rows, a.device)
-    header = (f"{a.device}, batch {a.batch}, rank {a.rank}, median of {a.steps} steps after {a.warmup} warm-up, "
-              f"one fresh process per row ({torch.get_num_threads() if a.threads is None else a.threads} threads)")
+    header = (f"{a.device}, batch {a.batch}, rank {a.rank}, median of {a.steps} steps after {a.warmup} "
+              f"warm-up, one fresh process per row "
+              f"({torch.get_num_threads() if a.threads is None else a.threads} threads)")
     print("\n".join([header, ""] + lines))
     finetune.write_json(a.out, {"header": header, "rows": results})
     print(f"wrote {a.out}")
@@ -456,8 +485,9 @@ def speed_table(rows, device):
     peft = next(r for r in rows if r["impl"] == "peft")
     name = os.path.basename(rows[0]["model"].rstrip("/"))
     out = [f"**{name}** (lengths: {base['real_tokens']} real tokens in {base['batch']} x {base['T']})", "",
-           "| impl | method | ms/step | tokens/s | × peft LoRA | × frozen base | eval ms (merged) | peak MB | "
-           "adapter KB | trainable | 30 MRPC epochs s |" + (" % bf16 peak |" if device == "cuda" else ""),
+           "| impl | method | ms/step | tokens/s | × peft LoRA | × frozen base | eval ms (merged) | "
+           "peak MB | adapter KB | trainable | 30 MRPC epochs s |" +
+           (" % bf16 peak |" if device == "cuda" else ""),
            "|---" * (11 + (device == "cuda")) + "|"]
     for r in rows:
         label = r["method"] + (" (compiled)" if r["compile"] else "")
@@ -472,12 +502,14 @@ def speed_table(rows, device):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["_fresh"]:  # a child of fresh(): run one function on one JSON config, print its result
+    # a child of fresh(): run one function on one JSON config, print its result
+    if sys.argv[1:2] == ["_fresh"]:
         print(json.dumps(globals()[sys.argv[2]](json.loads(sys.argv[3]))))
         sys.exit()
     modes = {"peft_glue": (peft_glue, "train.py's run on transformers + peft (takes train.py's flags)"),
              "speed": (speed_bench, "step time, tokens/s, latency and memory of every method vs peft LoRA"),
-             "quant": (quant_bench, "NF4 stored size, bits/param and training memory; NF4 speed vs bitsandbytes")}
+             "quant": (quant_bench,
+                       "NF4 stored size, bits/param and training memory; NF4 speed vs bitsandbytes")}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="mode", required=True, metavar="{" + ",".join(modes) + "}")
     for name, (_, help) in modes.items():

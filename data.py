@@ -1,8 +1,8 @@
 """
 The eight GLUE tasks: read from the hub through `datasets`, or from a folder in the official GLUE TSV layout
-(--data_dir, as written by GLUE's download_glue_data.py), tokenized once, then batched with dynamic padding; and
-their metrics (SPEC §1.5, through scikit-learn). Labels follow the HF `glue` configs (e.g. RTE/QNLI: entailment
-= 0). The GLUE dev split is the reported "test".
+(--data_dir, as written by GLUE's download_glue_data.py), tokenized once, then batched with dynamic padding;
+and their metrics (SPEC §1.5, through scikit-learn). Labels follow the HF `glue` configs (e.g. RTE/QNLI:
+entailment = 0). The GLUE dev split is the reported "test".
 """
 import math
 import os
@@ -33,9 +33,11 @@ class Task:
 TASKS = {
     "cola": Task("cola", "CoLA", ("sentence",), (3,), 1, ("0", "1")),
     "sst2": Task("sst2", "SST-2", ("sentence",), ("sentence",), "label", ("0", "1")),
-    "mrpc": Task("mrpc", "MRPC", ("sentence1", "sentence2"), ("#1 String", "#2 String"), "Quality", ("0", "1")),
+    "mrpc": Task("mrpc", "MRPC", ("sentence1", "sentence2"), ("#1 String", "#2 String"), "Quality",
+                 ("0", "1")),
     "stsb": Task("stsb", "STS-B", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "score", ()),
-    "qqp": Task("qqp", "QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate", ("0", "1")),
+    "qqp": Task("qqp", "QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate",
+                ("0", "1")),
     "mnli": Task("mnli", "MNLI", ("premise", "hypothesis"), ("sentence1", "sentence2"), "gold_label",
                  ("entailment", "neutral", "contradiction"), dev="dev_matched.tsv"),
     "qnli": Task("qnli", "QNLI", ("question", "sentence"), ("question", "sentence"), "label",
@@ -96,7 +98,8 @@ def read_hub(task, split):
 def load_split(task, split, data_dir=None):
     """split: "train" or "dev"."""
     if data_dir:
-        return read_tsv(task, os.path.join(data_dir, task.folder, "train.tsv" if split == "train" else task.dev))
+        return read_tsv(task, os.path.join(data_dir, task.folder,
+                                           "train.tsv" if split == "train" else task.dev))
     hub = "train" if split == "train" else ("validation_matched" if task.name == "mnli" else "validation")
     return read_hub(task, hub)
 
@@ -108,15 +111,17 @@ def encode(tok, rows, max_len):
 
 
 def collate(examples, pad_id, regression=False, multiple=1):
-    """Pad to the longest example of the batch (dynamic padding), rounded up to a multiple of `multiple` so that
-    a compiled step sees a handful of shapes (length bucketing); the attention mask hides the extra padding."""
+    """Pad to the longest example of the batch (dynamic padding), rounded up to a multiple of `multiple` so
+    that a compiled step sees a handful of shapes (length bucketing); the attention mask hides the extra
+    padding."""
     T = -(-max(len(e["input_ids"]) for e in examples) // multiple) * multiple
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     types = torch.zeros((len(examples), T), dtype=torch.long)
     mask = torch.zeros((len(examples), T), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
-        ids[i, :n], types[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["token_type_ids"]), 1
+        ids[i, :n], types[i, :n], mask[i, :n] = (torch.tensor(e["input_ids"]),
+                                                 torch.tensor(e["token_type_ids"]), 1)
     labels = torch.tensor([e["label"] for e in examples], dtype=torch.float if regression else torch.long)
     return dict(input_ids=ids, token_type_ids=types, attention_mask=mask, labels=labels)
 
@@ -140,7 +145,8 @@ def eval_batches(examples, batch_size, pad_id, regression, multiple=1):
 # -----------------------------------------------------------------------------
 # metrics (SPEC §1.5)
 
-POSITIVE = {"mrpc": 1, "qqp": 1, "sst2": 1, "cola": 1, "qnli": 0, "rte": 0}  # SPEC §1.4: RTE/QNLI entailment = 0
+# SPEC §1.4: RTE/QNLI entailment = 0
+POSITIVE = {"mrpc": 1, "qqp": 1, "sst2": 1, "cola": 1, "qnli": 0, "rte": 0}
 MAIN_METRIC = {"cola": "mcc", "stsb": "pearson"}  # the rest: accuracy
 
 
@@ -168,5 +174,6 @@ def glue_metrics(task, logits, labels):
         pos = POSITIVE[task]
         out["f1"] = float(f1_score(labels, pred, pos_label=pos, zero_division=0))
         out["recall"] = float(recall_score(labels, pred, pos_label=pos, zero_division=0))
-        out["auc"] = float(roc_auc_score(labels == pos, prob[:, pos])) if len(set(labels.tolist())) == 2 else math.nan
+        out["auc"] = (float(roc_auc_score(labels == pos, prob[:, pos])) if len(set(labels.tolist())) == 2
+                      else math.nan)
     return out

@@ -1,9 +1,11 @@
 """
 Re-score a saved run, and merge several runs into one table. The GLUE metrics themselves are data.py's.
 
-    python eval.py --out_dir out/lora-mrpc            # reload the saved adapter/head and score the dev split again
-    python eval.py --table out/*/metrics.json         # one markdown table, mean ± std over seeds
-    python eval.py --table out/*/metrics.json --last  # the same at the last epoch (seed 002's tables)
+    python eval.py --out_dir out/lora-mrpc             # reload the saved tensors, score the dev split again
+    python eval.py --table out/*/metrics.json          # one markdown table, mean ± std over seeds
+    python eval.py --table out/*/metrics.json --last   # the same at the last epoch (seed 002's tables)
+    python eval.py --table runs/seed001/*/metrics.json --paper 001   # seed 001's Tables 1 and 2, paper beside
+    python eval.py --plot_dynamic runs/seed001/dynamic_lora-*/metrics.json --png dyn.png   # r_l map, m_l curves
 """
 import argparse
 import json
@@ -21,10 +23,12 @@ def table(runs, columns=None, last=False):
     The label is train.py's method.label(): each TLoRA+ configuration and λ, and QLoRA, get their own rows.
     last=True reads the last epoch (with its mean train loss) instead of the best one."""
     if last:
-        runs = [{**r, "metrics": {k: v for k, v in r["last"].items() if k not in ("epoch", "step")}} for r in runs]
+        runs = [{**r, "metrics": {k: v for k, v in r["last"].items() if k not in ("epoch", "step")}}
+                for r in runs]
     groups = defaultdict(list)
     for r in runs:
-        groups[(r["task"], r.get("label", r["method"]), os.path.basename(str(r["model"]).rstrip("/")))].append(r)
+        groups[(r["task"], r.get("label", r["method"]),
+                os.path.basename(str(r["model"]).rstrip("/")))].append(r)
     columns = columns or sorted({k for r in runs for k in r["metrics"]})
     lines = ["| task | method | model | seeds | " + " | ".join(columns) + " | trainable % |",
              "|---" * (len(columns) + 5) + "|"]
@@ -39,12 +43,107 @@ def table(runs, columns=None, last=False):
     return "\n".join(lines)
 
 
+# -----------------------------------------------------------------------------
+# a seed's own tables, with the paper's numbers beside ours
+
+PAPER = {  # (seed, table) -> {our method: (the paper's row name, {column: the paper's value})}; SPEC §2.2
+    "001": {
+        "full": ("Full Fine-tuning", dict(accuracy=85.3, auc=88.2, f1=84.1, recall=83.7, hours=12.5, ms=15.2, pct=100)),
+        "head": ("Feature Extraction", dict(accuracy=81.5, auc=84.0, f1=80.2, recall=79.8, hours=6.8, ms=12.7, pct=0)),
+        "adapter": ("Adapter", dict(accuracy=86.1, auc=89.1, f1=85.3, recall=84.9, hours=8.2, ms=13.5, pct=3)),
+        "bitfit": ("BitFit", dict(accuracy=85.8, auc=88.5, f1=84.7, recall=84.3, hours=7.9, ms=13.2, pct=1.5)),
+        "lora": ("LoRA", dict(accuracy=87.4, auc=90.2, f1=86.5, recall=86.0, hours=7.1, ms=12.9, pct=0.8)),
+        "dynamic_lora": ("Ours (Dynamic LoRA)", dict(accuracy=88.1, auc=91.0, f1=87.3, recall=86.8, hours=7.4,
+                                                     ms=13.0, pct=0.9)),
+    },
+}
+
+
+def mean_std(values, scale=1.0, digits=1):
+    values = [scale * v for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+
+
+def paper_tables(runs, seed):
+    """Seed 001's Table 1 (ACC, AUC, F1, Recall in %) and Table 2 (training time, inference ms at batch 1, trainable
+    %), ours (mean ± std over seeds) beside the paper's, one row per method in the paper's order."""
+    paper = PAPER[seed]
+    by_method = defaultdict(list)
+    for r in runs:
+        by_method[r["method"]].append(r)
+    unknown = sorted(set(by_method) - set(paper))
+    if unknown:
+        raise ValueError(f"--paper {seed} has no row for --method {unknown[0]}; its rows: {', '.join(paper)}")
+    t1 = ["| row | seeds | ACC ours | paper | AUC ours | paper | F1 ours | paper | Recall ours | paper |",
+          "|---" * 10 + "|"]
+    t2 = ["| row | train s ours | paper h | infer ms merged | unmerged | paper ms | trainable % ours | paper |",
+          "|---" * 8 + "|"]
+    for method, (row, p) in paper.items():
+        rs = by_method.get(method)
+        if not rs:
+            continue
+        cells = [f"{mean_std([r['metrics'][c] for r in rs], 100)} | {p[c]}" for c in ("accuracy", "auc", "f1", "recall")]
+        t1.append(f"| {row} | {len(rs)} | " + " | ".join(cells) + " |")
+        merged = [r.get("latency_merged_ms") for r in rs]
+        unmerged = [r.get("latency_ms") for r in rs]
+        ms = mean_std(merged, digits=2) if None not in merged else "–"
+        ms_un = mean_std(unmerged, digits=2) if None not in unmerged else "–"
+        t2.append(f"| {row} | {mean_std([r['train_seconds'] for r in rs], digits=0)} | {p['hours']} | {ms} | "
+                  f"{ms_un} | {p['ms']} | {rs[0]['trainable_pct']:.3f} | {p['pct']} |")
+    return "\n".join(["Table 1 (%)", "", *t1, "", "Table 2", "", *t2])
+
+
+def plot_dynamic(runs, png):
+    """The calibrated r_l of every adapted module (layer x matrix) and the m_l trajectories of one run."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: plot skipped (pip install matplotlib)")
+        return False
+    report = runs[0]["method_report"]
+    names = list(report["ranks"])
+    layers = sorted({int(n.split(".")[1]) for n in names})
+    kinds = list(dict.fromkeys(n.split(".", 2)[2] for n in names))
+    grid = np.array([[report["ranks"].get(f"h.{i}.{k}", np.nan) for k in kinds] for i in layers])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    im = a.imshow(grid, cmap="viridis")
+    a.set_xticks(range(len(kinds)), kinds, rotation=30)
+    a.set_yticks(range(len(layers)), [f"layer {i}" for i in layers])
+    for (i, j), v in np.ndenumerate(grid):
+        a.text(j, i, f"{v:.0f}", ha="center", va="center", color="w")
+    a.set_title(f"calibrated rank r_l ({runs[0]['args'].get('model', '')})".replace("/root/.cache/nanopeft/", ""))
+    fig.colorbar(im, ax=a)
+    for r in runs:
+        steps = [row["step"] for row in r["method_report"]["m_trajectory"]]
+        for n in names:
+            b.plot(steps, [row["m"][n] for row in r["method_report"]["m_trajectory"]], lw=0.8, alpha=0.6,
+                   color=plt.cm.tab10(kinds.index(n.split(".", 2)[2])), marker=".")
+    b.axhline(1.0, color="k", lw=0.5)
+    b.set_xlabel("step")
+    b.set_ylabel("m_l = L_n·ω_l")
+    b.set_title(f"m_l per module, {len(runs)} seed(s), coloured by matrix")
+    fig.tight_layout()
+    tmp = png + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, png)
+    print(f"wrote {png}")
+    return True
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", help="a folder written by train.py: re-evaluate its saved tensors")
-    p.add_argument("--table", nargs="+", metavar="METRICS_JSON", help="metrics.json files to merge into a table")
+    p.add_argument("--table", nargs="+", metavar="METRICS_JSON",
+                   help="metrics.json files to merge into a table")
     p.add_argument("--columns", help="comma-separated metrics to show (default: all)")
     p.add_argument("--last", action="store_true", help="table the last epoch instead of the best one")
+    p.add_argument("--paper", choices=sorted(PAPER), help="the seed's own tables, with the paper's numbers beside")
+    p.add_argument("--plot_dynamic", nargs="+", metavar="METRICS_JSON", help="Dynamic LoRA runs: plot r_l and m_l")
+    p.add_argument("--png", default="dynamic_lora.png", help="where --plot_dynamic writes (matplotlib optional)")
     a = p.parse_args()
     if a.out_dir:
         try:
@@ -52,14 +151,22 @@ if __name__ == "__main__":
         except (ValueError, OSError) as e:
             sys.exit(f"error: {e}")
         print(json.dumps({"recomputed": metrics, "saved": saved["metrics"]}, indent=2))
-    elif a.table:
+    elif a.table or a.plot_dynamic:
         runs = []
-        for path in a.table:
+        for path in a.table or a.plot_dynamic:
             try:
                 with open(path) as f:
                     runs.append(json.load(f))
             except (OSError, json.JSONDecodeError) as e:
                 sys.exit(f"error: cannot read {path}: {e}")
-        print(table(runs, a.columns.split(",") if a.columns else None, a.last))
+        try:
+            if a.plot_dynamic:
+                plot_dynamic(runs, a.png)
+            elif a.paper:
+                print(paper_tables(runs, a.paper))
+            else:
+                print(table(runs, a.columns.split(",") if a.columns else None, a.last))
+        except (KeyError, ValueError) as e:
+            sys.exit(f"error: {e if isinstance(e, ValueError) else f'a metrics.json lacks the key {e}'}")
     else:
         p.print_help()

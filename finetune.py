@@ -21,14 +21,16 @@ from tqdm import tqdm
 
 import baselines
 import data
+import dynamic_lora
 import quant
 import tlora_plus
 from lora import LoRA
 from model import from_pretrained, resolve
 from tokenizer import load_tokenizer
 
-METHODS = {"full": baselines.FullFineTuning, "head": baselines.HeadOnly, "bitfit": baselines.BitFit, "lora": LoRA,
-           "tlora": tlora_plus.TLoRA, "tlora_plus": tlora_plus.TLoRAPlus}
+METHODS = {"full": baselines.FullFineTuning, "head": baselines.HeadOnly, "bitfit": baselines.BitFit,
+           "adapter": baselines.Houlsby, "lora": LoRA, "tlora": tlora_plus.TLoRA, "tlora_plus": tlora_plus.TLoRAPlus,
+           "dynamic_lora": dynamic_lora.DynamicLoRA}
 
 
 # -----------------------------------------------------------------------------
@@ -53,6 +55,18 @@ def parser(methods=METHODS):
     p.add_argument("--ratio", type=float, default=None, help="TLoRA+ lambda: lr_B = lr*lambda^1.5, "
                    "lr_C = lr*lambda^0.5 (default 4)")
     p.add_argument("--b_init", default=None, choices=["zero", "lecun"], help="TLoRA B init: 0 or N(0, 1/r)")
+    p.add_argument("--adapter_size", type=int, default=None, help="Houlsby adapter bottleneck m (default 64)")
+    p.add_argument("--beta", type=float, default=None, help="Dynamic LoRA: r_l = r(1 + beta v_l) (default 0.125)")
+    p.add_argument("--r_max", type=int, default=None, help="Dynamic LoRA: the largest rank (default 4r)")
+    p.add_argument("--n_cal", type=int, default=None, help="Dynamic LoRA: calibration batches (default 32)")
+    p.add_argument("--importance_every", type=int, default=None, help="Dynamic LoRA: measure importance every "
+                   "N steps (default 10)")
+    p.add_argument("--importance_beta", type=float, default=None, help="Dynamic LoRA: importance EMA (0.9)")
+    p.add_argument("--omega_every", type=int, default=None, help="Dynamic LoRA: update omega and m every N "
+                   "steps (default 100) ...")
+    p.add_argument("--omega_start", type=int, default=None, help="... from this step (default: the warmup steps)")
+    p.add_argument("--lambda1", type=float, default=None, help="Dynamic LoRA: L2 weight on A (default 1e-4)")
+    p.add_argument("--lambda2", type=float, default=None, help="Dynamic LoRA: L2 weight on B (default 1e-4)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (LoRA: of the A matrices; default: the "
                    "method's)")
     p.add_argument("--lr_ratio", type=float, default=None, help="LoRA: lr of B = lr x lr_ratio (default 16; "
@@ -72,6 +86,8 @@ def parser(methods=METHODS):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--log_every", type=int, default=20, help="read the loss back every N steps")
+    p.add_argument("--latency_passes", type=int, default=0, help="after training, time N batch-1 dev passes, merged "
+                   "and not (SPEC 1.5: 200); 0 skips it")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA: with CUDA graphs)")
     p.add_argument("--pad_multiple", type=int, default=None, help="pad batches to a multiple of this "
                    "(default: 32 with --compile, so it compiles a handful of shapes; else 1)")
@@ -92,12 +108,21 @@ def parse_args(argv=None, methods=METHODS):
 
 
 FLAG_OF = {"r": "rank", "train": "tlora_train"}  # config field -> flag, where the paper's name is not the flag's
+METHOD_FLAGS = ("rank", "alpha", "dropout", "rslora", "targets", "tlora_train", "ratio", "b_init", "adapter_size",
+                "beta", "r_max", "n_cal", "importance_every", "importance_beta", "omega_every", "omega_start",
+                "lambda1", "lambda2", "lr", "lr_ratio", "head_lr", "weight_decay")  # the flags above the run's
 
 
 def method_from_args(args, methods=METHODS):
-    """The method's dataclass config from the flags of the same names; a flag left at None keeps the default."""
+    """The method's dataclass config from the flags of the same names; a flag left at None keeps the default,
+    and a method flag the method does not have is refused rather than ignored."""
     cls = methods[args.method]
-    given = {f.name: getattr(args, FLAG_OF.get(f.name, f.name), None) for f in dataclasses.fields(cls.Config)}
+    flags = {FLAG_OF.get(f.name, f.name): f.name for f in dataclasses.fields(cls.Config)}
+    stray = [f for f in METHOD_FLAGS if getattr(args, f, None) is not None and f not in flags]
+    if stray:
+        raise ValueError(f"--{stray[0]} does not apply to --method {args.method}; drop it or pick a method that "
+                         f"has it")
+    given = {field: getattr(args, flag, None) for flag, field in flags.items()}
     return cls(cls.Config(**{k: v for k, v in given.items() if v is not None}))
 
 
@@ -105,7 +130,8 @@ def method_from_args(args, methods=METHODS):
 # the model, the data, the optimizer
 
 def build(args, method):
-    """-> (model wrapped by the method, tokenizer, task), on args.device."""
+    """-> (model wrapped by the method, tokenizer, task), on args.device. A method that calibrates on data before
+    its adapters exist (Dynamic LoRA) reads the run's first-epoch batches; the others never load them."""
     task = data.get_task(args.task)
     folder = resolve(args.model)
     torch.manual_seed(args.seed)
@@ -118,8 +144,16 @@ def build(args, method):
         if any(method.trains(n) for n in frozen):
             raise ValueError(f"--quant nf4 stores the base weights in 4 bits, which cannot train, but --method "
                              f"{args.method} trains them; use an adapter method (lora = QLoRA), head or bitfit")
-    model = method.wrap(model).to(args.device)
+    model = method.wrap(model.to(args.device), first_epoch(args, task, tok))
     return model, tok, task
+
+
+def first_epoch(args, task, tok):
+    """The training batches of epoch 1 in the run's own seeded order; a generator, so nothing is read until used."""
+    train = load_examples(task, "train", args, tok)
+    regression = task.num_labels == 1
+    yield from data.train_batches(train, args.batch_size, tok.pad_id, regression, random.Random(args.seed),
+                                  args.pad_multiple)
 
 
 def load_examples(task, split, args, tok):
@@ -134,10 +168,10 @@ def lr_lambda(warmup, total):
     return lambda t: t / max(1, warmup) if t < warmup else max(0.0, (total - t) / max(1, total - warmup))
 
 
-def optimizer(method, model, total, warmup_ratio, device):
+def optimizer(method, model, total, warmup, device):
     """AdamW over the method's groups (SPEC §1.4) and the warmup-then-linear-decay schedule over `total` steps."""
     opt = torch.optim.AdamW(method.param_groups(model), betas=(0.9, 0.999), eps=1e-8, fused=device.startswith("cuda"))
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(warmup_ratio * total), total))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total))
 
 
 def compile_model(model, device):
@@ -201,6 +235,29 @@ def evaluate(model, forward, method, examples, task, args, pad_id):
     return data.glue_metrics(task.name, torch.stack(logits).numpy(), [e["label"] for e in examples])
 
 
+@torch.no_grad()
+def latency_ms(model, method, examples, args, pad_id, passes, merged):
+    """Inference latency at batch 1 on dev examples (SPEC §1.5): 20 warm-up passes, then the mean ms of `passes`
+    passes, adapters merged into the base weights or not."""
+    model.eval()
+    if merged:
+        method.merge(model, float_only=True)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    one = [data.collate([examples[i % len(examples)]], pad_id) for i in range(20 + passes)]
+    times = []
+    for i, b in enumerate(one):
+        sync()
+        t0 = time.perf_counter()
+        with autocast(args.device):
+            model(b["input_ids"].to(args.device), b["attention_mask"].to(args.device),
+                  b["token_type_ids"].to(args.device))
+        sync()
+        if i >= 20:
+            times.append(time.perf_counter() - t0)
+    method.unmerge(model)
+    return 1e3 * sum(times) / len(times)
+
+
 def peak_memory_mb(device):
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
@@ -221,7 +278,9 @@ def run(args, methods=METHODS):
     total = args.epochs * steps_per_epoch
     if args.max_steps:
         total = min(args.max_steps, total)
-    opt, sched = optimizer(method, model, total, args.warmup_ratio, args.device)
+    warmup = int(args.warmup_ratio * total)
+    opt, sched = optimizer(method, model, total, warmup, args.device)
+    method.schedule(total, warmup)
     # SPEC §1.5: all parameters (a 4-bit weight counts out·in) plus adapter buffers (TLoRA's frozen factors)
     n_all = quant.count_params(model) + sum(b.numel() for n, b in model.named_buffers() if ".lora_" in n)
     n_train = sum(p.numel() for g in opt.param_groups for p in g["params"])
@@ -282,7 +341,10 @@ def run(args, methods=METHODS):
               "trainable_params": n_train, "total_params": n_all, "trainable_pct": 100 * n_train / n_all,
               "steps": step, "train_seconds": train_seconds, "s_per_step": train_seconds / max(1, step),
               "peak_memory_mb": peak_memory_mb(args.device), "args": vars(args),
-              "method_config": dataclasses.asdict(method.cfg)}
+              **({"latency_ms": latency_ms(model, method, dev, args, tok.pad_id, args.latency_passes, False),
+                  "latency_merged_ms": latency_ms(model, method, dev, args, tok.pad_id, args.latency_passes, True)}
+                 if args.latency_passes else {}),
+              "method_config": dataclasses.asdict(method.cfg), "method_report": method.report(model)}
     print(f"best epoch {best_epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if args.out_dir:
         method.save(model, args.out_dir)

@@ -6,17 +6,26 @@ A method is built from its own small dataclass config and never sees train.py's 
 
     method = LoRA(LoRAConfig(r=8, alpha=16))
     model = method.wrap(model)                 inject adapters; freeze all but them and the task head
+    method.schedule(total_steps, warmup_steps)    the run's length, for methods whose state follows a schedule
     opt = torch.optim.AdamW(method.param_groups(model))
     loss = task_loss + method.extra_loss(model)   (when not None)
     ... backward, opt.step(); method.after_step(model, step); opt.zero_grad()
     method.merge(model) / method.unmerge(model)   fold the adapters into the base weights for evaluation
     method.save(model, folder) / method.load(model, folder)   the trained tensors only
+    method.report(model)                       what the method learned besides tensors (ranks, ...), for metrics.json
 
 The whole interface, all that train.py calls:
-    wrap(model) -> model     trains(name) -> bool     param_groups(model) -> [{"params", "lr", "weight_decay", "name"}]
-    extra_loss(model) -> tensor or None     after_step(model, step), called after the step-th optimizer step and
-    before zero_grad, so this step's gradients are still there     merge(model) / unmerge(model)
-    save(model, folder) / load(model, folder)     label() -> the row name in eval.py's tables
+    wrap(model, batches=None) -> model   batches: an iterable of training batches, for a method that calibrates
+                                         on data before its adapters exist (Dynamic LoRA); the others ignore it
+    trains(name) -> bool                 which backbone tensors train (the task head always does)
+    param_groups(model)                  [{"params", "lr", "weight_decay", "name"}, ...] for AdamW
+    schedule(total_steps, warmup_steps)  called once before training
+    extra_loss(model) -> tensor or None  added to the task loss
+    after_step(model, step)              after the step-th optimizer step and before zero_grad, so this step's
+                                         gradients are still there
+    merge(model) / unmerge(model)        fold the adapters into the base weights and back
+    save(model, folder) / load(model, folder)
+    label() -> str, report(model) -> dict   the row name in eval.py's tables; extra facts for metrics.json
 Merging goes through an adapter-layer protocol: any module with merge() and unmerge() (LoRALinear and its
 subclasses) is merged; a layer that cannot merge (a bottleneck adapter) simply has no merge().
 Errors are exceptions (ValueError, FileNotFoundError) with a one-line message; only the scripts exit.
@@ -78,7 +87,7 @@ class Method:
     def trains(self, name):
         return False
 
-    def wrap(self, model):
+    def wrap(self, model, batches=None):
         for n, p in model.named_parameters():
             p.requires_grad = n.startswith("head.") or self.trains(n)
         return model
@@ -96,6 +105,12 @@ class Method:
     def label(self):
         """How a results table names this run; a method with variants adds them (tlora_plus: config and λ)."""
         return self.name
+
+    def report(self, model):
+        return {}
+
+    def schedule(self, total_steps, warmup_steps):
+        pass
 
     def extra_loss(self, model):
         return None
@@ -197,13 +212,17 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, dtype=dtype, device=device))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
+    def gain(self):
+        """The factor in front of B·A: s here; a subclass may scale it (Dynamic LoRA's m_l·s_l, TLoRA's s·g)."""
+        return self.scaling
+
     def delta_weight(self):
         """ΔW = s·B·A, (out, in)."""
-        return self.scaling * (self.lora_B @ self.lora_A)
+        return self.gain() * (self.lora_B @ self.lora_A)
 
     def adapter(self, x):
         """The adapter path, right to left so ΔW is never built: (N, in) -> (N, r) -> (N, out)."""
-        return F.linear(F.linear(self.dropout(x), self.lora_A) * self.scaling, self.lora_B)
+        return F.linear(F.linear(self.dropout(x), self.lora_A) * self.gain(), self.lora_B)
 
     def forward(self, x):
         y = self.base(x)  # the frozen path sees x itself: dropout is the adapter's only (SPEC §1.1)
@@ -246,11 +265,11 @@ def target_names(model, targets):
 
 
 def inject(model, targets, make_layer):
-    """Replace each target linear by make_layer(base). Returns {qualified name: adapter layer}."""
+    """Replace each target linear by make_layer(base, name). Returns {qualified name: adapter layer}."""
     layers = {}
     for name in target_names(model, targets):
         parent, _, attr = name.rpartition(".")
-        layers[name] = make_layer(getattr(model.get_submodule(parent), attr))
+        layers[name] = make_layer(getattr(model.get_submodule(parent), attr), name)
         setattr(model.get_submodule(parent), attr, layers[name])
     return layers
 
@@ -284,14 +303,14 @@ class LoRA(Method):
     name = "lora"
     Config = LoRAConfig
 
-    def make_layer(self, base):
+    def make_layer(self, base, name):
         c = self.cfg
         return LoRALinear(base, c.r, c.alpha, c.dropout, c.rslora)
 
     def trains(self, name):
         return ".lora_" in name
 
-    def wrap(self, model):
+    def wrap(self, model, batches=None):
         for p in model.parameters():
             p.requires_grad = False
         inject(model, self.cfg.targets, self.make_layer)

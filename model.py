@@ -1,10 +1,11 @@
 """
 One small transformer that loads three checkpoint families:
-- GPT-2: pre-LN, causal, fused q/k/v (`c_attn`), Conv1D layers that store the weight as (in, out), tied LM head.
+- GPT-2: pre-LN, causal, fused q/k/v (`c_attn`), Conv1D layers that store the weight as (in, out), tied LM
+  head.
 - RoBERTa: post-LN encoder, positions offset past the padding index, dense-tanh-out classification head.
 - BERT: post-LN encoder, token types, pooler (dense + tanh on [CLS]) then a linear classifier.
-Module names are our own and short; HF_NAMES below is the only place that knows the checkpoint names, used both
-to load weights (from_pretrained) and to write adapters under peft's key names (lora.py).
+Module names are our own and short; HF_NAMES below is the only place that knows the checkpoint names, used
+both to load weights (from_pretrained) and to write adapters under peft's key names (lora.py).
 This file knows no adapter: lora.py wraps its Linear/Conv1D layers from the outside.
 """
 import json
@@ -50,7 +51,7 @@ class Attention(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.causal = cfg.n_head, cfg.family == "gpt2"
+        self.n_head = cfg.n_head  # the causal mask (GPT-2) comes with `mask` from Transformer.encode
         if cfg.family == "gpt2":
             self.c_attn = Conv1D(cfg.d, 3 * cfg.d)  # one fused (d, 3d) matrix; one adapter covers all of it
             self.out = Conv1D(cfg.d, cfg.d)
@@ -65,8 +66,10 @@ class Attention(nn.Module):
             q, k, v = self.c_attn(x).split(C, dim=2)
         else:
             q, k, v = self.query(x), self.key(x), self.value(x)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in (q, k, v))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.p if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -100,8 +103,8 @@ class Block(nn.Module):
 
 
 class Head(nn.Module):
-    """Task head, always trainable. RoBERTa: dense-tanh-out on <s>. BERT: pooler (dense-tanh on [CLS]) + linear.
-    GPT-2: `score` (no bias) on the last non-pad token."""
+    """Task head, always trainable. RoBERTa: dense-tanh-out on <s>. BERT: pooler (dense-tanh on [CLS]) +
+    linear. GPT-2: `score` (no bias) on the last non-pad token."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -114,7 +117,8 @@ class Head(nn.Module):
 
     def forward(self, h, attention_mask):
         if self.family == "gpt2":
-            last = attention_mask.size(1) - 1 - attention_mask.flip(1).long().argmax(1)  # last non-pad position
+            # last non-pad position
+            last = attention_mask.size(1) - 1 - attention_mask.flip(1).long().argmax(1)
             return self.score(h[torch.arange(h.size(0), device=h.device), last])
         x = h[:, 0]
         if self.family == "roberta":
@@ -186,18 +190,22 @@ HF_NAMES = {
     "bert": {
         "wte": "embeddings.word_embeddings", "wpe": "embeddings.position_embeddings",
         "wtt": "embeddings.token_type_embeddings", "ln_emb": "embeddings.LayerNorm", "h": "encoder.layer",
-        "attn.query": "attention.self.query", "attn.key": "attention.self.key", "attn.value": "attention.self.value",
-        "attn.out": "attention.output.dense", "ln_1": "attention.output.LayerNorm",
+        "attn.query": "attention.self.query", "attn.key": "attention.self.key",
+        "attn.value": "attention.self.value", "attn.out": "attention.output.dense",
+        "ln_1": "attention.output.LayerNorm",
         "mlp.fc": "intermediate.dense", "mlp.proj": "output.dense", "ln_2": "output.LayerNorm",
         "head.dense": "pooler.dense", "head.out_proj": "classifier",
     },
     "gpt2": {
-        "wte": "wte", "wpe": "wpe", "h": "h", "ln_f": "ln_f", "attn.c_attn": "attn.c_attn", "attn.out": "attn.c_proj",
-        "ln_1": "ln_1", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj", "ln_2": "ln_2", "head.score": "score",
+        "wte": "wte", "wpe": "wpe", "h": "h", "ln_f": "ln_f", "attn.c_attn": "attn.c_attn",
+        "attn.out": "attn.c_proj", "ln_1": "ln_1", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj",
+        "ln_2": "ln_2", "head.score": "score",
     },
 }
-HF_NAMES["roberta"] = {**HF_NAMES["bert"], "head.dense": "classifier.dense", "head.out_proj": "classifier.out_proj"}
-HF_PREFIX = {"bert": "bert.", "roberta": "roberta.", "gpt2": "transformer."}  # the backbone's attribute in HF's
+HF_NAMES["roberta"] = {**HF_NAMES["bert"], "head.dense": "classifier.dense",
+                       "head.out_proj": "classifier.out_proj"}
+# the backbone's attribute in HF's
+HF_PREFIX = {"bert": "bert.", "roberta": "roberta.", "gpt2": "transformer."}
 HEAD_IN_BACKBONE = {"bert": ("head.dense",), "roberta": (), "gpt2": ()}  # BERT's pooler lives inside "bert."
 
 
@@ -221,19 +229,21 @@ def config_from_hf(hf, num_labels):
     """transformers' config.json (a dict) -> our Config."""
     family = hf.get("model_type")
     if family not in HF_NAMES:
-        raise ValueError(f"model_type {family!r} is not supported: nanoPEFT loads gpt2, roberta and bert checkpoints")
+        raise ValueError(f"model_type {family!r} is not supported: "
+                         "nanoPEFT loads gpt2, roberta and bert checkpoints")
     if family == "gpt2":
         pad_id = hf.get("eos_token_id", 50256) if hf.get("pad_token_id") is None else hf["pad_token_id"]
         return Config(family=family, vocab_size=hf["vocab_size"], n_positions=hf["n_positions"], n_types=0,
                       d=hf["n_embd"], n_layer=hf["n_layer"], n_head=hf["n_head"],
-                      d_ff=hf.get("n_inner") or 4 * hf["n_embd"], act=hf.get("activation_function", "gelu_new"),
-                      eps=hf.get("layer_norm_epsilon", 1e-5), dropout=hf.get("resid_pdrop", 0.1), pad_id=pad_id,
-                      num_labels=num_labels)
+                      d_ff=hf.get("n_inner") or 4 * hf["n_embd"],
+                      act=hf.get("activation_function", "gelu_new"), eps=hf.get("layer_norm_epsilon", 1e-5),
+                      dropout=hf.get("resid_pdrop", 0.1), pad_id=pad_id, num_labels=num_labels)
     return Config(family=family, vocab_size=hf["vocab_size"], n_positions=hf["max_position_embeddings"],
                   n_types=hf.get("type_vocab_size", 2), d=hf["hidden_size"], n_layer=hf["num_hidden_layers"],
-                  n_head=hf["num_attention_heads"], d_ff=hf["intermediate_size"], act=hf.get("hidden_act", "gelu"),
-                  eps=hf.get("layer_norm_eps", 1e-12), dropout=hf.get("hidden_dropout_prob", 0.1),
-                  pad_id=hf.get("pad_token_id", 0), num_labels=num_labels)
+                  n_head=hf["num_attention_heads"], d_ff=hf["intermediate_size"],
+                  act=hf.get("hidden_act", "gelu"), eps=hf.get("layer_norm_eps", 1e-12),
+                  dropout=hf.get("hidden_dropout_prob", 0.1), pad_id=hf.get("pad_token_id", 0),
+                  num_labels=num_labels)
 
 
 def resolve(name_or_dir):
@@ -241,14 +251,17 @@ def resolve(name_or_dir):
     if os.path.isdir(name_or_dir):
         return name_or_dir
     if name_or_dir.startswith((".", "/", "~")) or name_or_dir.count("/") > 1:  # a path, not an "org/name" id
-        raise FileNotFoundError(f"model folder {name_or_dir!r} does not exist; pass --model DIR with config.json")
+        raise FileNotFoundError(f"model folder {name_or_dir!r} does not exist; "
+                                "pass --model DIR with config.json")
     from huggingface_hub import snapshot_download
     try:
-        return snapshot_download(name_or_dir, allow_patterns=["config.json", "*.safetensors", "pytorch_model.bin",
-                                 "vocab.json", "merges.txt", "vocab.txt", "tokenizer_config.json"])
+        return snapshot_download(name_or_dir, allow_patterns=["config.json", "*.safetensors",
+                                 "pytorch_model.bin", "vocab.json", "merges.txt", "vocab.txt",
+                                 "tokenizer_config.json"])
     except Exception as e:
         raise ConnectionError(f"cannot fetch {name_or_dir!r} from the Hugging Face hub ({type(e).__name__}); "
-                              "offline, pass --model DIR (a local folder with config.json and model.safetensors)") from None
+                              "offline, pass --model DIR (a local folder with config.json and "
+                              "model.safetensors)") from None
 
 
 def load_state_dict(folder):
@@ -259,20 +272,23 @@ def load_state_dict(folder):
     path = os.path.join(folder, "pytorch_model.bin")
     if os.path.exists(path):
         return torch.load(path, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{folder} has no model.safetensors or pytorch_model.bin; pass a full checkpoint folder")
+    raise FileNotFoundError(f"{folder} has no model.safetensors or pytorch_model.bin; "
+                            "pass a full checkpoint folder")
 
 
-HF_BUFFERS = (".attn.bias", ".attn.masked_bias", "position_ids")  # HF's saved masks and position ranges: no weights
+# HF's saved masks and position ranges: no weights
+HF_BUFFERS = (".attn.bias", ".attn.masked_bias", "position_ids")
 
 
 def from_pretrained(name_or_dir, num_labels=2):
-    """Build a Transformer from a checkpoint folder or hub id. Every backbone tensor must be found and shaped as
-    ours, and the checkpoint may hold no backbone tensor we leave unread; the task head is loaded when the
+    """Build a Transformer from a checkpoint folder or hub id. Every backbone tensor must be found and shaped
+    as ours, and the checkpoint may hold no backbone tensor we leave unread; the task head is loaded when the
     checkpoint has one with num_labels outputs, else initialised."""
     folder = resolve(name_or_dir)
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{folder} has no config.json; pass --model DIR pointing at a HF checkpoint folder")
+        raise FileNotFoundError(f"{folder} has no config.json; "
+                                "pass --model DIR pointing at a HF checkpoint folder")
     try:
         with open(cfg_path) as f:
             cfg = config_from_hf(json.load(f), num_labels)
@@ -287,7 +303,8 @@ def from_pretrained(name_or_dir, num_labels=2):
     read = set()
     for name, t in model.state_dict().items():
         key = hf_name(cfg.family, name)
-        if key not in sd and key.startswith(prefix):  # a bare backbone (BertModel, GPT2Model): no "bert." prefix
+        # a bare backbone (BertModel, GPT2Model): no "bert." prefix
+        if key not in sd and key.startswith(prefix):
             key = key[len(prefix):]
         if key not in sd or sd[key].shape != t.shape:
             if name.startswith("head."):

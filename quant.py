@@ -1,13 +1,16 @@
 """
-NF4 quantization with double quantization for a frozen base (QLoRA, Dettmers et al. 2023; SPEC §2.4 "Quantized base").
-- W is flattened row-major and cut into 64-value blocks. Each block keeps its absmax m_k and, per value, the 4-bit
-  index of the nearest NF4 level to w/m_k. NF4 has 16 levels at normal quantiles, and two indices share a byte.
-- Double quantization stores m_k - mean(m) as 8-bit codes of bnb's signed dynamic map, with one fp32 scale per 256
-  blocks: 4 + 8/64 + 32/(64*256) ≈ 4.127 bits per weight.
-- This is pure torch and bit-compatible with bitsandbytes on CPU: quantize_4bit(quant_type="nf4", blocksize=64,
-  compress_statistics=False/True) gives the same bytes, absmax, absmax codes, scales and offset (see the tests).
-  bnb is only the test reference. bnb's CUDA 8-bit kernel picks the nearest absmax code by a midpoint search
-  instead of the CPU grid reproduced below, so on CUDA ~0.15% of absmax codes can differ by one step.
+NF4 quantization with double quantization for a frozen base (QLoRA, Dettmers et al. 2023;
+SPEC §2.4 "Quantized base").
+- W is flattened row-major and cut into 64-value blocks. Each block keeps its absmax m_k and, per value, the
+  4-bit index of the nearest NF4 level to w/m_k. NF4 has 16 levels at normal quantiles, and two indices share
+  a byte.
+- Double quantization stores m_k - mean(m) as 8-bit codes of bnb's signed dynamic map, with one fp32 scale per
+  256 blocks: 4 + 8/64 + 32/(64*256) ≈ 4.127 bits per weight.
+- This is pure torch and bit-compatible with bitsandbytes on CPU: quantize_4bit(quant_type="nf4",
+  blocksize=64, compress_statistics=False/True) gives the same bytes, absmax, absmax codes, scales and offset
+  (see the tests). bnb is only the test reference. bnb's CUDA 8-bit kernel picks the nearest absmax code by a
+  midpoint search instead of the CPU grid reproduced below, so on CUDA ~0.15% of absmax codes can differ by
+  one step.
 - Linear4bit keeps only those tensors as buffers and dequantizes in its forward (bf16 on CUDA, fp32 on CPU).
   Merging a LoRA delta into it keeps an fp32 copy Ŵ + ΔW and never requantizes, so unmerge is exact.
 """
@@ -27,7 +30,8 @@ NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.
 
 
 def nf4_code_book(offset=0.9677083):
-    """QLoRA's NF4 levels (bnb create_normal_map): 8 positive and 7 negative normal quantiles, plus 0, over max."""
+    """QLoRA's NF4 levels (bnb create_normal_map): 8 positive and 7 negative normal quantiles, plus 0, over
+    max."""
     ppf = lambda p: torch.special.ndtri(p.double())  # like scipy norm.ppf: fp64 on fp32 grid points
     pos = ppf(torch.linspace(offset, 0.5, 9)[:-1])  # (8,)  one more positive level: NF4 is asymmetric
     neg = -ppf(torch.linspace(offset, 0.5, 8)[:-1])  # (7,)
@@ -36,26 +40,29 @@ def nf4_code_book(offset=0.9677083):
 
 
 def dynamic_map():
-    """bnb's signed 8-bit dynamic map (create_dynamic_map(signed=True)): for e = 0..6, the midpoints of 2^e equal
-    steps of [0.1, 1] times 10^(e-6), with both signs, plus 0 and 1."""
+    """bnb's signed 8-bit dynamic map (create_dynamic_map(signed=True)): for e = 0..6, the midpoints of 2^e
+    equal steps of [0.1, 1] times 10^(e-6), with both signs, plus 0 and 1."""
     mids = lambda b: (b[:-1] + b[1:]) / 2
     pos = torch.cat([10.0 ** (e - 6) * mids(torch.linspace(0.1, 1, 2 ** e + 1)) for e in range(7)])  # (127,)
     return torch.cat([pos, -pos, torch.tensor([0.0, 1.0])]).sort().values  # (256,) fp32, sorted
 
 
 NF4_T = torch.tensor(NF4)  # (16,) fp32
-NF4_BOUNDS = (NF4_T[:-1] + NF4_T[1:]) / 2  # (15,) midpoints; bucketize sends a tie to the lower level, as bnb does
-NF4_PAIRS = torch.stack([NF4_T.repeat_interleave(16), NF4_T.repeat(16)], dim=1)  # (256, 2): byte -> (high, low) levels
+# (15,) midpoints; bucketize sends a tie to the lower level, as bnb does
+NF4_BOUNDS = (NF4_T[:-1] + NF4_T[1:]) / 2
+# (256, 2): byte -> (high, low) levels
+NF4_PAIRS = torch.stack([NF4_T.repeat_interleave(16), NF4_T.repeat(16)], dim=1)
 DYNAMIC = dynamic_map()  # (256,) fp32
-# bnb's CPU kernel (csrc/cpu_ops.cpp) snaps x in [-1, 1] to a grid of 65536 points and takes the code nearest the
-# grid point. Codes match it bit for bit; the exact nearest code differs for ~0.15% of random inputs.
-DYNAMIC_LUT = torch.searchsorted((DYNAMIC[:-1] + DYNAMIC[1:]) / 2,
-                                 -1.0 + 2.0 * torch.arange(65536, dtype=torch.float32) / 65535)  # (65536,) int64
+# bnb's CPU kernel (csrc/cpu_ops.cpp) snaps x in [-1, 1] to a grid of 65536 points and takes the code nearest
+# the grid point. Codes match it bit for bit; the exact nearest code differs for ~0.15% of random inputs.
+DYNAMIC_LUT = torch.searchsorted((DYNAMIC[:-1] + DYNAMIC[1:]) / 2,  # (65536,) int64
+                                 -1.0 + 2.0 * torch.arange(65536, dtype=torch.float32) / 65535)
 
 
 @functools.cache
 def tables(device):
-    """The lookup tables on `device`, copied once: a host-to-GPU copy in every forward would stall the host."""
+    """The lookup tables on `device`, copied once: a host-to-GPU copy in every forward would stall the
+    host."""
     named = dict(bounds=NF4_BOUNDS, pairs=NF4_PAIRS, dynamic=DYNAMIC, lut=DYNAMIC_LUT)
     return {k: t.to(device) for k, t in named.items()}
 
@@ -63,7 +70,8 @@ def tables(device):
 @dataclass
 class QuantState:
     packed: torch.Tensor  # (ceil(n/2),) uint8: two 4-bit codes per byte, first value in the high nibble
-    absmax: torch.Tensor  # (nb,) fp32 one per block, or uint8 dynamic-map codes of absmax - offset (double quant)
+    absmax: torch.Tensor  # (nb,) fp32 one per block, or uint8 dynamic-map codes of absmax - offset
+                          # (double quant)
     scale: Optional[torch.Tensor]  # (ceil(nb/256),) fp32: max |absmax - offset| per 256 blocks (double quant)
     offset: Optional[torch.Tensor]  # () fp32: mean absmax (double quant)
     shape: torch.Size
@@ -97,13 +105,16 @@ def quantize_dynamic(x, blocksize=256):
     blocks = F.pad(x, (0, -x.numel() % blocksize)).view(-1, blocksize)  # (nb, blocksize), zero-padded
     absmax = blocks.abs().amax(dim=1)  # (nb,) fp32
     inv = torch.where(absmax > 0, 1 / absmax, 0.0)
-    grid = ((blocks * inv[:, None]).clamp(-1, 1) + 1) * 0.5 * 65535 + 0.5  # bnb's grid index, before truncation
-    codes = tables(x.device)["lut"][grid.long()].masked_fill(absmax[:, None] == 0, 0)  # bnb: code 0 if absmax = 0
+    # bnb's grid index, before truncation
+    grid = ((blocks * inv[:, None]).clamp(-1, 1) + 1) * 0.5 * 65535 + 0.5
+    # bnb: code 0 if absmax = 0
+    codes = tables(x.device)["lut"][grid.long()].masked_fill(absmax[:, None] == 0, 0)
     return codes.to(torch.uint8).flatten()[:x.numel()], absmax  # (n,) uint8, (nb,) fp32
 
 
 def dequantize_dynamic(codes, scale, offset, blocksize=256):
-    vals = F.pad(tables(codes.device)["dynamic"][codes.long()], (0, -codes.numel() % blocksize))  # (nb*blocksize,)
+    vals = F.pad(tables(codes.device)["dynamic"][codes.long()],
+                 (0, -codes.numel() % blocksize))  # (nb*blocksize,)
     return (vals.view(-1, blocksize) * scale[:, None]).flatten()[:codes.numel()] + offset  # (n,) fp32
 
 
@@ -148,21 +159,28 @@ class DequantMatmul(torch.autograd.Function):
 
 
 class Linear4bit(nn.Module):
-    """A frozen nn.Linear (or GPT-2 Conv1D, transposed) in NF4: y = x Ŵᵀ + b with W (out, in) dequantized per call.
-    Only the packed codes and statistics are buffers. Quantize after any model.to(dtype): that call would also cast
-    the fp32 absmax/scale/offset buffers."""
+    """A frozen nn.Linear (or GPT-2 Conv1D, transposed) in NF4: y = x Ŵᵀ + b with W (out, in) dequantized per
+    call. Only the packed codes and statistics are buffers. Quantize after any model.to(dtype): that call
+    would also cast the fp32 absmax/scale/offset buffers."""
 
-    def __init__(self, in_features, out_features, bias=True, double_quant=True, dtype=torch.float32, blocksize=64):
+    def __init__(self, in_features, out_features, bias=True, double_quant=True, dtype=torch.float32,
+                 blocksize=64):
         super().__init__()
-        self.in_features, self.out_features, self.dtype, self.blocksize = in_features, out_features, dtype, blocksize
+        self.in_features, self.out_features, self.dtype, self.blocksize = (
+            in_features, out_features, dtype, blocksize)
         n = in_features * out_features
         nb = -(n // -blocksize)
-        self.register_buffer("packed", torch.zeros(-(n // -2), dtype=torch.uint8))  # (ceil(n/2),) two codes per byte
-        self.register_buffer("absmax", torch.zeros(nb, dtype=torch.uint8 if double_quant else torch.float32))  # (nb,)
-        self.register_buffer("scale", torch.zeros(-(nb // -256)) if double_quant else None)  # (ceil(nb/256),) fp32
+        # (ceil(n/2),) two codes per byte
+        self.register_buffer("packed", torch.zeros(-(n // -2), dtype=torch.uint8))
+        # (nb,)
+        self.register_buffer("absmax", torch.zeros(nb, dtype=torch.uint8 if double_quant else torch.float32))
+        # (ceil(nb/256),) fp32
+        self.register_buffer("scale", torch.zeros(-(nb // -256)) if double_quant else None)
         self.register_buffer("offset", torch.zeros(()) if double_quant else None)  # () fp32
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
-        self.register_buffer("merged_weight", None, persistent=False)  # (out, in) fp32 Ŵ + ΣΔW, only while merged
+        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias
+                     else None)
+        # (out, in) fp32 Ŵ + ΣΔW, only while merged
+        self.register_buffer("merged_weight", None, persistent=False)
         self.register_buffer("merged_delta", None, persistent=False)  # (out, in) fp32 ΣΔW, only while merged
 
     @classmethod
@@ -170,14 +188,16 @@ class Linear4bit(nn.Module):
         W = linear.weight.t() if type(linear).__name__ == "Conv1D" else linear.weight  # (out, in)
         q = cls(W.shape[1], W.shape[0], linear.bias is not None, double_quant, W.dtype).to(W.device)
         state = quantize_nf4(W, q.blocksize, double_quant)
-        tensors = {"packed": state.packed, "absmax": state.absmax, "scale": state.scale, "offset": state.offset,
-                   "bias": linear.bias}
-        q.load_state_dict({k: v for k, v in tensors.items() if v is not None})  # the same path a checkpoint takes
+        tensors = {"packed": state.packed, "absmax": state.absmax, "scale": state.scale,
+                   "offset": state.offset, "bias": linear.bias}
+        # the same path a checkpoint takes
+        q.load_state_dict({k: v for k, v in tensors.items() if v is not None})
         return q
 
     def state(self):
         shape = torch.Size((self.out_features, self.in_features))
-        return QuantState(self.packed, self.absmax, self.scale, self.offset, shape, self.dtype, self.blocksize)
+        return QuantState(self.packed, self.absmax, self.scale, self.offset, shape, self.dtype,
+                          self.blocksize)
 
     def dequantized_weight(self, dtype=None):
         return dequantize_nf4(self.state(), dtype)  # (out, in)
@@ -191,18 +211,20 @@ class Linear4bit(nn.Module):
         return (y if bias is None else y + bias).to(x.dtype)
 
     def merge_delta(self, delta):
-        """LoRALinear.merge()'s hook (lora.py): Ŵ + ΔW has no exact NF4 form, and requantizing would add a second
-        rounding error that unmerge could not undo. So the layer keeps an fp32 copy Ŵ + ΔW for its forward and never
-        touches the packed codes. It also sums the deltas: unmerge passes -ΔW, the sum is then exactly 0, the fp32
-        copy is dropped and the layer is its 4-bit self again, bit for bit."""
+        """LoRALinear.merge()'s hook (lora.py): Ŵ + ΔW has no exact NF4 form, and requantizing would add a
+        second rounding error that unmerge could not undo. So the layer keeps an fp32 copy Ŵ + ΔW for its
+        forward and never touches the packed codes. It also sums the deltas: unmerge passes -ΔW, the sum is
+        then exactly 0, the fp32 copy is dropped and the layer is its 4-bit self again, bit for bit."""
         delta = delta.detach().float()  # (out, in)
         self.merged_delta = delta if self.merged_delta is None else self.merged_delta + delta
         if not self.merged_delta.any():
             self.merged_weight = self.merged_delta = None
             return
-        if self.merged_weight is None:  # the default warning filter shows this once, however many layers merge
-            warnings.warn("merge into a 4-bit base: dequantized to an fp32 copy (Ŵ + ΔW) for the forward, not "
-                          "requantized; the NF4 codes are kept and unmerge() restores them exactly", stacklevel=2)
+        # the default warning filter shows this once, however many layers merge
+        if self.merged_weight is None:
+            warnings.warn("merge into a 4-bit base: dequantized to an fp32 copy (Ŵ + ΔW) for the forward, "
+                          "not requantized; the NF4 codes are kept and unmerge() restores them exactly",
+                          stacklevel=2)
         self.merged_weight = self.dequantized_weight(torch.float32) + self.merged_delta  # (out, in) fp32
 
     def extra_repr(self):
@@ -211,8 +233,8 @@ class Linear4bit(nn.Module):
 
 
 def quantize_model(model, skip=("head",), double_quant=True):
-    """Swap every nn.Linear and Conv1D (by class name) whose qualified name starts with no prefix in skip. The type
-    test is exact, so a LoRA layer that subclasses nn.Linear is never swallowed."""
+    """Swap every nn.Linear and Conv1D (by class name) whose qualified name starts with no prefix in skip. The
+    type test is exact, so a LoRA layer that subclasses nn.Linear is never swallowed."""
     targets = [name for name, m in model.named_modules()
                if (type(m) is nn.Linear or type(m).__name__ == "Conv1D") and not name.startswith(tuple(skip))]
     for name in targets:
@@ -223,8 +245,8 @@ def quantize_model(model, skip=("head",), double_quant=True):
 
 
 def count_params(model):
-    """#parameters as SPEC §1.5 counts them: a Linear4bit weight is out·in logical values (its bias is already a
-    Parameter), not the bytes that store it. Equal to the count before quantize_model."""
+    """#parameters as SPEC §1.5 counts them: a Linear4bit weight is out·in logical values (its bias is already
+    a Parameter), not the bytes that store it. Equal to the count before quantize_model."""
     return sum(p.numel() for p in model.parameters()) + sum(
         m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
 
@@ -232,6 +254,6 @@ def count_params(model):
 def bits_per_param(model):
     """Stored bits (codes, absmax codes, scales, offset) per logical weight, over all Linear4bit modules."""
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
-    bits = sum(b.numel() * b.element_size() * 8 for m in layers for b in (m.packed, m.absmax, m.scale, m.offset)
-               if b is not None)
+    bits = sum(b.numel() * b.element_size() * 8
+               for m in layers for b in (m.packed, m.absmax, m.scale, m.offset) if b is not None)
     return bits / sum(m.in_features * m.out_features for m in layers)

@@ -18,6 +18,7 @@ import torch
 
 import baselines
 import data
+import dynamic_lora
 import eval as ev
 import finetune
 import lora
@@ -676,6 +677,188 @@ def test_tlora_save_load_round_trip_and_refuses_other_methods(tmp_path):
         big.load(big.wrap(M.from_pretrained(folder)), str(tmp_path / "ck-tlora_plus-ABC"))
 
 
+# ------------------------------------------------------------------------------------------------ dynamic_lora.py
+
+def cal_batches(family="bert", n=4):
+    """Calibration batches as train.py hands them to wrap(): dicts with padded ids, mask, types and labels."""
+    out = []
+    for k in range(n):
+        ids, mask, types = batch(family, seed=10 + k)
+        out.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": torch.tensor([0, 1, 1])})
+    return out
+
+
+def dynamic_pair(tmp_path, family="bert", **cfg):
+    """(DynamicLoRA, a tiny model wrapped by it, the checkpoint folder), calibrated on cal_batches()."""
+    folder = str(tmp_path / f"hf-{family}")
+    if not os.path.isdir(folder):
+        tiny_hf(family).save_pretrained(folder)
+    torch.manual_seed(0)
+    method = method_for("dynamic_lora", **{"n_cal": 4, **cfg})
+    return method, method.wrap(M.from_pretrained(folder), cal_batches(family)).eval(), folder
+
+
+def test_dynamic_lora_calibration_variance_counts_non_padding_tokens_in_float64(tmp_path):
+    folder = save_hf(tiny_hf("bert"), tmp_path)
+    model = M.from_pretrained(folder)
+    names = lora.target_names(model, "all-linear")
+    seen = {n: [] for n in names}
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen[n].append(i[0])) for n in names]
+    model.eval()
+    with torch.no_grad():
+        for b in cal_batches():
+            model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+    for h in hooks:
+        h.remove()
+    masks = [b["attention_mask"].bool() for b in cal_batches()]
+    want = {n: np.var(np.concatenate([x[m].double().numpy().ravel() for x, m in zip(seen[n], masks)])) for n in names}
+    got = dynamic_lora.input_variances(model.train(), names, iter(cal_batches()), n_cal=4)
+    assert all(abs(got[n] - want[n]) <= 1e-9 * want[n] for n in names), "population variance of non-pad inputs"
+    assert model.training, "calibration must give the model back in the mode it found it"
+    with pytest.raises(ValueError, match="--n_cal 5 asks for more calibration batches than the training set has"):
+        dynamic_lora.input_variances(model, names, iter(cal_batches()), n_cal=5)
+
+
+def test_dynamic_lora_ranks_follow_the_rule_and_its_clamps():
+    """r_l = min(max(⌊r(1 + β v_l) + 0.5⌋, 1), r_max, in_l, out_l) with v_l = Var_l / mean Var, by hand."""
+    variances = {"a": 1.0, "b": 3.0, "c": 0.0, "d": 100.0, "e": 20.0}  # mean 24.8
+    shapes = {"a": (64, 64), "b": (64, 64), "c": (64, 64), "d": (64, 64), "e": (6, 64)}
+    got = dynamic_lora.ranks_from_variances(variances, shapes, r=8, beta=0.5, r_max=12)
+    # a: 8(1 + .5/24.8) = 8.16 -> 8; b: 8.48 -> 8; c: 8; d: 8(1 + 50/24.8) = 24.1 -> r_max 12; e: 11.2 -> 11 -> in 6
+    assert got == {"a": 8, "b": 8, "c": 8, "d": 12, "e": 6}, got
+    assert dynamic_lora.ranks_from_variances(variances, shapes, 8, 0.0, 32) == dict.fromkeys("abcde", 8) | {"e": 6}
+    wide = dynamic_lora.ranks_from_variances({"a": 1.0, "b": 3.0}, {"a": (64, 64), "b": (64, 64)}, 8, 1.0, 32)
+    assert wide == {"a": 12, "b": 20}, wide  # 8 · (1 + 0.5) = 12, 8 · (1 + 1.5) = 20
+
+
+def test_dynamic_lora_hook_importance_is_the_rms_of_the_weight_gradient():
+    torch.manual_seed(0)
+    layer = dynamic_lora.DynamicLoRALinear(torch.nn.Linear(12, 7), r=3).train()
+    layer.sample = True
+    x, R = torch.randn(2, 5, 12), torch.randn(2, 5, 7)
+    (layer(x) * R).sum().backward()  # G = ∂L/∂Y = R
+    want = (R.reshape(-1, 7).t() @ x.reshape(-1, 12)).norm().item() / math.sqrt(7 * 12)
+    assert layer.importance.item() == pytest.approx(want, rel=1e-6)
+    autograd = layer.base.weight.grad.norm().item() / math.sqrt(7 * 12)  # this bare Linear's W still has a grad
+    assert layer.importance.item() == pytest.approx(autograd, rel=1e-6), "I_l = RMS of autograd's ∂L/∂W_l"
+    layer.importance, layer.sample = None, False
+    (layer(x) * R).sum().backward()
+    assert layer.importance is None, "off the sampled steps the hook must not measure"
+
+
+def test_dynamic_lora_omega_sums_to_one_and_orders_layers_by_sensitivity():
+    """Three layers on the same input, L = Σ_l c_l·ΣY_l: G_l = c_l, so I_l ∝ c_l·||1ᵀX||/√(out·in)."""
+    torch.manual_seed(0)
+    method = method_for("dynamic_lora", importance_every=1, omega_every=2, omega_start=0)
+    layers = {f"l{k}": dynamic_lora.DynamicLoRALinear(torch.nn.Linear(8, 8), r=2).train() for k in range(3)}
+    c = {"l0": 1.0, "l1": 3.0, "l2": 2.0}
+    method.layers, method.ema, method.trajectory, method.omega_start = layers, {}, [], 0
+    method.arm(1)
+    for step in (1, 2):
+        x = torch.randn(4, 8)
+        sum(c[n] * l(x).sum() for n, l in layers.items()).backward()
+        method.after_step(None, step)
+    m = {n: l.lora_m.item() for n, l in layers.items()}
+    assert sum(m.values()) / 3 == pytest.approx(1.0, abs=1e-6), f"ω = m/L_n must sum to 1: {m}"
+    assert sorted(m, key=m.get) == ["l0", "l2", "l1"], f"m must follow the sensitivities {c}: {m}"
+    assert m["l1"] / m["l0"] == pytest.approx(3.0, rel=1e-5), "proportional, not softmax: Ī_1 / Ī_0 = 3"
+    assert [row["step"] for row in method.trajectory] == [2]
+
+
+def test_dynamic_lora_with_uniform_importance_is_lora_exactly(tmp_path):
+    """β = 0 gives every layer rank r, uniform Ī gives m ≡ 1, λ = 0 removes the penalty: then outputs and
+    gradients equal LoRA's from the same seed, bit for bit."""
+    dyn, model, folder = dynamic_pair(tmp_path, beta=0.0, lambda1=0.0, lambda2=0.0, omega_every=1)
+    torch.manual_seed(0)
+    lo = method_for("lora")
+    ref = lo.wrap(M.from_pretrained(folder)).eval()
+    dyn.ema = dict.fromkeys(dyn.layers, 0.37)
+    dyn.after_step(model, 1)
+    assert all(l.lora_m.item() == 1.0 for l in dyn.layers.values()), "uniform importance must give m ≡ 1"
+    randomize_b(model)
+    randomize_b(ref)
+    ids, mask, types = batch("bert")
+    labels = torch.tensor([0, 1, 1])
+    out, out_ref = model(ids, mask, types), ref(ids, mask, types)
+    assert torch.equal(out, out_ref), f"logits differ by {(out - out_ref).abs().max().item():.2e}"
+    (torch.nn.functional.cross_entropy(out, labels) + dyn.extra_loss(model)).backward()
+    torch.nn.functional.cross_entropy(out_ref, labels).backward()
+    refs = lora.adapter_layers(ref)
+    for name, layer in dyn.layers.items():
+        assert torch.equal(layer.lora_A.grad, refs[name].lora_A.grad), f"{name}: A's gradient differs from LoRA's"
+        assert torch.equal(layer.lora_B.grad, refs[name].lora_B.grad), f"{name}: B's gradient differs from LoRA's"
+
+
+def test_dynamic_lora_regulariser_gradient_is_2_lambda_A_and_B(tmp_path):
+    dyn, model, _ = dynamic_pair(tmp_path, lambda1=0.3, lambda2=0.05)
+    randomize_b(model)
+    dyn.extra_loss(model).backward()
+    for name, layer in dyn.layers.items():
+        assert torch.allclose(layer.lora_A.grad, 2 * 0.3 * layer.lora_A, rtol=1e-6, atol=0), name
+        assert torch.allclose(layer.lora_B.grad, 2 * 0.05 * layer.lora_B, rtol=1e-6, atol=0), name
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_dynamic_lora_merge_unmerge_exact_with_its_multipliers(family, tmp_path):
+    dyn, model, _ = dynamic_pair(tmp_path, family, beta=2.0)
+    assert len(set(l.r for l in dyn.layers.values())) > 1, "β = 2 should give different ranks"
+    randomize_b(model)
+    with torch.no_grad():
+        for k, layer in enumerate(dyn.layers.values()):
+            layer.lora_m.fill_(0.5 + 0.1 * k)
+    assert_merge_round_trip(model, family, "dynamic_lora")
+
+
+def test_dynamic_lora_adapter_loads_in_peft_with_the_same_logits_and_back(tmp_path):
+    from peft import PeftModel
+    import transformers as T
+    dyn, model, folder = dynamic_pair(tmp_path, "roberta", beta=2.0)
+    randomize_b(model)
+    with torch.no_grad():
+        for k, layer in enumerate(dyn.layers.values()):
+            layer.lora_m.fill_(0.5 + 0.1 * k)
+    out_dir = str(tmp_path / "adapter")
+    dyn.save(model, out_dir)
+    saved = json.load(open(os.path.join(out_dir, "adapter_config.json")))
+    assert len(set(saved["rank_pattern"].values())) > 1 and saved["peft_type"] == "LORA"
+    hf = T.RobertaForSequenceClassification.from_pretrained(folder)
+    loaded = PeftModel.from_pretrained(hf, out_dir).eval()
+    ids, mask, types = batch("roberta")
+    with torch.no_grad():
+        d = (loaded(input_ids=ids, attention_mask=mask).logits - model(ids, mask, types)).abs().max().item()
+    assert d <= 1e-5, f"peft loads our Dynamic LoRA adapter but its logits differ by {d:.2e}"
+    again, fresh, _ = dynamic_pair(tmp_path, "roberta", beta=2.0)  # the same calibration: the same ranks
+    again.load(fresh, out_dir)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids, mask, types), model(ids, mask, types)), "reloaded logits differ"
+    with pytest.raises(ValueError, match="pass --method dynamic_lora to load it"):
+        lo = method_for("lora")
+        lo.load(lo.wrap(M.from_pretrained(folder)), out_dir)
+    other, fresh, _ = dynamic_pair(tmp_path, "roberta", beta=0.0)
+    with pytest.raises(ValueError, match="but calibration here gave"):
+        other.load(fresh, out_dir)
+
+
+def test_houlsby_adapter_is_the_identity_at_init_and_counts_2dm_plus_m_plus_d(tmp_path):
+    folder = save_hf(tiny_hf("bert"), tmp_path)
+    method = method_for("adapter", adapter_size=5)
+    model = method.wrap(M.from_pretrained(folder)).eval()
+    plain = M.from_pretrained(folder).eval()
+    ids, mask, types = batch("bert")
+    with torch.no_grad():
+        assert torch.equal(model(ids, mask, types), plain(ids, mask, types)), "f(h) = h at init"
+    d, m = 32, 5
+    adapters = sum(p.numel() for n, p in model.named_parameters() if ".adapter_" in n)
+    assert adapters == 2 * 2 * (2 * d * m + m + d), "two adapters per block, 2dm + m + d each (SPEC §3)"
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    norms = {n for n, _ in plain.named_parameters() if n.split(".")[-2].startswith("ln_")}
+    assert {n for n in trained if ".adapter_" not in n and not n.startswith("head.")} == norms, "every LayerNorm"
+    assert sorted({n.rsplit(".adapter_", 1)[0] for n in trained if ".adapter_" in n}) == \
+        [f"h.{i}.{x}" for i in range(2) for x in ("attn.out", "mlp.proj")], "after attention-out and FFN-out"
+    groups = {g["name"]: g["lr"] for g in method.param_groups(model)}
+    assert groups["backbone"] == 3e-4, f"SPEC §3: lr 3e-4, got {groups}"
+
+
 # ------------------------------------------------------------------------------------------------ quant.py
 
 # NF4 + double quant against bitsandbytes on CPU (quantize_4bit / dequantize_4bit, quant_type="nf4", blocksize=64):
@@ -1060,6 +1243,7 @@ def tiny_checkpoint(tmp_path, words, dropout=0.1):
 
 
 E2E = [("lora", "none", "lora"), ("bitfit", "none", "bitfit"), ("tlora_plus", "none", "tlora_plus ABC λ=4"),
+       ("dynamic_lora", "none", "dynamic_lora"), ("adapter", "none", "adapter"),
        ("lora", "nf4", "lora+nf4"), ("tlora_plus", "nf4", "tlora_plus ABC λ=4+nf4"), ("tlora", "nf4", "tlora+nf4"),
        ("bitfit", "nf4", "bitfit+nf4")]
 
@@ -1074,7 +1258,7 @@ def test_train_end_to_end(method, base, label, tmp_path):
     out = str(tmp_path / "out")
     argv = ["--method", method, "--task", "mrpc", "--model", folder, "--data_dir", glue, "--epochs", "2",
             "--batch_size", "8", "--lr", "1e-3", "--max_train_samples", "40", "--warmup_ratio", "0.3",
-            "--log_every", "1", "--quant", base, "--out_dir", out]
+            "--log_every", "1", "--quant", base, "--out_dir", out] + (["--n_cal", "3"] if method == "dynamic_lora" else [])
     finetune.run(finetune.parse_args(argv))
     saved = json.load(open(os.path.join(out, "metrics.json")))
     for key in ("task", "method", "label", "model", "metrics", "best_epoch", "history", "loss_log", "trainable_params",
@@ -1158,7 +1342,7 @@ def test_train_step_adds_the_extra_loss_clips_and_calls_after_step(tmp_path):
         with torch.no_grad():
             task = finetune.task_loss(model(ids, mask, types), b["labels"]).item()
             extra = 0.0 if k is None else (k * method.first(model).lora_A).sum().item()
-        opt, sched = finetune.optimizer(method, model, 10, 0.0, "cpu")
+        opt, sched = finetune.optimizer(method, model, 10, 0, "cpu")
         loss = finetune.train_step(model, model, method, b, opt, sched, 7, clip, "cpu").item()
         assert loss == pytest.approx(task + extra, rel=1e-6), f"{name}: step loss {loss} != task + extra loss"
         assert [s for s, _, _ in method.seen] == [7], f"{name}: after_step ran at {[s for s, _, _ in method.seen]}"
@@ -1169,17 +1353,26 @@ def test_train_step_adds_the_extra_loss_clips_and_calls_after_step(tmp_path):
 
 
 def test_flags_map_onto_each_methods_config():
-    argv = ["--rank", "6", "--alpha", "3", "--dropout", "0.2", "--rslora", "--targets", "query,value", "--lr", "1e-3",
-            "--lr_ratio", "2", "--head_lr", "5e-4", "--weight_decay", "0.01", "--tlora_train", "CB", "--ratio", "8",
-            "--b_init", "lecun", "--seed", "7"]
-    want = {"r": 6, "alpha": 3, "dropout": 0.2, "rslora": True, "targets": ["query", "value"], "lr": 1e-3,
-            "lr_ratio": 2, "head_lr": 5e-4, "weight_decay": 0.01, "train": "CB", "ratio": 8, "b_init": "lecun",
-            "seed": 7}
+    given = {"rank": ("6", 6), "alpha": ("3", 3), "dropout": ("0.2", 0.2), "rslora": (None, True),
+             "targets": ("query,value", ["query", "value"]), "lr": ("1e-3", 1e-3), "lr_ratio": ("2", 2),
+             "head_lr": ("5e-4", 5e-4), "weight_decay": ("0.01", 0.01), "tlora_train": ("CB", "CB"),
+             "ratio": ("8", 8), "b_init": ("lecun", "lecun"), "seed": ("7", 7), "adapter_size": ("9", 9),
+             "beta": ("0.5", 0.5), "r_max": ("5", 5), "n_cal": ("3", 3), "importance_every": ("4", 4),
+             "importance_beta": ("0.5", 0.5), "omega_every": ("6", 6), "omega_start": ("2", 2),
+             "lambda1": ("0.1", 0.1), "lambda2": ("0.2", 0.2)}
+    assert set(given) - {"seed"} == set(finetune.METHOD_FLAGS), "this test must set every method flag"
+    field_of = {flag: field for field, flag in finetune.FLAG_OF.items()}  # --rank -> r, --tlora_train -> train
     for name, cls in finetune.METHODS.items():
-        cfg = dataclasses.asdict(finetune.method_from_args(finetune.parse_args(argv + ["--method", name])).cfg)
-        assert cfg == {k: want[k] for k in cfg}, f"{name}: flags reach its config as {cfg}"
+        fields = {f.name for f in dataclasses.fields(cls.Config)}
+        flags = [f for f in given if field_of.get(f, f) in fields]
+        argv = sum((["--" + f] + ([given[f][0]] if given[f][0] else []) for f in flags), ["--method", name])
+        cfg = dataclasses.asdict(finetune.method_from_args(finetune.parse_args(argv)).cfg)
+        want = {field_of.get(f, f): given[f][1] for f in flags}
+        assert cfg == want, f"{name}: flags reach its config as {cfg}, not {want}"
         assert finetune.method_from_args(finetune.parse_args(["--method", name])).cfg == cls.Config(), \
             f"{name}: with no flags, its config must keep the dataclass defaults"
+    with pytest.raises(ValueError, match="--beta does not apply to --method lora"):
+        finetune.method_from_args(finetune.parse_args(["--method", "lora", "--beta", "0.5"]))
 
 
 def test_a_method_is_usable_without_the_scripts(tmp_path):
@@ -1202,6 +1395,9 @@ def test_a_method_is_usable_without_the_scripts(tmp_path):
     (["--method", "nope"], "unknown method 'nope'"),
     (["--task", "mrcp", "--model", "/nonexistent-dir/"], "unknown task 'mrcp'"),
     (["--model", "/nonexistent-dir/"], "does not exist; pass --model DIR"),
+    (["--method", "dynamic_lora", "--beta", "-1"], "--beta must be ≥ 0"),
+    (["--method", "dynamic_lora", "--r_max", "0"], "--r_max must be ≥ 1"),
+    (["--method", "lora", "--beta", "0.5"], "--beta does not apply to --method lora"),
 ])
 def test_train_bad_input_is_one_clear_line(argv, message):
     r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv], capture_output=True, text=True,
@@ -1213,10 +1409,15 @@ def test_train_bad_input_is_one_clear_line(argv, message):
 def test_scripts_turn_library_errors_into_one_line(tmp_path):
     """The library raises; train.py, eval.py and bench.py print "error: ..." and exit non-zero."""
     import train
-    folder = tiny_checkpoint(tmp_path, ["a", "b"])
-    with pytest.raises(SystemExit) as e:
-        train.main(["--model", folder, "--rank", "99"])
-    assert str(e.value).startswith("error: rank 99 does not fit a 32x32 layer") and "\n" not in str(e.value)
+    glue = str(tmp_path / "glue")
+    folder = tiny_checkpoint(tmp_path, write_glue(glue, n=16))
+    for argv, message in ((["--rank", "99"], "error: rank 99 does not fit a 32x32 layer"),
+                          (["--method", "dynamic_lora", "--n_cal", "9"], "error: --n_cal 9 asks for more calibration "
+                                                                         "batches than the training set has (1)")):
+        with pytest.raises(SystemExit) as e:
+            train.main(["--model", folder, "--data_dir", glue, "--out_dir", str(tmp_path / "out"), *argv])
+        assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+    assert not os.path.exists(tmp_path / "out" / "metrics.json")
     for argv, message in ((["eval.py", "--out_dir", str(tmp_path / "none")], "metrics.json not found"),
                           (["bench.py", "speed", "--models", "gpt3"], "unknown model 'gpt3'")):
         r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=HERE, timeout=120)

@@ -105,11 +105,11 @@ class TLoRAPlus(LoRA):
     def label(self):
         return f"{self.name} {self.config()} λ={self.cfg.ratio:g}"
 
-    def wrap(self, model):
+    def wrap(self, model, batches=None):
         self.seeds = itertools.count(10_000 * self.cfg.seed)  # module k of a seed-S run draws from 10⁴·S + k
         return super().wrap(model)  # LoRA.wrap: inject make_layer, then freeze all but lora_* Parameters and head
 
-    def make_layer(self, base):  # no alpha, no dropout: s = 1, p = 0 (SPEC §2.3)
+    def make_layer(self, base, name):  # no alpha, no dropout: s = 1, p = 0 (SPEC §2.3)
         c = self.cfg
         return TLoRALinear(base, c.r, self.config(), c.b_init, next(self.seeds), self.scalar)
 

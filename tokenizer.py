@@ -1,7 +1,7 @@
 """
 The two tokenizers our checkpoints use, built from the files in the checkpoint folder:
-- byte-level BPE (GPT-2, RoBERTa) through tiktoken: merges.txt gives the merge ranks, vocab.json the model's ids
-  (identical to the ranks for GPT-2, a different order for RoBERTa);
+- byte-level BPE (GPT-2, RoBERTa) through tiktoken: merges.txt gives the merge ranks, vocab.json the model's
+  ids (identical to the ranks for GPT-2, a different order for RoBERTa);
 - WordPiece (BERT) from vocab.txt: basic tokenization (clean, CJK split, lowercase, strip accents, split
   punctuation) then greedy longest-match-first with "##" continuations.
 Both encode sentence pairs with the family's special tokens and truncate the longer segment first.
@@ -16,8 +16,10 @@ GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\
 
 
 def bytes_to_unicode():
-    """GPT-2's reversible map from the 256 bytes to printable characters (vocab.json/merges.txt are written in it)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    """GPT-2's reversible map from the 256 bytes to printable characters (vocab.json/merges.txt are written in
+    it)."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
@@ -28,8 +30,9 @@ def bytes_to_unicode():
 
 
 def truncate_pair(a, b, budget):
-    """longest_first as HF's fast tokenizers cut a pair to `budget` tokens: a segment of at most half the budget
-    is kept whole and the other one cut; otherwise both get half, the longer one (the second on ties) the odd token."""
+    """longest_first as HF's fast tokenizers cut a pair to `budget` tokens: a segment of at most half the
+    budget is kept whole and the other one cut; otherwise both get half, the longer one (the second on ties)
+    the odd token."""
     if len(a) + len(b) <= budget:
         return a, b
     a_short = len(a) <= len(b)
@@ -51,11 +54,13 @@ class BPETokenizer:
         with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
             vocab = json.load(f)
         with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
-            merges = [line.split() for line in f.read().split("\n")[1:] if line.strip()]  # first line: #version
+            # first line: #version
+            merges = [line.split() for line in f.read().split("\n")[1:] if line.strip()]
         ranks = {bytes([b]): i for i, b in enumerate(b2u)}  # 256 single bytes, then one per merge
         for a, b in merges:
             ranks.setdefault(to_bytes(a) + to_bytes(b), len(ranks))
-        self.enc = tiktoken.Encoding(f"bpe-{family}", pat_str=GPT2_PAT, mergeable_ranks=ranks, special_tokens={})
+        self.enc = tiktoken.Encoding(f"bpe-{family}", pat_str=GPT2_PAT, mergeable_ranks=ranks,
+                                     special_tokens={})
         to_str = lambda bs: "".join(b2u[b] for b in bs)
         self.rank_to_id = {r: vocab[to_str(tok)] for tok, r in ranks.items() if to_str(tok) in vocab}
         self.family = family
@@ -104,7 +109,8 @@ class WordPieceTokenizer:
     @staticmethod
     def _is_cjk(cp):
         return any(lo <= cp <= hi for lo, hi in ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF),
-                   (0x2A700, 0x2B73F), (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F)))
+                   (0x2A700, 0x2B73F), (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF),
+                   (0x2F800, 0x2FA1F)))
 
     def basic(self, text):
         """Whitespace/punctuation split after cleaning, CJK spacing, lowercasing and accent stripping."""
@@ -160,11 +166,13 @@ class WordPieceTokenizer:
 def load_tokenizer(folder, family):
     if family == "bert":
         if not os.path.exists(os.path.join(folder, "vocab.txt")):
-            raise FileNotFoundError(f"{folder} has no vocab.txt; a bert checkpoint needs its WordPiece vocab.txt")
+            raise FileNotFoundError(f"{folder} has no vocab.txt; "
+                                    "a bert checkpoint needs its WordPiece vocab.txt")
         path = os.path.join(folder, "tokenizer_config.json")
         lower = json.load(open(path)).get("do_lower_case", True) if os.path.exists(path) else True
         return WordPieceTokenizer(folder, lower)
     for f in ("vocab.json", "merges.txt"):
         if not os.path.exists(os.path.join(folder, f)):
-            raise FileNotFoundError(f"{folder} has no {f}; a {family} checkpoint needs vocab.json and merges.txt")
+            raise FileNotFoundError(f"{folder} has no {f}; "
+                                    f"a {family} checkpoint needs vocab.json and merges.txt")
     return BPETokenizer(folder, family)

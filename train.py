@@ -5,8 +5,8 @@ Fine-tune a pretrained transformer on a GLUE task with one PEFT method and repor
     python train.py --method lora --task mrpc --model DIR --data_dir ../shared/data/glue   # offline
     python train.py --help                                                      # every flag
 
-The run itself (flags -> the method's config, model, step, evaluation, epoch loop, files) is finetune.py, which
-bench.py shares; this script only turns a bad input into one line: "error: ..." and a non-zero exit.
+The run itself (flags -> the method's config, model, step, evaluation, epoch loop, files) is finetune.py,
+which bench.py shares; this script only turns a bad input into one line: "error: ..." and a non-zero exit.
 """
 import sys
 

@@ -1,0 +1,209 @@
+"""
+Dynamic LoRA (seed 001; SPEC §2.2): LoRA whose per-layer rank comes from the input variance seen in a calibration
+pass, and whose per-layer scale follows the layer's importance during training.
+
+    r_l = min(max(⌊r·(1 + β·v_l) + 0.5⌋, 1), r_max, in_l, out_l),   v_l = Var(X_l) / mean_j Var(X_j)
+    Y   = X W0ᵀ + b + m_l·s_l·((X_d A_lᵀ) B_lᵀ),   s_l = α / r_l,   m_l = L_n·ω_l
+    I_l = ||G_lᵀ X_l||_F / √(out_l·in_l)  (the RMS of ∂L/∂W_l, G_l = ∂L/∂Y_l),   Ī_l ← β_I·Ī_l + (1 − β_I)·I_l
+    ω_l = Ī_l / Σ_j Ī_j,    L = L_task + λ1·Σ_l ||A_l||_F² + λ2·Σ_l ||B_l||_F²
+
+What differs from lora.py: the ranks r_l (calibration in wrap), the buffer m_l in front of B·A (after_step), the
+L2 terms (extra_loss), and rank_pattern/alpha_pattern in the peft-format files (α_l = m_l·α, so that peft's
+α_l/r_l equals our m_l·s_l): peft.PeftModel.from_pretrained loads a trained adapter as it loads a LoRA one.
+
+Readings (decided here, where SPEC §2.2 leaves it open):
+- Calibration runs the model in eval mode (no dropout), forward only, on the first n_cal batches of the run's
+  first epoch, and counts the non-padding tokens of each layer's input in float64.
+- Importance is measured on the steps t with t % importance_every == 0, from the batch of that step, before
+  clipping; until the first measurement Ī is undefined and m stays 1. ω is updated under no_grad on the steps
+  t ≥ omega_start (default: the run's warmup steps) with t % omega_every == 0.
+- A layer's G_l is the gradient at its whole output (base + adapter), so I_l is the sensitivity of L to W_l, as
+  SPEC reads it; padding positions have G = 0 (their outputs never reach the loss).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lora import LoRA, LoRAConfig, LoRALinear, adapter_layers, target_names
+from model import hf_name
+
+
+class DynamicLoRALinear(LoRALinear):
+    """LoRALinear of rank r_l with a multiplier m_l (a buffer, 1 at init): ΔW = m_l·s_l·B·A. While `sample` is on
+    and the layer trains, it measures I_l = ||Gᵀ X||_F / √(out·in) in backward and keeps it in `importance`."""
+
+    def __init__(self, base, r, alpha=16, dropout=0.0, rslora=False):
+        super().__init__(base, r, alpha, dropout, rslora)
+        self.register_buffer("lora_m", torch.ones((), device=self.lora_A.device))  # m_l, ()
+        self.sample, self.importance = False, None
+
+    def gain(self):
+        return self.lora_m * self.scaling
+
+    def forward(self, x):
+        y = super().forward(x)
+        if self.sample and self.training and y.requires_grad:
+            X = x.detach().reshape(-1, self.in_features)  # (N, in)
+
+            def measure(G):  # G = ∂L/∂Y, (…, out): one extra (out, N) @ (N, in) product
+                G = G.reshape(-1, self.out_features)
+                gW = G.t().float() @ X.float()  # ∂L/∂W_l, (out, in)
+                self.importance = gW.norm() / math.sqrt(self.out_features * self.in_features)
+            y.register_hook(measure)
+        return y
+
+
+@dataclass
+class DynamicLoRAConfig(LoRAConfig):
+    beta: float = 0.125            # r_l = r·(1 + β·v_l): a mean rank of about 1.125·r (SPEC §2.2)
+    r_max: int = None              # None: 4·r
+    n_cal: int = 32                # calibration batches
+    importance_every: int = 10     # T_s: measure I_l on every T_s-th step
+    importance_beta: float = 0.9   # β_I: Ī's EMA
+    omega_every: int = 100         # T_ω: update ω and m every T_ω steps ...
+    omega_start: int = None        # ... from this step on (None: the run's warmup steps)
+    lambda1: float = 1e-4          # λ1·Σ||A_l||²
+    lambda2: float = 1e-4          # λ2·Σ||B_l||²
+    lr: float = 4e-4               # A and B (SPEC §2.2)
+    lr_ratio: float = 1.0          # B at the same rate as A
+    head_lr: float = 4e-4
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.beta < 0:
+            raise ValueError(f"--beta must be ≥ 0, not {self.beta}: r_l = r·(1 + β·v_l) with v_l ≥ 0")
+        if self.r_max is not None and self.r_max < 1:
+            raise ValueError(f"--r_max must be ≥ 1, not {self.r_max}")
+        for name in ("n_cal", "importance_every", "omega_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be ≥ 1, not {getattr(self, name)}")
+
+
+@torch.no_grad()
+def input_variances(model, names, batches, n_cal):
+    """Var(X_l) over the non-padding (token, feature) entries of each named layer's input, in float64, over the
+    first n_cal batches. Forward only, in eval mode, before any adapter exists."""
+    S1, S2, n = {l: 0.0 for l in names}, {l: 0.0 for l in names}, {l: 0 for l in names}
+    keep = {}  # the current batch's non-padding positions, (B, T) bool
+
+    def hook(name):
+        def record(module, inputs, output):
+            x = inputs[0][keep["mask"]].double()  # (tokens, in)
+            S1[name] += x.sum().item()
+            S2[name] += (x * x).sum().item()
+            n[name] += x.numel()
+        return record
+
+    handles = [model.get_submodule(l).register_forward_hook(hook(l)) for l in names]
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    seen = 0
+    for b in batches:
+        if seen == n_cal:
+            break
+        keep["mask"] = b["attention_mask"].to(device).bool()
+        model(b["input_ids"].to(device), b["attention_mask"].to(device), b["token_type_ids"].to(device))
+        seen += 1
+    for h in handles:
+        h.remove()
+    model.train(was_training)
+    if seen < n_cal:
+        raise ValueError(f"--n_cal {n_cal} asks for more calibration batches than the training set has ({seen}); "
+                         f"pass --n_cal {seen} or fewer")
+    return {l: S2[l] / n[l] - (S1[l] / n[l]) ** 2 for l in names}
+
+
+def ranks_from_variances(variances, shapes, r, beta, r_max):
+    """r_l = min(max(⌊r·(1 + β·v_l) + 0.5⌋, 1), r_max, in_l, out_l), v_l = Var_l / mean_j Var_j (SPEC §2.2).
+    shapes: {name: (in, out)}."""
+    mean = sum(variances.values()) / len(variances)
+    return {l: min(max(math.floor(r * (1 + beta * v / mean) + 0.5), 1), r_max, *shapes[l])
+            for l, v in variances.items()}
+
+
+class DynamicLoRA(LoRA):
+    """LoRA with calibrated ranks, importance-driven multipliers m_l and L2 terms on A and B."""
+    name = "dynamic_lora"
+    Config = DynamicLoRAConfig
+
+    def wrap(self, model, batches=None):
+        c = self.cfg
+        names = target_names(model, c.targets)
+        if batches is None:
+            raise ValueError("Dynamic LoRA calibrates its ranks on training batches: pass wrap(model, batches)")
+        shapes = {l: (model.get_submodule(l).in_features, model.get_submodule(l).out_features) for l in names}
+        self.variances = input_variances(model, names, batches, c.n_cal)
+        self.ranks = ranks_from_variances(self.variances, shapes, c.r, c.beta, c.r_max or 4 * c.r)
+        super().wrap(model)  # LoRA.wrap: inject make_layer at each target, freeze all but A, B and the head
+        self.layers = adapter_layers(model, DynamicLoRALinear)
+        self.ema = {}         # Ī_l, once measured
+        self.trajectory = []  # one row per ω update
+        self.omega_start = c.omega_start or 0  # schedule() sets the run's warmup steps when omega_start is None
+        self.arm(1)
+        return model
+
+    def make_layer(self, base, name):
+        c = self.cfg
+        return DynamicLoRALinear(base, self.ranks[name], c.alpha, c.dropout, c.rslora)
+
+    # ---- the training-time hooks: the run's length, the L2 terms, importance and ω after each step
+    def schedule(self, total_steps, warmup_steps):
+        if self.cfg.omega_start is None:
+            self.omega_start = warmup_steps  # t_ω0 = the warmup steps (SPEC §2.2)
+
+    def arm(self, step):
+        """Switch the importance hooks on for `step` if it is a sampled one, off otherwise."""
+        self.sample_next = step % self.cfg.importance_every == 0
+        for layer in self.layers.values():
+            layer.sample = self.sample_next
+
+    def extra_loss(self, model):
+        """λ1·Σ_l ||A_l||_F² + λ2·Σ_l ||B_l||_F²: through Adam, on top of AdamW's decoupled decay (SPEC §2.2)."""
+        c = self.cfg
+        return sum(c.lambda1 * l.lora_A.square().sum() + c.lambda2 * l.lora_B.square().sum()
+                   for l in self.layers.values())
+
+    @torch.no_grad()
+    def after_step(self, model, step):
+        c = self.cfg
+        if self.sample_next:  # this step measured I_l in backward: fold it into the EMA
+            for name, layer in self.layers.items():
+                if layer.importance is not None:
+                    I = layer.importance.item()
+                    self.ema[name] = I if name not in self.ema else c.importance_beta * self.ema[name] + \
+                        (1 - c.importance_beta) * I
+                    layer.importance = None
+        if step >= self.omega_start and step % c.omega_every == 0 and len(self.ema) == len(self.layers):
+            total = sum(self.ema.values())
+            for name, layer in self.layers.items():  # ω_l = Ī_l / ΣĪ, m_l = L_n·ω_l
+                layer.lora_m.fill_(len(self.layers) * self.ema[name] / total)
+            self.trajectory.append({"step": step, "m": {n: l.lora_m.item() for n, l in self.layers.items()}})
+        self.arm(step + 1)
+
+    def report(self, model):
+        """The calibrated r_l, the final m_l and the m_l trajectory (one row per ω update), for metrics.json."""
+        return {"ranks": self.ranks, "variances": self.variances, "m": {n: l.lora_m.item() for n, l in
+                self.layers.items()}, "m_trajectory": self.trajectory}
+
+    # ---- files: peft's LoRA format with rank_pattern and alpha_pattern (α_l = m_l·α)
+    def peft_config(self, model):
+        family, alpha = model.cfg.family, self.cfg.alpha
+        return {**super().peft_config(model),
+                "rank_pattern": {hf_name(family, n): l.r for n, l in adapter_layers(model).items()},
+                "alpha_pattern": {hf_name(family, n): l.lora_m.item() * alpha for n, l in adapter_layers(model).items()}}
+
+    def load(self, model, folder):
+        """LoRA's load, after checking that the file's ranks are this model's calibrated ones; m_l = α_l / α."""
+        from lora import read_adapter_config
+        cfg = read_adapter_config(folder)
+        family, alpha = model.cfg.family, cfg.get("lora_alpha", self.cfg.alpha)
+        for n, layer in adapter_layers(model).items():
+            saved = cfg.get("rank_pattern", {}).get(hf_name(family, n), cfg.get("r"))
+            if saved != layer.r:
+                raise ValueError(f"{folder} has rank {saved} at {n}, but calibration here gave {layer.r}: pass the "
+                                 f"--rank, --beta, --r_max, --n_cal, --seed and data it was trained with")
+        super().load(model, folder)
+        with torch.no_grad():
+            for n, layer in adapter_layers(model).items():
+                layer.lora_m.fill_(cfg.get("alpha_pattern", {}).get(hf_name(family, n), alpha) / alpha)
