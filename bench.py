@@ -300,8 +300,11 @@ def quant_bench(argv):
 # speed: one training step of every method, ours and peft's, on the same model, batch and lengths
 # (issues 6, 8)
 
-OURS = ("lora", "tlora_plus", "tlora", "bitfit", "head", "full", "qlora")  # qlora: lora over an NF4 base
-BF16_PEAK_TFLOPS = 989.0  # H100/H200 dense bf16 (datasheet); the fraction of it is reported on CUDA
+# qlora: lora over an NF4 base; dynamic_lora times the steps without importance sampling, dynamic_lora_sampled
+# the steps with it
+OURS = ("lora", "dynamic_lora", "dynamic_lora_sampled", "tlora_plus", "tlora", "adapter", "bitfit", "head", "full",
+        "qlora")
+BF16_PEAK_TFLOPS = 989.0  # H100/H200 dense bf16 (datasheet); CUDA rows report the fraction of it
 
 
 def hf_config(cfg):
@@ -325,19 +328,24 @@ def build_for_speed(c):
             p.requires_grad = False
         ours.wte.register_forward_hook(lambda m, i, out: out.detach().requires_grad_())
         return ours, None
-    cls = (PeftLoRA if c["impl"] == "peft"
-           else finetune.METHODS["lora" if c["method"] == "qlora" else c["method"]])
-    # the fields LoRA's and TLoRA+'s configs take
-    adapter = {"r": c["rank"], "alpha": 2 * c["rank"], "dropout": 0.0}
+    name = {"qlora": "lora", "dynamic_lora_sampled": "dynamic_lora"}.get(c["method"], c["method"])
+    cls = PeftLoRA if c["impl"] == "peft" else finetune.METHODS[name]
+    # the fields that LoRA's, TLoRA+'s and Dynamic LoRA's configs take; Dynamic LoRA samples importance on
+    # every step (_sampled) or on none, so each row times one kind of step
+    adapter = {"r": c["rank"], "alpha": 2 * c["rank"], "dropout": 0.0, "n_cal": 1,
+               "importance_every": 1 if c["method"] == "dynamic_lora_sampled" else 10**9}
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     method = cls(cls.Config(**{k: v for k, v in adapter.items() if k in fields}))
+    ids = torch.randint(5, ours.cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
+    calibration = [{"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                    "token_type_ids": torch.zeros_like(ids)}]
     if c["impl"] == "peft":
         from transformers import AutoModelForSequenceClassification as Auto
         method.hf_model = Auto.from_pretrained(folder, num_labels=2) if folder else \
             Auto.from_config(hf_config(ours.cfg))
     if c["method"] == "qlora":
         quant.quantize_model(ours)
-    return method.wrap(ours), method
+    return method.wrap(ours, calibration), method
 
 
 def speed_config(c):
@@ -358,6 +366,7 @@ def speed_config(c):
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     if method:  # train.py's whole step: finetune.train_step, with its schedule and the method's after_step
         opt, sched = finetune.optimizer(method, model, MRPC_STEPS_30_EPOCHS, MRPC_WARMUP, dev)
+        method.schedule(MRPC_STEPS_30_EPOCHS, MRPC_WARMUP)
         steps = itertools.count(1)
         step = lambda: finetune.train_step(model, fwd, method, batch, opt, sched, next(steps), 1.0, dev)
     else:  # the frozen base: forward and the backward to the input embeddings, nothing to update
@@ -389,7 +398,7 @@ def speed_config(c):
     median_ms(infer, 1)
     eval_ms, eval_merged_ms = median_ms(infer, c["steps"]), None
     # merged: what inference should cost
-    if method and c["method"] not in ("qlora", "bitfit", "head", "full"):
+    if method and c["method"] not in ("qlora", "bitfit", "head", "full", "adapter"):
         method.merge(model)  # peft's layers have merge()/unmerge() too: lora.Method's protocol merges both
         median_ms(infer, 1)
         eval_merged_ms = median_ms(infer, c["steps"])
@@ -483,18 +492,20 @@ def speed_bench(argv):
 def speed_table(rows, device):
     base = next(r for r in rows if r["impl"] == "base")
     peft = next(r for r in rows if r["impl"] == "peft")
+    lora = next(r for r in rows if (r["impl"], r["method"], r["compile"]) == ("ours", "lora", False))
     name = os.path.basename(rows[0]["model"].rstrip("/"))
     out = [f"**{name}** (lengths: {base['real_tokens']} real tokens in {base['batch']} x {base['T']})", "",
-           "| impl | method | ms/step | tokens/s | × peft LoRA | × frozen base | eval ms (merged) | "
-           "peak MB | adapter KB | trainable | 30 MRPC epochs s |" +
+           "| impl | method | ms/step | tokens/s | × peft LoRA | × our LoRA | × frozen base | "
+           "eval ms (merged) | peak MB | adapter KB | trainable | 30 MRPC epochs s |" +
            (" % bf16 peak |" if device == "cuda" else ""),
-           "|---" * (11 + (device == "cuda")) + "|"]
+           "|---" * (12 + (device == "cuda")) + "|"]
     for r in rows:
         label = r["method"] + (" (compiled)" if r["compile"] else "")
         merged = f" ({r['eval_merged_ms']:.1f})" if r["eval_merged_ms"] is not None else ""
         kb = f"{r['adapter_bytes'] / 1024:.0f}" if r["adapter_bytes"] else "–"
         out.append(f"| {r['impl']} | {label} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | "
-                   f"{r['step_ms'] / peft['step_ms']:.2f} | {r['step_ms'] / base['step_ms']:.2f} | "
+                   f"{r['step_ms'] / peft['step_ms']:.2f} | {r['step_ms'] / lora['step_ms']:.2f} | "
+                   f"{r['step_ms'] / base['step_ms']:.2f} | "
                    f"{r['eval_ms']:.1f}{merged} | {r['peak_mb']:.0f} | {kb} | {r['trainable']:,} | "
                    f"{MRPC_STEPS_30_EPOCHS * r['step_ms'] / 1e3:.0f} |" +
                    (f" {100 * r['tflops'] / BF16_PEAK_TFLOPS:.1f} |" if device == "cuda" else ""))

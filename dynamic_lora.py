@@ -1,15 +1,16 @@
 """
-Dynamic LoRA (seed 001; SPEC §2.2): LoRA whose per-layer rank comes from the input variance seen in a calibration
-pass, and whose per-layer scale follows the layer's importance during training.
+Dynamic LoRA (seed 001; SPEC §2.2): LoRA whose per-layer rank comes from the input variance seen in a
+calibration pass, and whose per-layer scale follows the layer's importance during training.
 
     r_l = min(max(⌊r·(1 + β·v_l) + 0.5⌋, 1), r_max, in_l, out_l),   v_l = Var(X_l) / mean_j Var(X_j)
     Y   = X W0ᵀ + b + m_l·s_l·((X_d A_lᵀ) B_lᵀ),   s_l = α / r_l,   m_l = L_n·ω_l
     I_l = ||G_lᵀ X_l||_F / √(out_l·in_l)  (the RMS of ∂L/∂W_l, G_l = ∂L/∂Y_l),   Ī_l ← β_I·Ī_l + (1 − β_I)·I_l
     ω_l = Ī_l / Σ_j Ī_j,    L = L_task + λ1·Σ_l ||A_l||_F² + λ2·Σ_l ||B_l||_F²
 
-What differs from lora.py: the ranks r_l (calibration in wrap), the buffer m_l in front of B·A (after_step), the
-L2 terms (extra_loss), and rank_pattern/alpha_pattern in the peft-format files (α_l = m_l·α, so that peft's
-α_l/r_l equals our m_l·s_l): peft.PeftModel.from_pretrained loads a trained adapter as it loads a LoRA one.
+What differs from lora.py: the ranks r_l (calibration in wrap), the buffer m_l in front of B·A (after_step),
+the L2 terms (extra_loss), and rank_pattern/alpha_pattern in the peft-format files (α_l = m_l·α, so that
+peft's α_l/r_l equals our m_l·s_l): peft.PeftModel.from_pretrained loads a trained adapter as it loads a
+LoRA one.
 
 Readings (decided here, where SPEC §2.2 leaves it open):
 - Calibration runs the model in eval mode (no dropout), forward only, on the first n_cal batches of the run's
@@ -17,8 +18,8 @@ Readings (decided here, where SPEC §2.2 leaves it open):
 - Importance is measured on the steps t with t % importance_every == 0, from the batch of that step, before
   clipping; until the first measurement Ī is undefined and m stays 1. ω is updated under no_grad on the steps
   t ≥ omega_start (default: the run's warmup steps) with t % omega_every == 0.
-- A layer's G_l is the gradient at its whole output (base + adapter), so I_l is the sensitivity of L to W_l, as
-  SPEC reads it; padding positions have G = 0 (their outputs never reach the loss).
+- A layer's G_l is the gradient at its whole output (base + adapter), so I_l is the sensitivity of L to W_l,
+  as SPEC reads it; padding positions have G = 0 (their outputs never reach the loss).
 """
 import math
 from dataclasses import dataclass
@@ -30,8 +31,9 @@ from model import hf_name
 
 
 class DynamicLoRALinear(LoRALinear):
-    """LoRALinear of rank r_l with a multiplier m_l (a buffer, 1 at init): ΔW = m_l·s_l·B·A. While `sample` is on
-    and the layer trains, it measures I_l = ||Gᵀ X||_F / √(out·in) in backward and keeps it in `importance`."""
+    """LoRALinear of rank r_l with a multiplier m_l (a buffer, 1 at init): ΔW = m_l·s_l·B·A. While `sample` is
+    on and the layer trains, it measures I_l = ||Gᵀ X||_F / √(out·in) in backward and keeps it in
+    `importance`."""
 
     def __init__(self, base, r, alpha=16, dropout=0.0, rslora=False):
         super().__init__(base, r, alpha, dropout, rslora)
@@ -82,8 +84,8 @@ class DynamicLoRAConfig(LoRAConfig):
 
 @torch.no_grad()
 def input_variances(model, names, batches, n_cal):
-    """Var(X_l) over the non-padding (token, feature) entries of each named layer's input, in float64, over the
-    first n_cal batches. Forward only, in eval mode, before any adapter exists."""
+    """Var(X_l) over the non-padding (token, feature) entries of each named layer's input, in float64, over
+    the first n_cal batches. Forward only, in eval mode, before any adapter exists."""
     S1, S2, n = {l: 0.0 for l in names}, {l: 0.0 for l in names}, {l: 0 for l in names}
     keep = {}  # the current batch's non-padding positions, (B, T) bool
 
@@ -109,8 +111,8 @@ def input_variances(model, names, batches, n_cal):
         h.remove()
     model.train(was_training)
     if seen < n_cal:
-        raise ValueError(f"--n_cal {n_cal} asks for more calibration batches than the training set has ({seen}); "
-                         f"pass --n_cal {seen} or fewer")
+        raise ValueError(f"--n_cal {n_cal} asks for more calibration batches than the training set has "
+                         f"({seen}); pass --n_cal {seen} or fewer")
     return {l: S2[l] / n[l] - (S1[l] / n[l]) ** 2 for l in names}
 
 
@@ -131,7 +133,8 @@ class DynamicLoRA(LoRA):
         c = self.cfg
         names = target_names(model, c.targets)
         if batches is None:
-            raise ValueError("Dynamic LoRA calibrates its ranks on training batches: pass wrap(model, batches)")
+            raise ValueError("Dynamic LoRA calibrates its ranks on training batches: "
+                             "pass wrap(model, batches)")
         shapes = {l: (model.get_submodule(l).in_features, model.get_submodule(l).out_features) for l in names}
         self.variances = input_variances(model, names, batches, c.n_cal)
         self.ranks = ranks_from_variances(self.variances, shapes, c.r, c.beta, c.r_max or 4 * c.r)
@@ -139,7 +142,8 @@ class DynamicLoRA(LoRA):
         self.layers = adapter_layers(model, DynamicLoRALinear)
         self.ema = {}         # Ī_l, once measured
         self.trajectory = []  # one row per ω update
-        self.omega_start = c.omega_start or 0  # schedule() sets the run's warmup steps when omega_start is None
+        # schedule() sets the run's warmup steps when omega_start is None
+        self.omega_start = c.omega_start or 0
         self.arm(1)
         return model
 
@@ -159,7 +163,8 @@ class DynamicLoRA(LoRA):
             layer.sample = self.sample_next
 
     def extra_loss(self, model):
-        """λ1·Σ_l ||A_l||_F² + λ2·Σ_l ||B_l||_F²: through Adam, on top of AdamW's decoupled decay (SPEC §2.2)."""
+        """λ1·Σ_l ||A_l||_F² + λ2·Σ_l ||B_l||_F²: through Adam, on top of AdamW's decoupled decay
+        (SPEC §2.2)."""
         c = self.cfg
         return sum(c.lambda1 * l.lora_A.square().sum() + c.lambda2 * l.lora_B.square().sum()
                    for l in self.layers.values())
@@ -182,7 +187,8 @@ class DynamicLoRA(LoRA):
         self.arm(step + 1)
 
     def report(self, model):
-        """The calibrated r_l, the final m_l and the m_l trajectory (one row per ω update), for metrics.json."""
+        """The calibrated r_l, the final m_l and the m_l trajectory (one row per ω update), for
+        metrics.json."""
         return {"ranks": self.ranks, "variances": self.variances, "m": {n: l.lora_m.item() for n, l in
                 self.layers.items()}, "m_trajectory": self.trajectory}
 
@@ -191,18 +197,21 @@ class DynamicLoRA(LoRA):
         family, alpha = model.cfg.family, self.cfg.alpha
         return {**super().peft_config(model),
                 "rank_pattern": {hf_name(family, n): l.r for n, l in adapter_layers(model).items()},
-                "alpha_pattern": {hf_name(family, n): l.lora_m.item() * alpha for n, l in adapter_layers(model).items()}}
+                "alpha_pattern": {hf_name(family, n): l.lora_m.item() * alpha
+                                  for n, l in adapter_layers(model).items()}}
 
     def load(self, model, folder):
-        """LoRA's load, after checking that the file's ranks are this model's calibrated ones; m_l = α_l / α."""
+        """LoRA's load, after checking that the file's ranks are this model's calibrated ones;
+        m_l = α_l / α."""
         from lora import read_adapter_config
         cfg = read_adapter_config(folder)
         family, alpha = model.cfg.family, cfg.get("lora_alpha", self.cfg.alpha)
         for n, layer in adapter_layers(model).items():
             saved = cfg.get("rank_pattern", {}).get(hf_name(family, n), cfg.get("r"))
             if saved != layer.r:
-                raise ValueError(f"{folder} has rank {saved} at {n}, but calibration here gave {layer.r}: pass the "
-                                 f"--rank, --beta, --r_max, --n_cal, --seed and data it was trained with")
+                raise ValueError(f"{folder} has rank {saved} at {n}, but calibration here gave {layer.r}: "
+                                 f"pass the --rank, --beta, --r_max, --n_cal, --seed and data it was "
+                                 f"trained with")
         super().load(model, folder)
         with torch.no_grad():
             for n, layer in adapter_layers(model).items():

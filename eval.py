@@ -5,7 +5,8 @@ Re-score a saved run, and merge several runs into one table. The GLUE metrics th
     python eval.py --table out/*/metrics.json          # one markdown table, mean ± std over seeds
     python eval.py --table out/*/metrics.json --last   # the same at the last epoch (seed 002's tables)
     python eval.py --table runs/seed001/*/metrics.json --paper 001   # seed 001's Tables 1 and 2, paper beside
-    python eval.py --plot_dynamic runs/seed001/dynamic_lora-*/metrics.json --png dyn.png   # r_l map, m_l curves
+    python eval.py --plot_dynamic runs/seed001/dynamic_lora-*/metrics.json --png dyn.png
+                                                       # r_l map, m_l curves
 """
 import argparse
 import json
@@ -48,10 +49,14 @@ def table(runs, columns=None, last=False):
 
 PAPER = {  # (seed, table) -> {our method: (the paper's row name, {column: the paper's value})}; SPEC §2.2
     "001": {
-        "full": ("Full Fine-tuning", dict(accuracy=85.3, auc=88.2, f1=84.1, recall=83.7, hours=12.5, ms=15.2, pct=100)),
-        "head": ("Feature Extraction", dict(accuracy=81.5, auc=84.0, f1=80.2, recall=79.8, hours=6.8, ms=12.7, pct=0)),
-        "adapter": ("Adapter", dict(accuracy=86.1, auc=89.1, f1=85.3, recall=84.9, hours=8.2, ms=13.5, pct=3)),
-        "bitfit": ("BitFit", dict(accuracy=85.8, auc=88.5, f1=84.7, recall=84.3, hours=7.9, ms=13.2, pct=1.5)),
+        "full": ("Full Fine-tuning",
+                 dict(accuracy=85.3, auc=88.2, f1=84.1, recall=83.7, hours=12.5, ms=15.2, pct=100)),
+        "head": ("Feature Extraction",
+                 dict(accuracy=81.5, auc=84.0, f1=80.2, recall=79.8, hours=6.8, ms=12.7, pct=0)),
+        "adapter": ("Adapter",
+                    dict(accuracy=86.1, auc=89.1, f1=85.3, recall=84.9, hours=8.2, ms=13.5, pct=3)),
+        "bitfit": ("BitFit",
+                   dict(accuracy=85.8, auc=88.5, f1=84.7, recall=84.3, hours=7.9, ms=13.2, pct=1.5)),
         "lora": ("LoRA", dict(accuracy=87.4, auc=90.2, f1=86.5, recall=86.0, hours=7.1, ms=12.9, pct=0.8)),
         "dynamic_lora": ("Ours (Dynamic LoRA)", dict(accuracy=88.1, auc=91.0, f1=87.3, recall=86.8, hours=7.4,
                                                      ms=13.0, pct=0.9)),
@@ -67,8 +72,9 @@ def mean_std(values, scale=1.0, digits=1):
 
 
 def paper_tables(runs, seed):
-    """Seed 001's Table 1 (ACC, AUC, F1, Recall in %) and Table 2 (training time, inference ms at batch 1, trainable
-    %), ours (mean ± std over seeds) beside the paper's, one row per method in the paper's order."""
+    """Seed 001's Table 1 (ACC, AUC, F1, Recall in %) and Table 2 (training time, inference ms at batch 1,
+    trainable %), ours (mean ± std over seeds) beside the paper's, one row per method in the paper's
+    order."""
     paper = PAPER[seed]
     by_method = defaultdict(list)
     for r in runs:
@@ -78,13 +84,15 @@ def paper_tables(runs, seed):
         raise ValueError(f"--paper {seed} has no row for --method {unknown[0]}; its rows: {', '.join(paper)}")
     t1 = ["| row | seeds | ACC ours | paper | AUC ours | paper | F1 ours | paper | Recall ours | paper |",
           "|---" * 10 + "|"]
-    t2 = ["| row | train s ours | paper h | infer ms merged | unmerged | paper ms | trainable % ours | paper |",
+    t2 = ["| row | train s ours | paper h | infer ms merged | unmerged | paper ms "
+          "| trainable % ours | paper |",
           "|---" * 8 + "|"]
     for method, (row, p) in paper.items():
         rs = by_method.get(method)
         if not rs:
             continue
-        cells = [f"{mean_std([r['metrics'][c] for r in rs], 100)} | {p[c]}" for c in ("accuracy", "auc", "f1", "recall")]
+        cells = [f"{mean_std([r['metrics'][c] for r in rs], 100)} | {p[c]}"
+                 for c in ("accuracy", "auc", "f1", "recall")]
         t1.append(f"| {row} | {len(rs)} | " + " | ".join(cells) + " |")
         merged = [r.get("latency_merged_ms") for r in rs]
         unmerged = [r.get("latency_ms") for r in rs]
@@ -115,13 +123,17 @@ def plot_dynamic(runs, png):
     a.set_yticks(range(len(layers)), [f"layer {i}" for i in layers])
     for (i, j), v in np.ndenumerate(grid):
         a.text(j, i, f"{v:.0f}", ha="center", va="center", color="w")
-    a.set_title(f"calibrated rank r_l ({runs[0]['args'].get('model', '')})".replace("/root/.cache/nanopeft/", ""))
+    a.set_title(f"calibrated rank r_l ({runs[0]['args'].get('model', '')})"
+                .replace("/root/.cache/nanopeft/", ""))
     fig.colorbar(im, ax=a)
     for r in runs:
-        steps = [row["step"] for row in r["method_report"]["m_trajectory"]]
+        rows = [{"step": 0, "m": dict.fromkeys(names, 1.0)}] + r["method_report"]["m_trajectory"]  # m = 1 at init
         for n in names:
-            b.plot(steps, [row["m"][n] for row in r["method_report"]["m_trajectory"]], lw=0.8, alpha=0.6,
+            b.plot([row["step"] for row in rows], [row["m"][n] for row in rows], lw=0.8, alpha=0.6,
                    color=plt.cm.tab10(kinds.index(n.split(".", 2)[2])), marker=".")
+    for k, kind in enumerate(kinds):
+        b.plot([], [], color=plt.cm.tab10(k), label=kind)
+    b.legend(fontsize=8, ncol=2)
     b.axhline(1.0, color="k", lw=0.5)
     b.set_xlabel("step")
     b.set_ylabel("m_l = L_n·ω_l")
@@ -141,9 +153,12 @@ if __name__ == "__main__":
                    help="metrics.json files to merge into a table")
     p.add_argument("--columns", help="comma-separated metrics to show (default: all)")
     p.add_argument("--last", action="store_true", help="table the last epoch instead of the best one")
-    p.add_argument("--paper", choices=sorted(PAPER), help="the seed's own tables, with the paper's numbers beside")
-    p.add_argument("--plot_dynamic", nargs="+", metavar="METRICS_JSON", help="Dynamic LoRA runs: plot r_l and m_l")
-    p.add_argument("--png", default="dynamic_lora.png", help="where --plot_dynamic writes (matplotlib optional)")
+    p.add_argument("--paper", choices=sorted(PAPER),
+                   help="the seed's own tables, with the paper's numbers beside")
+    p.add_argument("--plot_dynamic", nargs="+", metavar="METRICS_JSON",
+                   help="Dynamic LoRA runs: plot r_l and m_l")
+    p.add_argument("--png", default="dynamic_lora.png",
+                   help="where --plot_dynamic writes (matplotlib optional)")
     a = p.parse_args()
     if a.out_dir:
         try:

@@ -1,9 +1,10 @@
 """
-One fine-tuning run, read top to bottom: the flags, the one place they become a method's config, the model, one
-training step, evaluation on merged weights, the epoch loop, and the files a run leaves. train.py runs it from the
-command line; bench.py times the same step and runs the same loop on transformers + peft; eval.py re-scores a
-saved run. Methods plug in through lora.py's interface (wrap / param_groups / extra_loss / after_step / merge /
-save / load / label): nothing here asks which method runs. Errors are exceptions; the scripts print them.
+One fine-tuning run, read top to bottom: the flags, the one place they become a method's config, the model,
+one training step, evaluation on merged weights, the epoch loop, and the files a run leaves. train.py runs it
+from the command line; bench.py times the same step and runs the same loop on transformers + peft; eval.py
+re-scores a saved run. Methods plug in through lora.py's interface (wrap / param_groups / extra_loss /
+after_step / merge / save / load / label): nothing here asks which method runs. Errors are exceptions; the
+scripts print them.
 """
 import argparse
 import dataclasses
@@ -29,8 +30,8 @@ from model import from_pretrained, resolve
 from tokenizer import load_tokenizer
 
 METHODS = {"full": baselines.FullFineTuning, "head": baselines.HeadOnly, "bitfit": baselines.BitFit,
-           "adapter": baselines.Houlsby, "lora": LoRA, "tlora": tlora_plus.TLoRA, "tlora_plus": tlora_plus.TLoRAPlus,
-           "dynamic_lora": dynamic_lora.DynamicLoRA}
+           "adapter": baselines.Houlsby, "lora": LoRA, "tlora": tlora_plus.TLoRA,
+           "tlora_plus": tlora_plus.TLoRAPlus, "dynamic_lora": dynamic_lora.DynamicLoRA}
 
 
 # -----------------------------------------------------------------------------
@@ -42,52 +43,62 @@ def parser(methods=METHODS):
     p.add_argument("--method", default="lora", help=f"one of {', '.join(methods)}")
     p.add_argument("--task", default="mrpc", help=f"GLUE task: {', '.join(data.TASKS)}")
     p.add_argument("--model", default="roberta-base", help="hub id or local folder (config.json + weights)")
-    p.add_argument("--data_dir", default=None, help="GLUE TSV folder (e.g. ../shared/data/glue); default: the hub")
+    p.add_argument("--data_dir", default=None,
+                   help="GLUE TSV folder (e.g. ../shared/data/glue); default: the hub")
     p.add_argument("--out_dir", default=None, help="where metrics.json and the trained tensors go")
     # the method's config: a flag left out keeps the default of the method's dataclass (lora.LoRAConfig, ...)
     p.add_argument("--rank", type=int, default=None, help="adapter rank r (default 8)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha: scale alpha/r (default 16)")
     p.add_argument("--dropout", type=float, default=None, help="dropout on the adapter input (default 0.1)")
-    p.add_argument("--rslora", action="store_true", default=None, help="scale alpha/sqrt(r) instead of alpha/r")
+    p.add_argument("--rslora", action="store_true", default=None,
+                   help="scale alpha/sqrt(r) instead of alpha/r")
     p.add_argument("--targets", default=None, help="all-linear (default) or a comma list of "
                    "query,key,value,c_attn,out,fc,proj")
-    p.add_argument("--tlora_train", default=None, choices=tlora_plus.CONFIGS, help="TLoRA+ trainable factors (ABC)")
+    p.add_argument("--tlora_train", default=None, choices=tlora_plus.CONFIGS,
+                   help="TLoRA+ trainable factors (ABC)")
     p.add_argument("--ratio", type=float, default=None, help="TLoRA+ lambda: lr_B = lr*lambda^1.5, "
                    "lr_C = lr*lambda^0.5 (default 4)")
-    p.add_argument("--b_init", default=None, choices=["zero", "lecun"], help="TLoRA B init: 0 or N(0, 1/r)")
+    p.add_argument("--b_init", default=None, choices=["zero", "lecun"],
+                   help="TLoRA B init: 0 or N(0, 1/r)")
     p.add_argument("--adapter_size", type=int, default=None, help="Houlsby adapter bottleneck m (default 64)")
-    p.add_argument("--beta", type=float, default=None, help="Dynamic LoRA: r_l = r(1 + beta v_l) (default 0.125)")
+    p.add_argument("--beta", type=float, default=None,
+                   help="Dynamic LoRA: r_l = r(1 + beta v_l) (default 0.125)")
     p.add_argument("--r_max", type=int, default=None, help="Dynamic LoRA: the largest rank (default 4r)")
     p.add_argument("--n_cal", type=int, default=None, help="Dynamic LoRA: calibration batches (default 32)")
-    p.add_argument("--importance_every", type=int, default=None, help="Dynamic LoRA: measure importance every "
-                   "N steps (default 10)")
+    p.add_argument("--importance_every", type=int, default=None,
+                   help="Dynamic LoRA: measure importance every N steps (default 10)")
     p.add_argument("--importance_beta", type=float, default=None, help="Dynamic LoRA: importance EMA (0.9)")
     p.add_argument("--omega_every", type=int, default=None, help="Dynamic LoRA: update omega and m every N "
                    "steps (default 100) ...")
-    p.add_argument("--omega_start", type=int, default=None, help="... from this step (default: the warmup steps)")
+    p.add_argument("--omega_start", type=int, default=None,
+                   help="... from this step (default: the warmup steps)")
     p.add_argument("--lambda1", type=float, default=None, help="Dynamic LoRA: L2 weight on A (default 1e-4)")
     p.add_argument("--lambda2", type=float, default=None, help="Dynamic LoRA: L2 weight on B (default 1e-4)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (LoRA: of the A matrices; default: the "
-                   "method's)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (LoRA: of the A matrices; default: the method's)")
     p.add_argument("--lr_ratio", type=float, default=None, help="LoRA: lr of B = lr x lr_ratio (default 16; "
                    "1 = tied, SPEC 2.1)")
-    p.add_argument("--head_lr", type=float, default=None, help="task-head learning rate (default: the method's)")
+    p.add_argument("--head_lr", type=float, default=None,
+                   help="task-head learning rate (default: the method's)")
     p.add_argument("--weight_decay", type=float, default=None, help="AdamW weight decay (default 0.1)")
     # the run
-    p.add_argument("--quant", default="none", choices=["none", "nf4"], help="store the frozen base in NF4 (QLoRA)")
+    p.add_argument("--quant", default="none", choices=["none", "nf4"],
+                   help="store the frozen base in NF4 (QLoRA)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: run all epochs)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--eval_batch_size", type=int, default=64)
-    p.add_argument("--max_len", type=int, default=None, help="max tokens per example (default: the task's, SPEC 1.4)")
+    p.add_argument("--max_len", type=int, default=None,
+                   help="max tokens per example (default: the task's, SPEC 1.4)")
     p.add_argument("--max_train_samples", type=int, default=0, help="use only the first N training examples")
     p.add_argument("--warmup_ratio", type=float, default=0.06)
     p.add_argument("--grad_clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--log_every", type=int, default=20, help="read the loss back every N steps")
-    p.add_argument("--latency_passes", type=int, default=0, help="after training, time N batch-1 dev passes, merged "
-                   "and not (SPEC 1.5: 200); 0 skips it")
+    p.add_argument("--latency_passes", type=int, default=0,
+                   help="after training, time N batch-1 dev passes, merged and not (SPEC 1.5: 200); "
+                   "0 skips it")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA: with CUDA graphs)")
     p.add_argument("--pad_multiple", type=int, default=None, help="pad batches to a multiple of this "
                    "(default: 32 with --compile, so it compiles a handful of shapes; else 1)")
@@ -107,21 +118,23 @@ def parse_args(argv=None, methods=METHODS):
     return args
 
 
-FLAG_OF = {"r": "rank", "train": "tlora_train"}  # config field -> flag, where the paper's name is not the flag's
-METHOD_FLAGS = ("rank", "alpha", "dropout", "rslora", "targets", "tlora_train", "ratio", "b_init", "adapter_size",
-                "beta", "r_max", "n_cal", "importance_every", "importance_beta", "omega_every", "omega_start",
-                "lambda1", "lambda2", "lr", "lr_ratio", "head_lr", "weight_decay")  # the flags above the run's
+# config field -> flag, where the paper's name is not the flag's
+FLAG_OF = {"r": "rank", "train": "tlora_train"}
+METHOD_FLAGS = ("rank", "alpha", "dropout", "rslora", "targets", "tlora_train", "ratio", "b_init",
+                "adapter_size", "beta", "r_max", "n_cal", "importance_every", "importance_beta",
+                "omega_every", "omega_start", "lambda1", "lambda2", "lr", "lr_ratio", "head_lr",
+                "weight_decay")  # the flags above the run's
 
 
 def method_from_args(args, methods=METHODS):
-    """The method's dataclass config from the flags of the same names; a flag left at None keeps the default,
-    and a method flag the method does not have is refused rather than ignored."""
+    """The method's dataclass config from the flags of the same names; a flag left at None keeps the
+    default, and a method flag the method does not have is refused rather than ignored."""
     cls = methods[args.method]
     flags = {FLAG_OF.get(f.name, f.name): f.name for f in dataclasses.fields(cls.Config)}
     stray = [f for f in METHOD_FLAGS if getattr(args, f, None) is not None and f not in flags]
     if stray:
-        raise ValueError(f"--{stray[0]} does not apply to --method {args.method}; drop it or pick a method that "
-                         f"has it")
+        raise ValueError(f"--{stray[0]} does not apply to --method {args.method}; drop it or pick a method "
+                         f"that has it")
     given = {field: getattr(args, flag, None) for flag, field in flags.items()}
     return cls(cls.Config(**{k: v for k, v in given.items() if v is not None}))
 
@@ -130,8 +143,9 @@ def method_from_args(args, methods=METHODS):
 # the model, the data, the optimizer
 
 def build(args, method):
-    """-> (model wrapped by the method, tokenizer, task), on args.device. A method that calibrates on data before
-    its adapters exist (Dynamic LoRA) reads the run's first-epoch batches; the others never load them."""
+    """-> (model wrapped by the method, tokenizer, task), on args.device. A method that calibrates on data
+    before its adapters exist (Dynamic LoRA) reads the run's first-epoch batches; the others never load
+    them."""
     task = data.get_task(args.task)
     folder = resolve(args.model)
     torch.manual_seed(args.seed)
@@ -142,14 +156,16 @@ def build(args, method):
         quant.quantize_model(model)
         frozen = [n + ".weight" for n, m in model.named_modules() if isinstance(m, quant.Linear4bit)]
         if any(method.trains(n) for n in frozen):
-            raise ValueError(f"--quant nf4 stores the base weights in 4 bits, which cannot train, but --method "
-                             f"{args.method} trains them; use an adapter method (lora = QLoRA), head or bitfit")
+            raise ValueError(f"--quant nf4 stores the base weights in 4 bits, which cannot train, but "
+                             f"--method {args.method} trains them; use an adapter method (lora = QLoRA), "
+                             f"head or bitfit")
     model = method.wrap(model.to(args.device), first_epoch(args, task, tok))
     return model, tok, task
 
 
 def first_epoch(args, task, tok):
-    """The training batches of epoch 1 in the run's own seeded order; a generator, so nothing is read until used."""
+    """The training batches of epoch 1 in the run's own seeded order; a generator, so nothing is read
+    until used."""
     train = load_examples(task, "train", args, tok)
     regression = task.num_labels == 1
     yield from data.train_batches(train, args.batch_size, tok.pad_id, regression, random.Random(args.seed),
@@ -169,15 +185,18 @@ def lr_lambda(warmup, total):
 
 
 def optimizer(method, model, total, warmup, device):
-    """AdamW over the method's groups (SPEC §1.4) and the warmup-then-linear-decay schedule over `total` steps."""
-    opt = torch.optim.AdamW(method.param_groups(model), betas=(0.9, 0.999), eps=1e-8, fused=device.startswith("cuda"))
+    """AdamW over the method's groups (SPEC §1.4) and the warmup-then-linear-decay schedule over `total`
+    steps."""
+    opt = torch.optim.AdamW(method.param_groups(model), betas=(0.9, 0.999), eps=1e-8,
+                            fused=device.startswith("cuda"))
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total))
 
 
 def compile_model(model, device):
-    """torch.compile, one graph per padded shape. On CUDA, "reduce-overhead" also replays each step as a CUDA graph.
-    On CPU, dropout keeps ATen's vectorised RNG: inductor's own made each MiniLM step ~10% slower than eager here.
-    A method's extra_loss and after_step hooks stay outside the compiled forward and run as usual."""
+    """torch.compile, one graph per padded shape. On CUDA, "reduce-overhead" also replays each step as a
+    CUDA graph. On CPU, dropout keeps ATen's vectorised RNG: inductor's own made each MiniLM step ~10%
+    slower than eager here. A method's extra_loss and after_step hooks stay outside the compiled forward
+    and run as usual."""
     if device.startswith("cuda"):
         return torch.compile(model, mode="reduce-overhead")
     import torch._inductor.config
@@ -200,9 +219,10 @@ def task_loss(logits, labels):
 
 
 def train_step(model, forward, method, batch, opt, sched, step, grad_clip, device):
-    """The step-th optimizer step: forward (`forward` is the model or its compiled self), the task loss plus the
-    method's extra loss, backward, clip, AdamW, the schedule, then the method's after_step (before zero_grad, so it
-    can read this step's gradients). Returns the loss on the device: reading it is the caller's host sync."""
+    """The step-th optimizer step: forward (`forward` is the model or its compiled self), the task loss plus
+    the method's extra loss, backward, clip, AdamW, the schedule, then the method's after_step (before
+    zero_grad, so it can read this step's gradients). Returns the loss on the device: reading it is the
+    caller's host sync."""
     b = {k: v.to(device) for k, v in batch.items()}
     with autocast(device):
         logits = forward(b["input_ids"], b["attention_mask"], b["token_type_ids"])
@@ -225,7 +245,8 @@ def evaluate(model, forward, method, examples, task, args, pad_id):
     model.eval()
     method.merge(model, float_only=True)
     logits = [None] * len(examples)
-    for idx, b in data.eval_batches(examples, args.eval_batch_size, pad_id, task.num_labels == 1, args.pad_multiple):
+    for idx, b in data.eval_batches(examples, args.eval_batch_size, pad_id, task.num_labels == 1,
+                                    args.pad_multiple):
         with autocast(args.device):
             out = forward(b["input_ids"].to(args.device), b["attention_mask"].to(args.device),
                           b["token_type_ids"].to(args.device)).float().cpu()
@@ -237,8 +258,8 @@ def evaluate(model, forward, method, examples, task, args, pad_id):
 
 @torch.no_grad()
 def latency_ms(model, method, examples, args, pad_id, passes, merged):
-    """Inference latency at batch 1 on dev examples (SPEC §1.5): 20 warm-up passes, then the mean ms of `passes`
-    passes, adapters merged into the base weights or not."""
+    """Inference latency at batch 1 on dev examples (SPEC §1.5): 20 warm-up passes, then the mean ms of
+    `passes` passes, adapters merged into the base weights or not."""
     model.eval()
     if merged:
         method.merge(model, float_only=True)
@@ -268,7 +289,8 @@ def peak_memory_mb(device):
 # the run
 
 def run(args, methods=METHODS):
-    """Train args.method on args.task, keep the best epoch, save it to args.out_dir. Returns metrics.json's dict."""
+    """Train args.method on args.task, keep the best epoch, save it to args.out_dir. Returns metrics.json's
+    dict."""
     random.seed(args.seed)
     method = method_from_args(args, methods)
     model, tok, task = build(args, method)
@@ -299,7 +321,8 @@ def run(args, methods=METHODS):
     for epoch in range(args.epochs):
         model.train()
         t0, losses = time.time(), []
-        batches = data.train_batches(train, args.batch_size, tok.pad_id, task.num_labels == 1, rng, args.pad_multiple)
+        batches = data.train_batches(train, args.batch_size, tok.pad_id, task.num_labels == 1, rng,
+                                     args.pad_multiple)
         bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", file=sys.stdout,
                    disable=not sys.stdout.isatty())
         for b in bar:
@@ -310,7 +333,8 @@ def run(args, methods=METHODS):
                 lr = sched.get_last_lr()[0]  # the first group's learning rate for the next step
                 log.append((step, losses[-1], lr))
                 if not math.isfinite(losses[-1]):
-                    raise FloatingPointError(f"loss is {losses[-1]} at step {step}; lower --lr (now {method.cfg.lr:g})")
+                    raise FloatingPointError(f"loss is {losses[-1]} at step {step}; "
+                                             f"lower --lr (now {method.cfg.lr:g})")
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
                 if bar.disable:  # no terminal (a log file): one line per log step instead of the bar
                     s_per_step = (time.time() - t0) / (step - epoch * steps_per_epoch)
@@ -320,7 +344,8 @@ def run(args, methods=METHODS):
                 break
         train_seconds += time.time() - t0
         metrics = evaluate(model, forward, method, dev, task, args, tok.pad_id)
-        history.append({"epoch": epoch + 1, "step": step, "train_loss": sum(losses) / max(1, len(losses)), **metrics})
+        history.append({"epoch": epoch + 1, "step": step, "train_loss": sum(losses) / max(1, len(losses)),
+                        **metrics})
         print(f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.4f}, dev " +
               ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         key = data.main_metric(task.name)
@@ -335,20 +360,24 @@ def run(args, methods=METHODS):
         for n, p in model.named_parameters():
             if n in trained:
                 p.copy_(trained[n])
-    label = method.label() + ("+nf4" if args.quant == "nf4" else "")  # eval.py's table rows: QLoRA apart from LoRA
-    result = {"task": task.name, "method": args.method, "label": label, "model": args.model, "metrics": metrics,
-              "best_epoch": best_epoch, "last": history[-1], "history": history, "loss_log": log,
-              "trainable_params": n_train, "total_params": n_all, "trainable_pct": 100 * n_train / n_all,
+    # eval.py's table rows: QLoRA apart from LoRA
+    label = method.label() + ("+nf4" if args.quant == "nf4" else "")
+    result = {"task": task.name, "method": args.method, "label": label, "model": args.model,
+              "metrics": metrics, "best_epoch": best_epoch, "last": history[-1], "history": history,
+              "loss_log": log, "trainable_params": n_train, "total_params": n_all,
+              "trainable_pct": 100 * n_train / n_all,
               "steps": step, "train_seconds": train_seconds, "s_per_step": train_seconds / max(1, step),
               "peak_memory_mb": peak_memory_mb(args.device), "args": vars(args),
               **({"latency_ms": latency_ms(model, method, dev, args, tok.pad_id, args.latency_passes, False),
-                  "latency_merged_ms": latency_ms(model, method, dev, args, tok.pad_id, args.latency_passes, True)}
+                  "latency_merged_ms":
+                      latency_ms(model, method, dev, args, tok.pad_id, args.latency_passes, True)}
                  if args.latency_passes else {}),
               "method_config": dataclasses.asdict(method.cfg), "method_report": method.report(model)}
     print(f"best epoch {best_epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if args.out_dir:
         method.save(model, args.out_dir)
-        write_json(os.path.join(args.out_dir, "metrics.json"), result)  # last: its presence means the run is whole
+        # last: its presence means the run is whole
+        write_json(os.path.join(args.out_dir, "metrics.json"), result)
         print(f"wrote {args.out_dir}/metrics.json")
     return result
 
@@ -361,7 +390,8 @@ def write_json(path, obj):
 
 
 def reevaluate(out_dir, methods=METHODS):
-    """Rebuild a saved run's model from its metrics.json, load its trained tensors and score the dev split again."""
+    """Rebuild a saved run's model from its metrics.json, load its trained tensors and score the dev split
+    again."""
     path = os.path.join(out_dir, "metrics.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found; --out_dir must be a folder written by train.py")

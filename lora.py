@@ -1,6 +1,7 @@
 """
-The interface every nanoPEFT method follows (`Method`), then LoRA (Hu et al. 2021) as peft implements it, with
-per-matrix learning rates (seed 000 read as LoRA+, SPEC §2.1), then LoRA's adapter files in peft's format.
+The interface every nanoPEFT method follows (`Method`), then LoRA (Hu et al. 2021) as peft implements it,
+with per-matrix learning rates (seed 000 read as LoRA+, SPEC §2.1), then LoRA's adapter files in peft's
+format.
 
 A method is built from its own small dataclass config and never sees train.py's flags:
 
@@ -12,11 +13,13 @@ A method is built from its own small dataclass config and never sees train.py's 
     ... backward, opt.step(); method.after_step(model, step); opt.zero_grad()
     method.merge(model) / method.unmerge(model)   fold the adapters into the base weights for evaluation
     method.save(model, folder) / method.load(model, folder)   the trained tensors only
-    method.report(model)                       what the method learned besides tensors (ranks, ...), for metrics.json
+    method.report(model)                       what the method learned besides tensors (ranks, ...),
+                                               for metrics.json
 
 The whole interface, all that train.py calls:
-    wrap(model, batches=None) -> model   batches: an iterable of training batches, for a method that calibrates
-                                         on data before its adapters exist (Dynamic LoRA); the others ignore it
+    wrap(model, batches=None) -> model   batches: an iterable of training batches, for a method
+                                         that calibrates on data before its adapters exist (Dynamic LoRA);
+                                         the others ignore it
     trains(name) -> bool                 which backbone tensors train (the task head always does)
     param_groups(model)                  [{"params", "lr", "weight_decay", "name"}, ...] for AdamW
     schedule(total_steps, warmup_steps)  called once before training
@@ -54,20 +57,23 @@ BLOCK_LINEARS = ("query", "key", "value", "c_attn", "out", "fc", "proj")  # "all
 
 @dataclass
 class MethodConfig:
-    lr: float = 2e-5            # learning rate of the trained backbone tensors (SPEC §3: full fine-tuning 2e-5)
+    lr: float = 2e-5            # learning rate of the trained backbone tensors
+                                # (SPEC §3: full fine-tuning 2e-5)
     head_lr: float = None       # the task head's learning rate; None: lr
     weight_decay: float = 0.1   # AdamW's, on every tensor with two or more dimensions (SPEC §1.4)
 
 
 def no_decay(p):
-    """HF Trainer's rule (SPEC §1.4): biases and LayerNorm weights (fewer than two dimensions) get no weight decay."""
+    """HF Trainer's rule (SPEC §1.4): biases and LayerNorm weights (fewer than two dimensions) get no
+    weight decay."""
     return p.ndim < 2
 
 
 def groups_for(name, params, lr, wd):
     """Two AdamW groups for `params`: `name` with weight decay and `name`_nd (biases, norms) without."""
     return [{"params": [p for p in params if not no_decay(p)], "lr": lr, "weight_decay": wd, "name": name},
-            {"params": [p for p in params if no_decay(p)], "lr": lr, "weight_decay": 0.0, "name": name + "_nd"}]
+            {"params": [p for p in params if no_decay(p)], "lr": lr, "weight_decay": 0.0,
+             "name": name + "_nd"}]
 
 
 def mergeable_layers(model):
@@ -77,7 +83,8 @@ def mergeable_layers(model):
 
 
 class Method:
-    """What every method shares. The task head always trains; `trains(name)` says which backbone tensors do."""
+    """What every method shares. The task head always trains; `trains(name)` says which backbone
+    tensors do."""
     name = "method"
     Config = MethodConfig
 
@@ -119,7 +126,8 @@ class Method:
         pass
 
     def merge(self, model, float_only=False):
-        """Fold every adapter into its base weight. float_only skips 4-bit bases (merging one keeps an fp32 copy)."""
+        """Fold every adapter into its base weight. float_only skips 4-bit bases (merging one keeps an
+        fp32 copy)."""
         for layer in mergeable_layers(model).values():
             if not (float_only and hasattr(getattr(layer, "base", None), "merge_delta")):
                 layer.merge()
@@ -148,7 +156,8 @@ class Method:
             raise ValueError(f"{path} has tensors this model lacks (e.g. {missing[0]}): another model?")
         for n, t in tensors.items():
             if params[n].shape != t.shape:
-                raise ValueError(f"{path}: {n} is {tuple(t.shape)} but this model's is {tuple(params[n].shape)}")
+                raise ValueError(f"{path}: {n} is {tuple(t.shape)} but this model's is "
+                                 f"{tuple(params[n].shape)}")
         model.load_state_dict(tensors, strict=False)
 
 
@@ -158,11 +167,13 @@ def saved_method(path, default):
         with safe_open(path, "pt") as f:
             return (f.metadata() or {}).get("nanopeft_method", default)
     except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
-        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}); re-save it") from None
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}); "
+                         f"re-save it") from None
 
 
 def write_atomic(folder, files):
-    """files: {name: callable(path)}; each is written to a temp name and renamed, so no half-written file remains."""
+    """files: {name: callable(path)}; each is written to a temp name and renamed, so no half-written
+    file remains."""
     os.makedirs(folder, exist_ok=True)
     for name, write in files.items():
         tmp = os.path.join(folder, f".{name}.tmp")
@@ -193,27 +204,32 @@ class LoRALinear(nn.Module):
     def __init__(self, base, r=8, alpha=16, dropout=0.0, rslora=False):
         super().__init__()
         if not 1 <= r <= min(base.in_features, base.out_features):
-            raise ValueError(f"rank {r} does not fit a {base.out_features}x{base.in_features} layer: pass a rank "
-                             f"between 1 and {min(base.in_features, base.out_features)}")
+            raise ValueError(f"rank {r} does not fit a {base.out_features}x{base.in_features} layer: "
+                             f"pass a rank between 1 and {min(base.in_features, base.out_features)}")
         self.base, self.r = base, r
         self.in_features, self.out_features = base.in_features, base.out_features
         self.fan_in_fan_out = type(base).__name__ == "Conv1D"  # GPT-2 stores W0ᵀ
         self.scaling = alpha / (math.sqrt(r) if rslora else r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # on the adapter path only
         self.merged = False
-        weight = getattr(base, "weight", None)  # None for quant.Linear4bit: its tensors are uint8 codes + stats
+        # None for quant.Linear4bit: its tensors are uint8 codes + stats
+        weight = getattr(base, "weight", None)
         dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
         device = (weight if weight is not None else next(base.buffers())).device
         self.create_factors(dtype, device)
 
     def create_factors(self, dtype, device):
-        """lora_A (r, in) ~ U(-1/√in, 1/√in), peft's kaiming_uniform_(a=√5); lora_B (out, r) = 0, so ΔW = 0."""
-        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, dtype=dtype, device=device))  # (r, in)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, dtype=dtype, device=device))  # (out, r)
+        """lora_A (r, in) ~ U(-1/√in, 1/√in), peft's kaiming_uniform_(a=√5);
+        lora_B (out, r) = 0, so ΔW = 0."""
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features,
+                                               dtype=dtype, device=device))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r,
+                                               dtype=dtype, device=device))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def gain(self):
-        """The factor in front of B·A: s here; a subclass may scale it (Dynamic LoRA's m_l·s_l, TLoRA's s·g)."""
+        """The factor in front of B·A: s here; a subclass may scale it (Dynamic LoRA's m_l·s_l,
+        TLoRA's s·g)."""
         return self.scaling
 
     def delta_weight(self):
@@ -252,11 +268,13 @@ class LoRALinear(nn.Module):
 # injecting adapters
 
 def target_names(model, targets):
-    """Qualified names of the block linears to adapt: targets is "all-linear" or a list such as ["query", "value"]."""
+    """Qualified names of the block linears to adapt: targets is "all-linear" or a list such as
+    ["query", "value"]."""
     wanted = BLOCK_LINEARS if targets == "all-linear" else tuple(targets)
     unknown = [t for t in wanted if t not in BLOCK_LINEARS]
     if unknown:
-        raise ValueError(f"unknown target {unknown[0]!r}; --targets takes layer names among {', '.join(BLOCK_LINEARS)}")
+        raise ValueError(f"unknown target {unknown[0]!r}; --targets takes layer names among "
+                         f"{', '.join(BLOCK_LINEARS)}")
     names = [n for n, m in model.named_modules() if n.startswith("h.") and n.rsplit(".", 1)[-1] in wanted
              and hasattr(m, "in_features")]
     if not names:
@@ -298,8 +316,9 @@ class LoRAConfig(MethodConfig):
 
 
 class LoRA(Method):
-    """LoRA with per-matrix learning rates (seed 000 / LoRA+, SPEC §2.1): every A at lr, every B at lr·lr_ratio,
-    the task head at head_lr. lr_ratio 1 is the seed's "remove adaptive learning rate" ablation."""
+    """LoRA with per-matrix learning rates (seed 000 / LoRA+, SPEC §2.1): every A at lr, every B at
+    lr·lr_ratio, the task head at head_lr. lr_ratio 1 is the seed's "remove adaptive learning rate"
+    ablation."""
     name = "lora"
     Config = LoRAConfig
 
@@ -330,7 +349,8 @@ class LoRA(Method):
 
     # ---- adapter files in peft's format: peft.PeftModel.from_pretrained loads them into transformers' model
     def adapter_tensors(self, model):
-        """{our name: tensor} that save() writes and load() fills: the trained ones (a subclass may add buffers)."""
+        """{our name: tensor} that save() writes and load() fills: the trained ones (a subclass may add
+        buffers)."""
         return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
     def peft_config(self, model):
@@ -343,11 +363,14 @@ class LoRA(Method):
 
     def save(self, model, folder):
         family = model.cfg.family
-        tensors = {peft_key(family, n): p.detach().contiguous() for n, p in self.adapter_tensors(model).items()}
+        tensors = {peft_key(family, n): p.detach().contiguous()
+                   for n, p in self.adapter_tensors(model).items()}
         cfg = json.dumps(self.peft_config(model), indent=2)
-        meta = {"format": "pt", "nanopeft_method": self.name}  # peft's own files have no method: read as lora
-        write_atomic(folder, {"adapter_model.safetensors": lambda path: save_file(tensors, path, metadata=meta),
-                              "adapter_config.json": write_text(cfg)})
+        # peft's own files have no method: read as lora
+        meta = {"format": "pt", "nanopeft_method": self.name}
+        write_atomic(folder,
+                     {"adapter_model.safetensors": lambda path: save_file(tensors, path, metadata=meta),
+                      "adapter_config.json": write_text(cfg)})
 
     def load(self, model, folder):
         cfg = read_adapter_config(folder)
@@ -364,10 +387,12 @@ class LoRA(Method):
                 raise ValueError(f"adapter tensor {key} matches no layer of this model; wrong --model?")
             if params[name].shape != t.shape:
                 raise ValueError(f"adapter tensor {key} is {tuple(t.shape)} but this model's is "
-                                 f"{tuple(params[name].shape)}: pass the --rank it was trained with ({cfg.get('r')})")
+                                 f"{tuple(params[name].shape)}: pass the --rank it was trained with "
+                                 f"({cfg.get('r')})")
         absent = sorted(k for k in ours if k not in tensors)
         if absent:
-            raise ValueError(f"{path} lacks {absent[0]} ({len(absent)} tensors missing): a partial adapter file?")
+            raise ValueError(f"{path} lacks {absent[0]} ({len(absent)} tensors missing): "
+                             f"a partial adapter file?")
         with torch.no_grad():
             for key, t in tensors.items():
                 params[ours[key]].copy_(t)
@@ -396,4 +421,5 @@ def read_adapter_config(folder):
         with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); re-save the adapter") from None
+        raise ValueError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); "
+                         f"re-save the adapter") from None

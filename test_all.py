@@ -43,9 +43,9 @@ def tiny_hf(family, num_labels=2, seed=0):
         return T.GPT2ForSequenceClassification(cfg).eval()
     Cfg, Model = (T.RobertaConfig, T.RobertaForSequenceClassification) if family == "roberta" else \
         (T.BertConfig, T.BertForSequenceClassification)
-    cfg = Cfg(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=120,
-              max_position_embeddings=70, type_vocab_size=1 if family == "roberta" else 2, num_labels=num_labels,
-              pad_token_id=1 if family == "roberta" else 0)
+    cfg = Cfg(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+              vocab_size=120, max_position_embeddings=70, type_vocab_size=1 if family == "roberta" else 2,
+              num_labels=num_labels, pad_token_id=1 if family == "roberta" else 0)
     return Model(cfg).eval()
 
 
@@ -70,8 +70,8 @@ def save_hf(hf, tmp_path, safe=True):
 
 
 def method_for(name, **cfg):
-    """A method as a user builds one, from its class and its dataclass config; a tiny adapter (r 4, α 8, no dropout)
-    unless cfg says otherwise."""
+    """A method as a user builds one, from its class and its dataclass config; a tiny adapter (r 4, α 8,
+    no dropout) unless cfg says otherwise."""
     cls = finetune.METHODS[name]
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     tiny = {k: v for k, v in dict(r=4, alpha=8, dropout=0.0).items() if k in fields}
@@ -142,9 +142,10 @@ def test_hf_names_map_every_parameter_of_each_family():
         assert mapped <= theirs, f"{family}: names with no HF counterpart: {sorted(mapped - theirs)[:3]}"
 
 
-# ------------------------------------------------------------------------------------------------ tokenizer.py
+# ----------------------------------------------------------------------------------------------- tokenizer.py
 
-CORPUS = ["Hello, world!", "The café's crème brûlée costs $5.99 — naïve?", "I'm here 🤗 and there's   spaces\ttab",
+CORPUS = ["Hello, world!", "The café's crème brûlée costs $5.99 — naïve?",
+          "I'm here 🤗 and there's   spaces\ttab",
           "Ünïcödé ÀÉÎ straße 東京タワー", "don't STOP!!! 123,456.78", " leading space", "emoji 👍🏽 combos", "",
           "a\n\nb  \n", "He said: \"well...\" (maybe) [sic] {x} <tag> 50% #1 @you ~ok"]
 PAIRS = [("The cat sat on the mat.", "A cat is sitting."),
@@ -169,7 +170,8 @@ def check_tokenizer(ours, ref, family):
         for max_len in (512, 12, 13, 14, 21):
             r = ref(a, b, truncation="longest_first", max_length=max_len)
             ids, types = ours.encode(a, b, max_len=max_len)
-            assert ids == r["input_ids"], f"{family}: pair ids differ at max_len {max_len}: {ids} vs {r['input_ids']}"
+            assert ids == r["input_ids"], \
+                f"{family}: pair ids differ at max_len {max_len}: {ids} vs {r['input_ids']}"
             if "token_type_ids" in r:
                 assert types == r["token_type_ids"], f"{family}: token types differ at max_len {max_len}"
 
@@ -188,7 +190,8 @@ def test_bpe_matches_transformers_on_real_gpt2_vocab(family, tmp_path):
     shutil.copy(os.path.join(src, "merges.txt"), folder)
     vocab = json.load(open(os.path.join(src, "vocab.json"), encoding="utf-8"))
     if family == "roberta":  # RoBERTa's ids are a different order than the merge ranks: build such a vocab
-        vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>"] + sorted(vocab, key=lambda t: t[::-1]))}
+        vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>"]
+                                            + sorted(vocab, key=lambda t: t[::-1]))}
     json.dump(vocab, open(os.path.join(folder, "vocab.json"), "w"))
     json.dump({"tokenizer_class": {"gpt2": "GPT2Tokenizer", "roberta": "RobertaTokenizer"}[family]},
               open(os.path.join(folder, "tokenizer_config.json"), "w"))
@@ -228,7 +231,8 @@ def write_glue(folder, n=40, seed=0):
             s2 = s1 if label else " ".join(rng.choice(words, 4))
             rows.append(f"{label}\t{i}\t{i + 1}\t{s1}\t{s2}")
             cola.append(f"src\t{label}\t\t{s1}")
-        open(os.path.join(folder, "MRPC", f"{split}.tsv"), "w", encoding="utf-8").write("\n".join(rows) + "\n")
+        open(os.path.join(folder, "MRPC", f"{split}.tsv"), "w",
+             encoding="utf-8").write("\n".join(rows) + "\n")
         open(os.path.join(folder, "CoLA", f"{split}.tsv"), "w", encoding="utf-8").write("\n".join(cola))
     return words
 
@@ -239,7 +243,8 @@ def test_glue_tsv_reader_parses_mrpc_and_headerless_cola(tmp_path):
     cola = data.load_split(data.get_task("cola"), "dev", str(tmp_path))
     assert len(mrpc) == 40 and len(cola) == 20
     assert all(len(t) == 2 and lab in (0, 1) for t, lab in mrpc)
-    assert all((t[0] == t[1]) == (lab == 1) for t, lab in mrpc), "label 1 rows repeat the sentence in write_glue"
+    assert all((t[0] == t[1]) == (lab == 1) for t, lab in mrpc), \
+        "label 1 rows repeat the sentence in write_glue"
     assert all(len(t) == 1 and lab in (0, 1) for t, lab in cola)
 
 
@@ -274,7 +279,8 @@ def test_train_batches_visit_every_example_once_per_epoch_in_a_seeded_new_order(
     ex = [{"input_ids": [i + 1], "token_type_ids": [0], "label": i} for i in range(40)]
     import random
     rng = random.Random(3)
-    epochs = [[l for b in data.train_batches(ex, 8, 0, False, rng) for l in b["labels"].tolist()] for _ in range(2)]
+    epochs = [[l for b in data.train_batches(ex, 8, 0, False, rng) for l in b["labels"].tolist()]
+              for _ in range(2)]
     assert all(sorted(e) == list(range(40)) for e in epochs), "an epoch must hold every example exactly once"
     assert epochs[0] != epochs[1] and epochs[0] != list(range(40)), "each epoch must be shuffled anew"
     again = [l for b in data.train_batches(ex, 8, 0, False, random.Random(3)) for l in b["labels"].tolist()]
@@ -284,14 +290,18 @@ def test_train_batches_visit_every_example_once_per_epoch_in_a_seeded_new_order(
 def test_encode_truncates_pairs_to_max_len(tmp_path):
     folder = tiny_checkpoint(tmp_path, ["w%d" % i for i in range(30)])
     tok = load_tokenizer(folder, "bert")
-    rows = [((" ".join(f"w{i}" for i in range(30)), " ".join(f"w{i}" for i in range(20))), 1), (("w1", "w2"), 0)]
+    rows = [((" ".join(f"w{i}" for i in range(30)), " ".join(f"w{i}" for i in range(20))), 1),
+            (("w1", "w2"), 0)]
     ex = data.encode(tok, rows, max_len=16)
-    assert [len(e["input_ids"]) for e in ex] == [16, 5], "[CLS] a [SEP] b [SEP] cut to max_len, short pairs whole"
-    assert ex[0]["token_type_ids"] == [0] * 9 + [1] * 7 and ex[0]["label"] == 1  # 7 + 6 words: the longer cut first
+    assert [len(e["input_ids"]) for e in ex] == [16, 5], \
+        "[CLS] a [SEP] b [SEP] cut to max_len, short pairs whole"
+    # 7 + 6 words: the longer cut first
+    assert ex[0]["token_type_ids"] == [0] * 9 + [1] * 7 and ex[0]["label"] == 1
 
 
 def test_batches_pad_dynamically_and_eval_order_is_restorable():
-    ex = [{"input_ids": list(range(1, n + 1)), "token_type_ids": [0] * n, "label": n % 2} for n in (5, 2, 9, 3)]
+    ex = [{"input_ids": list(range(1, n + 1)), "token_type_ids": [0] * n, "label": n % 2}
+          for n in (5, 2, 9, 3)]
     b = data.collate(ex[:2], pad_id=0)
     assert b["input_ids"].shape == (2, 5) and b["attention_mask"].sum().item() == 7
     assert b["input_ids"][1].tolist() == [1, 2, 0, 0, 0]
@@ -340,9 +350,11 @@ def test_lora_output_and_gradients_match_peft(family, tmp_path):
     ref.loss.backward()
     for name, layer in lora.adapter_layers(ours).items():
         t = theirs.base_model.model.get_submodule(M.hf_name(family, name))
-        for ours_p, their_p in ((layer.lora_A, t.lora_A["default"].weight), (layer.lora_B, t.lora_B["default"].weight)):
+        for ours_p, their_p in ((layer.lora_A, t.lora_A["default"].weight),
+                                (layer.lora_B, t.lora_B["default"].weight)):
             d = (ours_p.grad - their_p.grad).abs().max().item()
-            assert d <= 1e-5 * max(1.0, their_p.grad.abs().max().item()), f"{name} gradient differs by {d:.2e}"
+            assert d <= 1e-5 * max(1.0, their_p.grad.abs().max().item()), \
+                f"{name} gradient differs by {d:.2e}"
 
 
 @pytest.mark.parametrize("family", ["gpt2", "bert"])
@@ -352,7 +364,8 @@ def test_lora_merge_unmerge_round_trip(family, tmp_path):
 
 
 def assert_merge_round_trip(model, family, label):
-    """Merged output equals unmerged (1e-5 relative), and unmerge gives back the base weights and outputs (1e-6)."""
+    """Merged output equals unmerged (1e-5 relative),
+    and unmerge gives back the base weights and outputs (1e-6)."""
     ids, mask, types = batch(family)
     before = {n: p.clone() for n, p in model.named_parameters() if ".base." in n}
     with torch.no_grad():
@@ -362,15 +375,16 @@ def assert_merge_round_trip(model, family, label):
         lora.Method().unmerge(model)
         y_back = model(ids, mask, types)
     d_merge, d_back = (y - y_merged).abs().max().item(), (y - y_back).abs().max().item()
-    assert d_merge <= 1e-5 * max(1, y.abs().max().item()), f"{family} {label}: merged output differs by {d_merge:.2e}"
+    assert d_merge <= 1e-5 * max(1, y.abs().max().item()), \
+        f"{family} {label}: merged output differs by {d_merge:.2e}"
     assert d_back <= 1e-6, f"{family} {label}: unmerged output differs by {d_back:.2e}"
     drift = max((p - before[n]).abs().max().item() for n, p in model.named_parameters() if ".base." in n)
     assert drift <= 1e-6, f"{family} {label}: base weights drift by {drift:.2e} after merge + unmerge"
 
 
 def test_dropout_is_on_the_adapter_input_only():
-    """SPEC §1.1: Y = X W0ᵀ + b + s·B·A·dropout(X). With B = 0 a training-mode layer must return the base output
-    exactly, whatever dropout draws; with B ≠ 0 dropout must change the adapter's output."""
+    """SPEC §1.1: Y = X W0ᵀ + b + s·B·A·dropout(X). With B = 0 a training-mode layer must return the base
+    output exactly, whatever dropout draws; with B ≠ 0 dropout must change the adapter's output."""
     torch.manual_seed(0)
     layer = lora.LoRALinear(torch.nn.Linear(16, 12), r=4, alpha=8, dropout=0.5).train()
     x = torch.randn(6, 16)
@@ -382,13 +396,14 @@ def test_dropout_is_on_the_adapter_input_only():
         eval_out = layer(x)
         expected = layer.base(x) + layer.scaling * x @ layer.lora_A.t() @ layer.lora_B.t()
     assert (eval_out - expected).abs().max() <= 1e-5, "eval-mode output is not X W0ᵀ + b + s·X Aᵀ Bᵀ"
-    assert (train_out - eval_out).abs().max() > 1e-3, "dropout 0.5 left the adapter path unchanged in training"
+    assert (train_out - eval_out).abs().max() > 1e-3, \
+        "dropout 0.5 left the adapter path unchanged in training"
 
 
-@pytest.mark.parametrize("family, targets, leaves", [("bert", ["query", "value"], ["attn.query", "attn.value"]),
-                                                     ("gpt2", ["c_attn", "fc"], ["attn.c_attn", "mlp.fc"]),
-                                                     ("bert", "all-linear", ["attn.query", "attn.key", "attn.value",
-                                                                             "attn.out", "mlp.fc", "mlp.proj"])])
+@pytest.mark.parametrize("family, targets, leaves", [
+    ("bert", ["query", "value"], ["attn.query", "attn.value"]),
+    ("gpt2", ["c_attn", "fc"], ["attn.c_attn", "mlp.fc"]),
+    ("bert", "all-linear", ["attn.query", "attn.key", "attn.value", "attn.out", "mlp.fc", "mlp.proj"])])
 def test_targets_pick_exactly_the_named_linears(family, targets, leaves, tmp_path):
     folder = save_hf(tiny_hf(family), tmp_path)
     model = method_for("lora", targets=targets).wrap(M.from_pretrained(folder))
@@ -416,7 +431,8 @@ def test_adapter_files_load_in_peft_and_back(tmp_path):
     out_dir = str(tmp_path / "adapter")
     method.save(ours, out_dir)
     hf_dir = str(tmp_path / "hf")
-    loaded = PeftModel.from_pretrained(T.RobertaForSequenceClassification.from_pretrained(hf_dir), out_dir).eval()
+    loaded = PeftModel.from_pretrained(T.RobertaForSequenceClassification.from_pretrained(hf_dir),
+                                       out_dir).eval()
     ids, mask, types = batch("roberta")
     with torch.no_grad():
         d = (loaded(input_ids=ids, attention_mask=mask).logits - ours(ids, mask, types)).abs().max().item()
@@ -444,7 +460,8 @@ def test_lora_plus_optimizer_groups(tmp_path):
     method = method_for("lora", lr=1e-4, lr_ratio=16, head_lr=4e-4)
     model = method.wrap(M.from_pretrained(folder))
     groups = {g["name"]: g for g in method.param_groups(model)}
-    assert groups["A"]["lr"] == 1e-4 and groups["B"]["lr"] == pytest.approx(1.6e-3) and groups["head"]["lr"] == 4e-4
+    assert (groups["A"]["lr"] == 1e-4 and groups["B"]["lr"] == pytest.approx(1.6e-3)
+            and groups["head"]["lr"] == 4e-4)
     ids = {name: {id(p) for p in g["params"]} for name, g in groups.items()}
     layers = lora.adapter_layers(model).values()
     assert ids["A"] == {id(l.lora_A) for l in layers} and ids["B"] == {id(l.lora_B) for l in layers}
@@ -465,10 +482,12 @@ def test_baselines_train_what_spec_says(tmp_path):
         trained[name] = {n for n, p in model.named_parameters() if p.requires_grad}
     head = {"head.dense.weight", "head.dense.bias", "head.out_proj.weight", "head.out_proj.bias"}  # RoBERTa's
     assert trained["head"] == head
-    # SPEC §3 BitFit: the biases of q, k, v, attention-out, FFN-in, FFN-out and both LayerNorms, in every block
-    biases = {f"h.{i}.{m}.bias" for i in range(2) for m in ("attn.query", "attn.key", "attn.value", "attn.out",
-                                                              "mlp.fc", "mlp.proj", "ln_1", "ln_2")}
-    assert trained["bitfit"] == biases | head, f"BitFit trains {sorted(trained['bitfit'] ^ (biases | head))[:4]} wrongly"
+    # SPEC §3 BitFit: the biases of q, k, v, attention-out, FFN-in, FFN-out and both LayerNorms,
+    # in every block
+    biases = {f"h.{i}.{m}.bias" for i in range(2) for m in ("attn.query", "attn.key", "attn.value",
+                                                            "attn.out", "mlp.fc", "mlp.proj", "ln_1", "ln_2")}
+    assert trained["bitfit"] == biases | head, \
+        f"BitFit trains {sorted(trained['bitfit'] ^ (biases | head))[:4]} wrongly"
     assert trained["full"] == {n for n, _ in M.from_pretrained(folder).named_parameters()}
 
 
@@ -489,7 +508,7 @@ def test_checkpoint_from_another_method_is_refused(tmp_path):
         big.load(big.wrap(M.from_pretrained(folder)), str(tmp_path / "lo"))
 
 
-# ------------------------------------------------------------------------------------------------ tlora_plus.py
+# ---------------------------------------------------------------------------------------------- tlora_plus.py
 
 def tlora_pair(tmp_path, method="tlora_plus", family="bert", **cfg):
     """(method, a tiny model wrapped by it, the checkpoint folder)."""
@@ -519,7 +538,8 @@ def test_tlora_plus_parameter_counts_per_configuration(method, cfg, tmp_path):
     got = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head."))
     frozen = sum(b.numel() for n, b in model.named_buffers() if ".lora_" in n)
     assert got == want, f"{method} {cfg}: {got} trainable adapter parameters, SPEC §2.3 table gives {want}"
-    assert got + frozen == total, f"{method} {cfg}: trainable {got} + frozen {frozen} != r(in+out)+r² summed, {total}"
+    assert got + frozen == total, \
+        f"{method} {cfg}: trainable {got} + frozen {frozen} != r(in+out)+r² summed, {total}"
 
 
 @pytest.mark.parametrize("method, cfg", [("tlora_plus", c) for c in tlora_plus.CONFIGS] + [("tlora", "B")])
@@ -545,7 +565,8 @@ def test_tlora_gradients_reach_exactly_the_trainable_matrices(method, cfg, tmp_p
 def test_tlora_plus_lr_ratio_groups(tmp_path):
     _, model, folder = tlora_pair(tmp_path)
     layers = lora.adapter_layers(model).values()
-    spec = {1: (1, 1), 2: (2.83, 1.41), 4: (8, 2), 5: (11.18, 2.24), 8: (22.63, 2.83), 10: (31.62, 3.16)}  # SPEC §2.3
+    # SPEC §2.3
+    spec = {1: (1, 1), 2: (2.83, 1.41), 4: (8, 2), 5: (11.18, 2.24), 8: (22.63, 2.83), 10: (31.62, 3.16)}
     for lam, (b, c) in spec.items():
         m = method_for("tlora_plus", lr=1e-4, ratio=lam, weight_decay=0.1)
         g = {x["name"]: x for x in m.param_groups(model)}
@@ -562,11 +583,13 @@ def test_tlora_plus_lr_ratio_groups(tmp_path):
     assert {x["name"]: x["lr"] for x in head.param_groups(model)}["head"] == 5e-4, "--head_lr is honoured"
     orig, tl_model, _ = tlora_pair(tmp_path, "tlora", lr=1e-4, ratio=8)
     g = {x["name"]: x["lr"] for x in orig.param_groups(tl_model)}
-    assert g == {"B": 1e-4, "g": 1e-4, "head": 1e-4, "head_nd": 1e-4}, f"TLoRA: B and g at η, no ratio; got {g}"
+    assert g == {"B": 1e-4, "g": 1e-4, "head": 1e-4, "head_nd": 1e-4}, \
+        f"TLoRA: B and g at η, no ratio; got {g}"
 
 
 def test_tlora_modules_draw_their_frozen_factors_from_their_own_seeds(tmp_path):
-    """Module k of a seed-S run draws from 10⁴·S + k: every module its own A and C, reproducible from the seed."""
+    """Module k of a seed-S run draws from 10⁴·S + k: every module its own A and C,
+    reproducible from the seed."""
     _, model, _ = tlora_pair(tmp_path, "tlora_plus", train="B", seed=2)
     layers = list(lora.adapter_layers(model).values())
     for k in (0, 3):
@@ -578,8 +601,8 @@ def test_tlora_modules_draw_their_frozen_factors_from_their_own_seeds(tmp_path):
 
 
 def test_tlora_init_variances():
-    """LeCun: Var A = 1/in, Var C = 1/r1, Var B = 1/r2 (b_init lecun). With n entries the sample variance has a
-    relative standard error √(2/n): 0.3% for A (262,144), 0.4% for C (131,072), 1.1% for B (16,384); the
+    """LeCun: Var A = 1/in, Var C = 1/r1, Var B = 1/r2 (b_init lecun). With n entries the sample variance has
+    a relative standard error √(2/n): 0.3% for A (262,144), 0.4% for C (131,072), 1.1% for B (16,384); the
     tolerances 3%, 3%, 6% are over 5 standard errors."""
     base, r = torch.nn.Linear(2048, 1024), 128
     layer = tlora_plus.TLoRALinear(base, r, "B", "lecun", seed=3)
@@ -588,7 +611,8 @@ def test_tlora_init_variances():
         v, mean = t.var().item(), t.mean().item()
         assert abs(v / var - 1) < tol, f"Var {x} = {v:.3e}, LeCun gives {var:.3e} (tolerance {tol:.0%})"
         assert abs(mean) < 5 * math.sqrt(var / t.numel()), f"mean {x} = {mean:.2e}, expected 0"
-    assert layer.lora_A.shape == (r, 2048) and layer.lora_B.shape == (r, r) and layer.lora_C.shape == (1024, r)
+    assert (layer.lora_A.shape == (r, 2048) and layer.lora_B.shape == (r, r)
+            and layer.lora_C.shape == (1024, r))
     zero = tlora_plus.TLoRALinear(base, r, "B", "zero", seed=3)
     assert torch.count_nonzero(zero.lora_B) == 0, "b_init zero: B = 0"
     assert torch.equal(zero.lora_A, layer.lora_A) and torch.equal(zero.lora_C, layer.lora_C), \
@@ -598,7 +622,8 @@ def test_tlora_init_variances():
     assert zero.scaling == 1.0 and isinstance(zero.dropout, torch.nn.Identity), "s = 1, p = 0 (SPEC §2.3)"
 
 
-@pytest.mark.parametrize("family, method", [("gpt2", "tlora_plus"), ("bert", "tlora_plus"), ("bert", "tlora")])
+@pytest.mark.parametrize("family, method",
+                         [("gpt2", "tlora_plus"), ("bert", "tlora_plus"), ("bert", "tlora")])
 def test_tlora_merge_unmerge_exact(family, method, tmp_path):
     _, model, _ = tlora_pair(tmp_path, method, family=family)
     randomize_b(model)
@@ -610,7 +635,8 @@ def test_tlora_merge_unmerge_exact(family, method, tmp_path):
 
 
 def test_tlora_with_identity_A_C_equals_lora_update():
-    """C = I makes TLoRA a LoRA with B' = B, A' = A; A = I makes it a LoRA with B' = C, A' = B (s = 1 both)."""
+    """C = I makes TLoRA a LoRA with B' = B, A' = A; A = I makes it a LoRA with B' = C, A' = B
+    (s = 1 both)."""
     torch.manual_seed(0)
     r = 8
     for (n_in, n_out), ident in (((12, 8), "C"), ((8, 12), "A"), ((8, 8), "AC")):
@@ -623,7 +649,8 @@ def test_tlora_with_identity_A_C_equals_lora_update():
                 t.lora_C.copy_(torch.eye(n_out, r))  # (out, r1) = (r, r)
             if "A" in ident:
                 t.lora_A.copy_(torch.eye(r, n_in))  # (r2, in) = (r, r)
-            b_, a_ = (t.lora_C, t.lora_B) if ident == "A" else (t.lora_B, t.lora_A)  # LoRA's (out, r), (r, in)
+            # LoRA's (out, r), (r, in)
+            b_, a_ = (t.lora_C, t.lora_B) if ident == "A" else (t.lora_B, t.lora_A)
             ref.lora_B.copy_(b_)
             ref.lora_A.copy_(a_)
             dw = (t.delta_weight() - b_ @ a_).abs().max().item()
@@ -640,8 +667,10 @@ def test_tlora_delta_w_zero_at_init(method, tmp_path):
     ids, mask, types = batch("bert")
     with torch.no_grad():
         d = (model(ids, mask, types) - plain(ids, mask, types)).abs().max().item()
-        nonzero = sum(torch.count_nonzero(l.delta_weight()).item() for l in lora.adapter_layers(model).values())
-    assert d == 0 and nonzero == 0, f"{method} at init: logits move by {d:.2e}, ΔW has {nonzero} nonzero entries"
+        nonzero = sum(torch.count_nonzero(l.delta_weight()).item()
+                      for l in lora.adapter_layers(model).values())
+    assert d == 0 and nonzero == 0, \
+        f"{method} at init: logits move by {d:.2e}, ΔW has {nonzero} nonzero entries"
     _, lecun, _ = tlora_pair(tmp_path, method, b_init="lecun")
     with torch.no_grad():
         d = (lecun(ids, mask, types) - plain(ids, mask, types)).abs().max().item()
@@ -661,14 +690,16 @@ def test_tlora_save_load_round_trip_and_refuses_other_methods(tmp_path):
             d_before = (fresh(ids, mask, types) - y).abs().max().item()
             m2.load(fresh, out)
             d = (fresh(ids, mask, types) - y).abs().max().item()
-        assert d_before > 0 and d == 0, f"{method} {cfg}: reloaded logits differ by {d:.2e} (before load {d_before:.2e})"
+        assert d_before > 0 and d == 0, \
+            f"{method} {cfg}: reloaded logits differ by {d:.2e} (before load {d_before:.2e})"
         saved = json.load(open(os.path.join(out, "adapter_config.json")))
         assert saved["peft_type"] == method.upper() and saved["r"] == 4 and saved["trainable"] == cfg
     lo = method_for("lora")
     lo_model = lo.wrap(M.from_pretrained(folder))
     lo.save(lo_model, str(tmp_path / "ck-lora"))
     for loader, ck, saved in (("tlora_plus", "ck-lora", "lora"), ("tlora", "ck-tlora_plus-ABC", "tlora_plus"),
-                              ("tlora_plus", "ck-tlora-B", "tlora"), ("lora", "ck-tlora_plus-ABC", "tlora_plus")):
+                              ("tlora_plus", "ck-tlora-B", "tlora"),
+                              ("lora", "ck-tlora_plus-ABC", "tlora_plus")):
         m = method_for(loader)
         with pytest.raises(ValueError, match=f"pass --method {saved} to load it"):
             m.load(m.wrap(M.from_pretrained(folder)), str(tmp_path / ck))
@@ -677,14 +708,15 @@ def test_tlora_save_load_round_trip_and_refuses_other_methods(tmp_path):
         big.load(big.wrap(M.from_pretrained(folder)), str(tmp_path / "ck-tlora_plus-ABC"))
 
 
-# ------------------------------------------------------------------------------------------------ dynamic_lora.py
+# -------------------------------------------------------------------------------------------- dynamic_lora.py
 
 def cal_batches(family="bert", n=4):
     """Calibration batches as train.py hands them to wrap(): dicts with padded ids, mask, types and labels."""
     out = []
     for k in range(n):
         ids, mask, types = batch(family, seed=10 + k)
-        out.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": torch.tensor([0, 1, 1])})
+        out.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": types,
+                    "labels": torch.tensor([0, 1, 1])})
     return out
 
 
@@ -703,7 +735,8 @@ def test_dynamic_lora_calibration_variance_counts_non_padding_tokens_in_float64(
     model = M.from_pretrained(folder)
     names = lora.target_names(model, "all-linear")
     seen = {n: [] for n in names}
-    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen[n].append(i[0])) for n in names]
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen[n].append(i[0]))
+             for n in names]
     model.eval()
     with torch.no_grad():
         for b in cal_batches():
@@ -711,11 +744,14 @@ def test_dynamic_lora_calibration_variance_counts_non_padding_tokens_in_float64(
     for h in hooks:
         h.remove()
     masks = [b["attention_mask"].bool() for b in cal_batches()]
-    want = {n: np.var(np.concatenate([x[m].double().numpy().ravel() for x, m in zip(seen[n], masks)])) for n in names}
+    want = {n: np.var(np.concatenate([x[m].double().numpy().ravel() for x, m in zip(seen[n], masks)]))
+            for n in names}
     got = dynamic_lora.input_variances(model.train(), names, iter(cal_batches()), n_cal=4)
-    assert all(abs(got[n] - want[n]) <= 1e-9 * want[n] for n in names), "population variance of non-pad inputs"
+    assert all(abs(got[n] - want[n]) <= 1e-9 * want[n] for n in names), \
+        "population variance of non-pad inputs"
     assert model.training, "calibration must give the model back in the mode it found it"
-    with pytest.raises(ValueError, match="--n_cal 5 asks for more calibration batches than the training set has"):
+    with pytest.raises(ValueError,
+                       match="--n_cal 5 asks for more calibration batches than the training set has"):
         dynamic_lora.input_variances(model, names, iter(cal_batches()), n_cal=5)
 
 
@@ -724,9 +760,11 @@ def test_dynamic_lora_ranks_follow_the_rule_and_its_clamps():
     variances = {"a": 1.0, "b": 3.0, "c": 0.0, "d": 100.0, "e": 20.0}  # mean 24.8
     shapes = {"a": (64, 64), "b": (64, 64), "c": (64, 64), "d": (64, 64), "e": (6, 64)}
     got = dynamic_lora.ranks_from_variances(variances, shapes, r=8, beta=0.5, r_max=12)
-    # a: 8(1 + .5/24.8) = 8.16 -> 8; b: 8.48 -> 8; c: 8; d: 8(1 + 50/24.8) = 24.1 -> r_max 12; e: 11.2 -> 11 -> in 6
+    # a: 8(1 + .5/24.8) = 8.16 -> 8; b: 8.48 -> 8; c: 8; d: 8(1 + 50/24.8) = 24.1 -> r_max 12;
+    # e: 11.2 -> 11 -> in 6
     assert got == {"a": 8, "b": 8, "c": 8, "d": 12, "e": 6}, got
-    assert dynamic_lora.ranks_from_variances(variances, shapes, 8, 0.0, 32) == dict.fromkeys("abcde", 8) | {"e": 6}
+    assert (dynamic_lora.ranks_from_variances(variances, shapes, 8, 0.0, 32)
+            == dict.fromkeys("abcde", 8) | {"e": 6})
     wide = dynamic_lora.ranks_from_variances({"a": 1.0, "b": 3.0}, {"a": (64, 64), "b": (64, 64)}, 8, 1.0, 32)
     assert wide == {"a": 12, "b": 20}, wide  # 8 · (1 + 0.5) = 12, 8 · (1 + 1.5) = 20
 
@@ -739,7 +777,8 @@ def test_dynamic_lora_hook_importance_is_the_rms_of_the_weight_gradient():
     (layer(x) * R).sum().backward()  # G = ∂L/∂Y = R
     want = (R.reshape(-1, 7).t() @ x.reshape(-1, 12)).norm().item() / math.sqrt(7 * 12)
     assert layer.importance.item() == pytest.approx(want, rel=1e-6)
-    autograd = layer.base.weight.grad.norm().item() / math.sqrt(7 * 12)  # this bare Linear's W still has a grad
+    # this bare Linear's W still has a grad
+    autograd = layer.base.weight.grad.norm().item() / math.sqrt(7 * 12)
     assert layer.importance.item() == pytest.approx(autograd, rel=1e-6), "I_l = RMS of autograd's ∂L/∂W_l"
     layer.importance, layer.sample = None, False
     (layer(x) * R).sum().backward()
@@ -785,8 +824,10 @@ def test_dynamic_lora_with_uniform_importance_is_lora_exactly(tmp_path):
     torch.nn.functional.cross_entropy(out_ref, labels).backward()
     refs = lora.adapter_layers(ref)
     for name, layer in dyn.layers.items():
-        assert torch.equal(layer.lora_A.grad, refs[name].lora_A.grad), f"{name}: A's gradient differs from LoRA's"
-        assert torch.equal(layer.lora_B.grad, refs[name].lora_B.grad), f"{name}: B's gradient differs from LoRA's"
+        assert torch.equal(layer.lora_A.grad, refs[name].lora_A.grad), \
+            f"{name}: A's gradient differs from LoRA's"
+        assert torch.equal(layer.lora_B.grad, refs[name].lora_B.grad), \
+            f"{name}: B's gradient differs from LoRA's"
 
 
 def test_dynamic_lora_regulariser_gradient_is_2_lambda_A_and_B(tmp_path):
@@ -852,7 +893,8 @@ def test_houlsby_adapter_is_the_identity_at_init_and_counts_2dm_plus_m_plus_d(tm
     assert adapters == 2 * 2 * (2 * d * m + m + d), "two adapters per block, 2dm + m + d each (SPEC §3)"
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     norms = {n for n, _ in plain.named_parameters() if n.split(".")[-2].startswith("ln_")}
-    assert {n for n in trained if ".adapter_" not in n and not n.startswith("head.")} == norms, "every LayerNorm"
+    assert {n for n in trained if ".adapter_" not in n and not n.startswith("head.")} == norms, \
+        "every LayerNorm"
     assert sorted({n.rsplit(".adapter_", 1)[0] for n in trained if ".adapter_" in n}) == \
         [f"h.{i}.{x}" for i in range(2) for x in ("attn.out", "mlp.proj")], "after attention-out and FFN-out"
     groups = {g["name"]: g["lr"] for g in method.param_groups(model)}
@@ -861,16 +903,18 @@ def test_houlsby_adapter_is_the_identity_at_init_and_counts_2dm_plus_m_plus_d(tm
 
 # ------------------------------------------------------------------------------------------------ quant.py
 
-# NF4 + double quant against bitsandbytes on CPU (quantize_4bit / dequantize_4bit, quant_type="nf4", blocksize=64):
-# packed bytes, absmax, absmax codes, scales, offset and dequantized values must be bit-identical.
+# NF4 + double quant against bitsandbytes on CPU (quantize_4bit / dequantize_4bit, quant_type="nf4",
+# blocksize=64): packed bytes, absmax, absmax codes, scales, offset and dequantized values must be
+# bit-identical.
 
 
-QUANT_SHAPES = [(7, 13), (3, 100), (64, 64), (130, 257), (5, 80), (1, 1), (300, 256)]  # mostly not multiples of 64
+# mostly not multiples of 64
+QUANT_SHAPES = [(7, 13), (3, 100), (64, 64), (130, 257), (5, 80), (1, 1), (300, 256)]
 
 
 def _quant_cases():
-    """Random weights, each of 192+ values with block 1 all zero, then a weight whose partial last block is zero
-    and an all-zero one (bnb stores absmax 0 for a zero full block, 1e-38 for a zero partial block)."""
+    """Random weights, each of 192+ values with block 1 all zero, then a weight whose partial last block is
+    zero and an all-zero one (bnb stores absmax 0 for a zero full block, 1e-38 for a zero partial block)."""
     for seed, shape in enumerate(QUANT_SHAPES):
         W = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
         if W.numel() >= 192:
@@ -884,13 +928,15 @@ def _quant_cases():
 
 def _bnb_dequantize(packed, state):
     import bitsandbytes.functional as bnbF
-    with torch._dynamo.config.patch(disable=True):  # bnb torch.compiles its odd-last-dim fallback: ~15 s on CPU
+    # bnb torch.compiles its odd-last-dim fallback: ~15 s on CPU
+    with torch._dynamo.config.patch(disable=True):
         return bnbF.dequantize_4bit(packed, state)
 
 
 def _bnb_dequant_is_reliable(shape):
-    # bnb's AVX-512 CPU kernel reads absmax per row (row r, column block j -> absmax[r * (in // 64) + j]), which is
-    # wrong when in % 16 == 0 but in % 64 != 0: its own round trip of a (5, 80) weight is off by ~1.0.
+    # bnb's AVX-512 CPU kernel reads absmax per row (row r, column block j -> absmax[r * (in // 64) + j]),
+    # which is wrong when in % 16 == 0 but in % 64 != 0: its own round trip of a (5, 80) weight is
+    # off by ~1.0.
     return shape[-1] % 16 != 0 or shape[-1] % 64 == 0
 
 
@@ -908,7 +954,8 @@ def test_dynamic_map_matches_bitsandbytes():
 def test_packing_round_trip_puts_first_value_in_high_nibble():
     codes = torch.randint(0, 16, (101,), dtype=torch.uint8)
     packed = quant.pack_nibbles(codes)
-    assert packed.shape == (51,) and packed[0] == codes[0] * 16 + codes[1], f"{packed[0]} from {codes[:2].tolist()}"
+    assert packed.shape == (51,) and packed[0] == codes[0] * 16 + codes[1], \
+        f"{packed[0]} from {codes[:2].tolist()}"
     levels = quant.NF4_PAIRS[packed.long()].flatten()[:101]  # how dequantize_nf4 unpacks
     assert torch.equal(levels, torch.tensor(quant.NF4)[codes.long()])
 
@@ -926,13 +973,15 @@ def test_nf4_matches_bitsandbytes_codes(dtype):
         am_err = (ref.absmax - ours.absmax).abs().max().item()
         assert torch.equal(ref.absmax, ours.absmax), f"{shape}: absmax max diff {am_err:.3g}"
         if _bnb_dequant_is_reliable(shape):
-            err = (_bnb_dequantize(packed, ref).float() - quant.dequantize_nf4(ours).float()).abs().max().item()
+            err = (_bnb_dequantize(packed, ref).float()
+                   - quant.dequantize_nf4(ours).float()).abs().max().item()
             assert err == 0, f"{shape}: dequantized max abs diff {err:.3g}"
 
 
 def test_double_quant_matches_bitsandbytes_absmax():
     bnbF = pytest.importorskip("bitsandbytes.functional")
-    big = torch.randn(1000, 1000, generator=torch.Generator().manual_seed(7))  # 15625 blocks: 62 groups of 256
+    # 15625 blocks: 62 groups of 256
+    big = torch.randn(1000, 1000, generator=torch.Generator().manual_seed(7))
     for W in [*_quant_cases(), big]:
         shape = tuple(W.shape)
         packed, ref = bnbF.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
@@ -940,8 +989,10 @@ def test_double_quant_matches_bitsandbytes_absmax():
         assert torch.equal(packed.flatten(), ours.packed), f"{shape}: packed bytes differ"
         diff = (ref.absmax != ours.absmax).sum().item()
         assert diff == 0, f"{shape}: {diff} of {ours.absmax.numel()} absmax codes differ"
-        assert torch.equal(ref.state2.absmax, ours.scale), f"{shape}: scales {ref.state2.absmax} vs {ours.scale}"
-        assert torch.equal(ref.offset, ours.offset), f"{shape}: offset {ref.offset.item()} vs {ours.offset.item()}"
+        assert torch.equal(ref.state2.absmax, ours.scale), \
+            f"{shape}: scales {ref.state2.absmax} vs {ours.scale}"
+        assert torch.equal(ref.offset, ours.offset), \
+            f"{shape}: offset {ref.offset.item()} vs {ours.offset.item()}"
         if _bnb_dequant_is_reliable(shape):
             err = (_bnb_dequantize(packed, ref) - quant.dequantize_nf4(ours)).abs().max().item()
             assert err == 0, f"{shape}: dequantized max abs diff {err:.3g}"
@@ -961,7 +1012,8 @@ def test_nf4_error_within_half_gap_plus_double_quant_error():
         blocks = torch.nn.functional.pad(W.flatten(), (0, -W.numel() % 64)).view(-1, 64)
         m = blocks.abs().amax(1)  # (nb,) exact absmax
         m_hat = quant.dequantize_dynamic(state.absmax, state.scale, state.offset) if dq else state.absmax
-        bound = (0.152 * m + (m_hat - m).abs()).repeat_interleave(64)[:W.numel()]  # NF4's largest half-gap is 0.152
+        # NF4's largest half-gap is 0.152
+        bound = (0.152 * m + (m_hat - m).abs()).repeat_interleave(64)[:W.numel()]
         excess = ((quant.dequantize_nf4(state) - W).abs().flatten() - bound).max().item()
         assert excess <= 1e-6, f"double_quant={dq}: error exceeds the bound by {excess:.3g}"
 
@@ -971,12 +1023,14 @@ def test_nf4_bits_per_param():
     bits = quant.bits_per_param(quant.quantize_model(model, skip=()))
     assert 4.12 <= bits <= 4.13, f"{bits:.4f} bits/param (SPEC: 4 + 8/64 + 32/(64*256) = 4.127)"
     plain = torch.nn.Linear(768, 768)
-    plain_bits = quant.bits_per_param(torch.nn.Sequential(quant.Linear4bit.from_linear(plain, double_quant=False)))
+    plain_bits = quant.bits_per_param(
+        torch.nn.Sequential(quant.Linear4bit.from_linear(plain, double_quant=False)))
     assert abs(plain_bits - 4.5) < 1e-9, f"{plain_bits:.4f} bits/param without double quant (4 + 32/64)"
 
 
 def _conv1d(in_features, out_features):
-    class Conv1D(torch.nn.Module):  # GPT-2 layout: weight (in, out), y = x W + b; quant matches it by class name
+    # GPT-2 layout: weight (in, out), y = x W + b; quant matches it by class name
+    class Conv1D(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.in_features, self.out_features = in_features, out_features
@@ -1002,8 +1056,10 @@ def test_linear4bit_equals_linear_on_dequantized_weight():
         err = (q(x) - ref).abs().max().item()
         assert err <= 1e-6, f"{type(layer).__name__}: max abs diff {err:.3g}"
         assert q(x.bfloat16()).dtype == torch.bfloat16
-        full = [t for t in list(q.parameters()) + list(q.buffers()) if t.is_floating_point() and t.numel() >= 48 * 40]
-        assert not full and not any(p.requires_grad for p in q.parameters()), "a full-precision or trainable tensor"
+        full = [t for t in list(q.parameters()) + list(q.buffers())
+                if t.is_floating_point() and t.numel() >= 48 * 40]
+        assert not full and not any(p.requires_grad for p in q.parameters()), \
+            "a full-precision or trainable tensor"
 
 
 def test_linear4bit_state_dict_round_trip():
@@ -1022,7 +1078,8 @@ def test_quantize_model_skips_head():
     model.attn = _conv1d(64, 192)
     model.mlp = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
     model.head = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 2))
-    model.adapted = type("LoRALinear", (torch.nn.Linear,), {})(64, 64)  # an adapter layer is not a plain nn.Linear
+    # an adapter layer is not a plain nn.Linear
+    model.adapted = type("LoRALinear", (torch.nn.Linear,), {})(64, 64)
     x = torch.randn(3, 64)
     ref = model.mlp(x)
     quant.quantize_model(model, skip=("head",))
@@ -1039,15 +1096,17 @@ def test_quantize_model_skips_head():
 
 
 # ---- QLoRA: lora.py's layers over quant.Linear4bit, train.py --quant nf4 (SPEC §2.4, §1.5)
-# Standalone: python -m pytest -q _quant_tests.py. To paste into test_all.py, drop these imports (it has them).
+# Standalone: python -m pytest -q _quant_tests.py.
+# To paste into test_all.py, drop these imports (it has them).
 
 
-ADAPTER_METHODS = [m for m in ("lora", "tlora_plus", "tlora") if m in finetune.METHODS]  # those built on lora.inject
+# those built on lora.inject
+ADAPTER_METHODS = [m for m in ("lora", "tlora_plus", "tlora") if m in finetune.METHODS]
 
 
 def qlora_pair(family, tmp_path, method="lora"):
-    """(a 4-bit model, a float model whose linears hold the dequantized weights Ŵ), each wrapped by `method` from the
-    same seed and with the same random B (B = 0 at init would hide errors in B's path)."""
+    """(a 4-bit model, a float model whose linears hold the dequantized weights Ŵ), each wrapped by `method`
+    from the same seed and with the same random B (B = 0 at init would hide errors in B's path)."""
     folder = save_hf(tiny_hf(family), tmp_path)
     q4 = quant.quantize_model(M.from_pretrained(folder))
     ref = M.from_pretrained(folder)
@@ -1085,10 +1144,12 @@ def test_qlora_equals_lora_on_dequantized_base(family, method, tmp_path):
     refs = lora.adapter_layers(ref)
     for name, layer in lora.adapter_layers(q4).items():
         for leaf, p in layer.named_parameters(recurse=False):  # lora_A, lora_B (and TLoRA's trained factors)
-            assert p.dtype == torch.float32 and p.device == layer.base.packed.device, f"{name}.{leaf}: {p.dtype}"
+            assert p.dtype == torch.float32 and p.device == layer.base.packed.device, \
+                f"{name}.{leaf}: {p.dtype}"
             g_ref = getattr(refs[name], leaf).grad
             d = (p.grad - g_ref).abs().max().item()
-            assert d <= 1e-5 * max(1.0, g_ref.abs().max().item()), f"{name}.{leaf} gradient differs by {d:.2e}"
+            assert d <= 1e-5 * max(1.0, g_ref.abs().max().item()), \
+                f"{name}.{leaf} gradient differs by {d:.2e}"
 
 
 def test_linear4bit_saves_no_dequantized_weight_for_backward():
@@ -1115,7 +1176,8 @@ def test_merge_into_4bit_base_dequantizes_and_unmerge_restores(family, tmp_path)
 
     def stored_unchanged():
         return all(b.state_dict().keys() == before[n].keys() and
-                   all(torch.equal(t, before[n][k]) for k, t in b.state_dict().items()) for n, b in bases.items())
+                   all(torch.equal(t, before[n][k]) for k, t in b.state_dict().items())
+                   for n, b in bases.items())
 
     with torch.no_grad():
         y = q4(ids, mask, types)
@@ -1129,7 +1191,8 @@ def test_merge_into_4bit_base_dequantizes_and_unmerge_restores(family, tmp_path)
         y_back = q4(ids, mask, types)
     message = str(said[0].message)
     assert "not requantized" in message and len(message.splitlines()) == 1, message
-    assert all(w is not None and w.dtype == torch.float32 for w in merged), "a merged layer kept no fp32 weight"
+    assert all(w is not None and w.dtype == torch.float32 for w in merged), \
+        "a merged layer kept no fp32 weight"
     d = (y_merged - y).abs().max().item()
     assert d <= 1e-5 * max(1.0, y.abs().max().item()), f"merged output differs from unmerged by {d:.2e}"
     d = (y_merged - y_ref_merged).abs().max().item()
@@ -1141,7 +1204,8 @@ def test_merge_into_4bit_base_dequantizes_and_unmerge_restores(family, tmp_path)
 
 @pytest.mark.parametrize("family", ["bert"])
 def test_evaluation_merge_skips_4bit_bases_only(family, tmp_path):
-    """train.py evaluates on merged weights but leaves 4-bit bases unmerged (merging one keeps an fp32 copy)."""
+    """train.py evaluates on merged weights but leaves 4-bit bases unmerged (merging one keeps an fp32
+    copy)."""
     q4, ref = qlora_pair(family, tmp_path)
     method = lora.Method()
     method.merge(q4, float_only=True)
@@ -1161,19 +1225,23 @@ def test_trainable_pct_counts_quantized_weights_as_logical(tmp_path):
             model, _, _ = finetune.build(finetune.parse_args(["--model", folder, "--quant", q]), m)
             trainable = sum(p.numel() for g in m.param_groups(model) for p in g["params"])
             counts[q] = (trainable, quant.count_params(model))
-        stored = sum(p.numel() for p in model.parameters())  # the nf4 model's Parameters: 4-bit weights missing
-        assert counts["nf4"] == counts["none"], f"{method}: (trainable, total) {counts['nf4']} vs {counts['none']}"
+        # the nf4 model's Parameters: 4-bit weights missing
+        stored = sum(p.numel() for p in model.parameters())
+        assert counts["nf4"] == counts["none"], \
+            f"{method}: (trainable, total) {counts['nf4']} vs {counts['none']}"
         assert stored < counts["nf4"][1], f"{method}: count_params {counts['nf4'][1]} should exceed {stored}"
 
 
 def test_quant_full_finetuning_is_refused_with_one_line(tmp_path):
     folder = tiny_checkpoint(tmp_path, ["a", "b", "c"])
     with pytest.raises(ValueError) as e:
-        finetune.build(finetune.parse_args(["--model", folder, "--method", "full", "--quant", "nf4"]), method_for("full"))
+        finetune.build(finetune.parse_args(["--model", folder, "--method", "full", "--quant", "nf4"]),
+                       method_for("full"))
     message = str(e.value)
     assert message.startswith("--quant nf4") and "--method full" in message, message
     assert len(message.splitlines()) == 1, message
-    model, _, _ = finetune.build(finetune.parse_args(["--model", folder, "--quant", "nf4"]), method_for("head"))
+    model, _, _ = finetune.build(finetune.parse_args(["--model", folder, "--quant", "nf4"]),
+                                 method_for("head"))
     assert all(n.startswith("head.") for n, p in model.named_parameters() if p.requires_grad)
 
 
@@ -1188,19 +1256,22 @@ def test_glue_metrics_match_hand_computation():
     assert m["accuracy"] == 6 / 8
     assert m["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
     assert m["recall"] == pytest.approx(tp / (tp + fn))
-    assert m["mcc"] == pytest.approx((tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+    assert m["mcc"] == pytest.approx((tp * tn - fp * fn)
+                                     / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
     p1 = math.exp(2) / (1 + math.exp(2))
     assert m["loss"] == pytest.approx(-(6 * math.log(p1) + 2 * math.log(1 - p1)) / 8)
     rte = data.glue_metrics("rte", logits, labels)  # positive class = entailment = 0
     assert rte["recall"] == pytest.approx(2 / 3)
     s = data.glue_metrics("stsb", np.array([[1.0], [2.0], [3.0], [5.0]]), np.array([1.0, 2.0, 3.0, 4.0]))
-    assert s["spearman"] == pytest.approx(1.0) and s["pearson"] == pytest.approx(np.corrcoef([1, 2, 3, 5], [1, 2, 3, 4])[0, 1])
+    assert (s["spearman"] == pytest.approx(1.0)
+            and s["pearson"] == pytest.approx(np.corrcoef([1, 2, 3, 5], [1, 2, 3, 4])[0, 1]))
     always_pos = data.glue_metrics("mrpc", np.tile([0.0, 1.0], (8, 1)), labels)
     assert always_pos["mcc"] == 0.0  # MCC defined as 0 when the denominator is 0 (SPEC §1.5)
 
 
 def test_table_merges_seeds_into_mean_and_std():
-    runs = [{"task": "mrpc", "method": "lora", "model": "/x/minilm", "metrics": {"accuracy": a}, "trainable_pct": 1.0}
+    runs = [{"task": "mrpc", "method": "lora", "model": "/x/minilm", "metrics": {"accuracy": a},
+             "trainable_pct": 1.0}
             for a in (0.8, 0.9)]
     t = ev.table(runs)
     assert "| mrpc | lora | minilm | 2 | 0.8500 ± 0.0500 | 1.000 |" in t
@@ -1244,32 +1315,37 @@ def tiny_checkpoint(tmp_path, words, dropout=0.1):
 
 E2E = [("lora", "none", "lora"), ("bitfit", "none", "bitfit"), ("tlora_plus", "none", "tlora_plus ABC λ=4"),
        ("dynamic_lora", "none", "dynamic_lora"), ("adapter", "none", "adapter"),
-       ("lora", "nf4", "lora+nf4"), ("tlora_plus", "nf4", "tlora_plus ABC λ=4+nf4"), ("tlora", "nf4", "tlora+nf4"),
-       ("bitfit", "nf4", "bitfit+nf4")]
+       ("lora", "nf4", "lora+nf4"), ("tlora_plus", "nf4", "tlora_plus ABC λ=4+nf4"),
+       ("tlora", "nf4", "tlora+nf4"), ("bitfit", "nf4", "bitfit+nf4")]
 
 
 @pytest.mark.parametrize("method, base, label", E2E)
 def test_train_end_to_end(method, base, label, tmp_path):
-    """train.py's run on a tiny BERT: 40 of 48 examples (--max_train_samples), batch 8, 2 epochs = 10 steps with 3
-    of warmup. metrics.json holds what the README says, the logged learning rate follows SPEC §1.4's schedule, and
-    the saved tensors reload into a fresh model (rebuilt from metrics.json, --quant included) to the same numbers."""
+    """train.py's run on a tiny BERT: 40 of 48 examples (--max_train_samples), batch 8, 2 epochs = 10 steps
+    with 3 of warmup. metrics.json holds what the README says, the logged learning rate follows SPEC §1.4's
+    schedule, and the saved tensors reload into a fresh model (rebuilt from metrics.json, --quant included)
+    to the same numbers."""
     glue = str(tmp_path / "glue")
     folder = tiny_checkpoint(tmp_path, write_glue(glue, n=48))
     out = str(tmp_path / "out")
     argv = ["--method", method, "--task", "mrpc", "--model", folder, "--data_dir", glue, "--epochs", "2",
             "--batch_size", "8", "--lr", "1e-3", "--max_train_samples", "40", "--warmup_ratio", "0.3",
-            "--log_every", "1", "--quant", base, "--out_dir", out] + (["--n_cal", "3"] if method == "dynamic_lora" else [])
+            "--log_every", "1", "--quant", base,
+            "--out_dir", out] + (["--n_cal", "3"] if method == "dynamic_lora" else [])
     finetune.run(finetune.parse_args(argv))
     saved = json.load(open(os.path.join(out, "metrics.json")))
-    for key in ("task", "method", "label", "model", "metrics", "best_epoch", "history", "loss_log", "trainable_params",
-                "total_params", "trainable_pct", "train_seconds", "peak_memory_mb", "args", "method_config"):
+    for key in ("task", "method", "label", "model", "metrics", "best_epoch", "history", "loss_log",
+                "trainable_params", "total_params", "trainable_pct", "train_seconds", "peak_memory_mb",
+                "args", "method_config"):
         assert key in saved, f"metrics.json lacks {key}"
-    assert saved["steps"] == 10 and [h["step"] for h in saved["history"]] == [5, 10], "40 examples / 8 x 2 epochs"
+    assert saved["steps"] == 10 and [h["step"] for h in saved["history"]] == [5, 10], \
+        "40 examples / 8 x 2 epochs"
     assert saved["label"] == label and saved["method_config"]["lr"] == 1e-3
     # warmup int(0.3 * 10) = 3 steps, then linear decay to 0 at step 10; the log holds the lr after each step
     want = [1e-3 * (t / 3 if t < 3 else (10 - t) / 7) for t in range(1, 11)]
     assert [lr for _, _, lr in saved["loss_log"]] == pytest.approx(want, rel=1e-9, abs=1e-15)
-    if method == "lora":  # r 8 on q, k, v, out (32 -> 32), fc (32 -> 64), proj (64 -> 32) in 2 blocks, + the head
+    # r 8 on q, k, v, out (32 -> 32), fc (32 -> 64), proj (64 -> 32) in 2 blocks, + the head
+    if method == "lora":
         assert saved["trainable_params"] == 2 * 8 * (4 * 64 + 96 + 96) + (32 * 32 + 32) + (32 * 2 + 2)
     if base == "nf4":  # SPEC §1.5: a 4-bit weight counts as out·in parameters, as before quantization
         float_args = finetune.parse_args(argv[:-4])
@@ -1298,12 +1374,13 @@ def test_train_keeps_and_saves_the_best_epochs_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "glue_metrics", lambda task, logits, labels: {"accuracy": next(scores)})
     methods = {**finetune.METHODS, "snapshot_bitfit": SnapshotBitFit}
     out = str(tmp_path / "out")
-    argv = ["--method", "snapshot_bitfit", "--task", "mrpc", "--model", folder, "--data_dir", glue, "--epochs", "2",
-            "--batch_size", "8", "--lr", "1e-2", "--out_dir", out]
+    argv = ["--method", "snapshot_bitfit", "--task", "mrpc", "--model", folder, "--data_dir", glue,
+            "--epochs", "2", "--batch_size", "8", "--lr", "1e-2", "--out_dir", out]
     result = finetune.run(finetune.parse_args(argv, methods), methods)
     assert result["best_epoch"] == 1 and result["metrics"]["accuracy"] == 0.9
     saved = load_file(os.path.join(out, "trainable.safetensors"))
-    assert all(torch.equal(saved[n], t) for n, t in SnapshotBitFit.snapshots[4].items()), "not epoch 1's weights"
+    assert all(torch.equal(saved[n], t) for n, t in SnapshotBitFit.snapshots[4].items()), \
+        "not epoch 1's weights"
     assert any(not torch.equal(saved[n], t) for n, t in SnapshotBitFit.snapshots[8].items())
 
 
@@ -1345,11 +1422,13 @@ def test_train_step_adds_the_extra_loss_clips_and_calls_after_step(tmp_path):
         opt, sched = finetune.optimizer(method, model, 10, 0, "cpu")
         loss = finetune.train_step(model, model, method, b, opt, sched, 7, clip, "cpu").item()
         assert loss == pytest.approx(task + extra, rel=1e-6), f"{name}: step loss {loss} != task + extra loss"
-        assert [s for s, _, _ in method.seen] == [7], f"{name}: after_step ran at {[s for s, _, _ in method.seen]}"
+        assert [s for s, _, _ in method.seen] == [7], \
+            f"{name}: after_step ran at {[s for s, _, _ in method.seen]}"
         runs[name] = method.seen[0]
     d = (runs["extra"][1] - runs["plain"][1] - K).abs().max().item()
     assert d <= 1e-5, f"∂(extra loss)/∂A should add K to A's gradient; off by {d:.2e}"
-    assert runs["clipped"][2] <= 1e-3 * (1 + 1e-4) < runs["extra"][2], f"gradient norm {runs['clipped'][2]} not clipped"
+    assert runs["clipped"][2] <= 1e-3 * (1 + 1e-4) < runs["extra"][2], \
+        f"gradient norm {runs['clipped'][2]} not clipped"
 
 
 def test_flags_map_onto_each_methods_config():
@@ -1361,7 +1440,8 @@ def test_flags_map_onto_each_methods_config():
              "importance_beta": ("0.5", 0.5), "omega_every": ("6", 6), "omega_start": ("2", 2),
              "lambda1": ("0.1", 0.1), "lambda2": ("0.2", 0.2)}
     assert set(given) - {"seed"} == set(finetune.METHOD_FLAGS), "this test must set every method flag"
-    field_of = {flag: field for field, flag in finetune.FLAG_OF.items()}  # --rank -> r, --tlora_train -> train
+    # --rank -> r, --tlora_train -> train
+    field_of = {flag: field for field, flag in finetune.FLAG_OF.items()}
     for name, cls in finetune.METHODS.items():
         fields = {f.name for f in dataclasses.fields(cls.Config)}
         flags = [f for f in given if field_of.get(f, f) in fields]
@@ -1376,7 +1456,8 @@ def test_flags_map_onto_each_methods_config():
 
 
 def test_a_method_is_usable_without_the_scripts(tmp_path):
-    """The README's notebook lines: a method from its config alone; neither train.py nor finetune.py is imported."""
+    """The README's notebook lines: a method from its config alone;
+    neither train.py nor finetune.py is imported."""
     folder = save_hf(tiny_hf("bert"), tmp_path)
     code = ("import sys, torch; from lora import LoRA, LoRAConfig; from model import from_pretrained\n"
             f"method = LoRA(LoRAConfig(r=8, alpha=16))\nmodel = method.wrap(from_pretrained({folder!r}))\n"
@@ -1385,7 +1466,8 @@ def test_a_method_is_usable_without_the_scripts(tmp_path):
             "print(sum(p.numel() for g in opt.param_groups for p in g['params']))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert int(r.stdout) == 2 * 8 * (4 * 64 + 96 + 96) + (32 * 32 + 32) + (32 * 2 + 2)  # r(in + out) + the head
+    # r(in + out) + the head
+    assert int(r.stdout) == 2 * 8 * (4 * 64 + 96 + 96) + (32 * 32 + 32) + (32 * 2 + 2)
     with pytest.raises(ValueError, match="rank 40 does not fit a 32x32 layer"):
         LoRA_ = lora.LoRA(lora.LoRAConfig(r=40))
         LoRA_.wrap(M.from_pretrained(folder))
@@ -1400,8 +1482,8 @@ def test_a_method_is_usable_without_the_scripts(tmp_path):
     (["--method", "lora", "--beta", "0.5"], "--beta does not apply to --method lora"),
 ])
 def test_train_bad_input_is_one_clear_line(argv, message):
-    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv], capture_output=True, text=True,
-                       cwd=HERE, timeout=120)
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv], capture_output=True,
+                       text=True, cwd=HERE, timeout=120)
     assert r.returncode != 0 and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 3, r.stderr
 
@@ -1412,8 +1494,9 @@ def test_scripts_turn_library_errors_into_one_line(tmp_path):
     glue = str(tmp_path / "glue")
     folder = tiny_checkpoint(tmp_path, write_glue(glue, n=16))
     for argv, message in ((["--rank", "99"], "error: rank 99 does not fit a 32x32 layer"),
-                          (["--method", "dynamic_lora", "--n_cal", "9"], "error: --n_cal 9 asks for more calibration "
-                                                                         "batches than the training set has (1)")):
+                          (["--method", "dynamic_lora", "--n_cal", "9"],
+                           "error: --n_cal 9 asks for more calibration batches than the training set "
+                           "has (1)")):
         with pytest.raises(SystemExit) as e:
             train.main(["--model", folder, "--data_dir", glue, "--out_dir", str(tmp_path / "out"), *argv])
         assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
@@ -1423,21 +1506,27 @@ def test_scripts_turn_library_errors_into_one_line(tmp_path):
         r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=HERE, timeout=120)
         assert r.returncode != 0 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    r = subprocess.run([sys.executable, "bench.py", "--help"], capture_output=True, text=True, cwd=HERE, timeout=120)
-    assert r.returncode == 0 and all(m in r.stdout for m in ("peft_glue", "speed", "quant")), r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "bench.py", "--help"], capture_output=True, text=True, cwd=HERE,
+                       timeout=120)
+    assert r.returncode == 0 and all(m in r.stdout for m in ("peft_glue", "speed", "quant")), \
+        r.stdout + r.stderr
 
 
 def test_length_bucketing_never_truncates_and_keeps_labels():
-    ex = [{"input_ids": list(range(1, n + 1)), "token_type_ids": [0] * (n // 2) + [1] * (n - n // 2), "label": n % 3}
+    ex = [{"input_ids": list(range(1, n + 1)), "token_type_ids": [0] * (n // 2) + [1] * (n - n // 2),
+           "label": n % 3}
           for n in (5, 33, 64, 1)]
     for idx, b in data.eval_batches(ex, 3, 0, False, multiple=32):
         assert b["input_ids"].shape[1] % 32 == 0
         for row, i in enumerate(idx):
             n = len(ex[i]["input_ids"])
-            assert b["input_ids"][row, :n].tolist() == ex[i]["input_ids"] and b["attention_mask"][row].sum() == n
-            assert b["token_type_ids"][row, :n].tolist() == ex[i]["token_type_ids"] and b["token_type_ids"][row, n:].sum() == 0
+            assert (b["input_ids"][row, :n].tolist() == ex[i]["input_ids"]
+                    and b["attention_mask"][row].sum() == n)
+            assert (b["token_type_ids"][row, :n].tolist() == ex[i]["token_type_ids"]
+                    and b["token_type_ids"][row, n:].sum() == 0)
             assert b["labels"][row].item() == ex[i]["label"]
-    assert data.collate(ex[2:3], 0, multiple=32)["input_ids"].shape == (1, 64)  # already a multiple: unchanged
+    # already a multiple: unchanged
+    assert data.collate(ex[2:3], 0, multiple=32)["input_ids"].shape == (1, 64)
 
 
 class CountingLoRA(lora.LoRA):
@@ -1449,8 +1538,8 @@ class CountingLoRA(lora.LoRA):
 
 
 def test_compiled_and_eager_training_give_the_same_losses(tmp_path):
-    """8 steps, dropout off everywhere: torch.compile (inductor, CPU) reproduces eager losses and dev loss within
-    1e-4, really compiles (dynamo counted graphs), and the after_step hook still runs at every step."""
+    """8 steps, dropout off everywhere: torch.compile (inductor, CPU) reproduces eager losses and dev loss
+    within 1e-4, really compiles (dynamo counted graphs), and the after_step hook still runs at every step."""
     from torch._dynamo.utils import counters
     glue = str(tmp_path / "glue")
     folder = tiny_checkpoint(tmp_path, write_glue(glue, n=64), dropout=0.0)
@@ -1459,12 +1548,13 @@ def test_compiled_and_eager_training_give_the_same_losses(tmp_path):
     for compiled in (False, True):
         CountingLoRA.calls = []
         counters.clear()
-        argv = ["--method", "counting_lora", "--task", "mrpc", "--model", folder, "--data_dir", glue, "--epochs", "1",
-                "--batch_size", "8", "--lr", "1e-3", "--dropout", "0", "--log_every", "1", "--pad_multiple", "32",
-                "--eval_batch_size", "32"] + (["--compile"] if compiled else [])
+        argv = ["--method", "counting_lora", "--task", "mrpc", "--model", folder, "--data_dir", glue,
+                "--epochs", "1", "--batch_size", "8", "--lr", "1e-3", "--dropout", "0", "--log_every", "1",
+                "--pad_multiple", "32", "--eval_batch_size", "32"] + (["--compile"] if compiled else [])
         runs[compiled] = finetune.run(finetune.parse_args(argv, methods), methods)
         assert CountingLoRA.calls == list(range(1, 9)), f"after_step ran at {CountingLoRA.calls}"
-        assert (counters["stats"]["unique_graphs"] > 0) == compiled, f"compiled={compiled}: {dict(counters['stats'])}"
+        assert (counters["stats"]["unique_graphs"] > 0) == compiled, \
+            f"compiled={compiled}: {dict(counters['stats'])}"
     eager, comp = ([loss for _, loss, _ in runs[c]["loss_log"]] for c in (False, True))
     diff = max(abs(a - b) for a, b in zip(eager, comp))
     assert len(comp) == 8 and diff <= 1e-4, f"compiled losses differ from eager by {diff:.2e}"

@@ -1,13 +1,15 @@
 """
-TLoRA+ (arXiv 2604.13368, seed 002; SPEC §2.3): a three-factor adapter whose factors learn at different rates.
+TLoRA+ (arXiv 2604.13368, seed 002; SPEC §2.3): a three-factor adapter whose factors learn at different
+rates.
 
     ΔW = s·C·B·A     C (out, r1), B (r1, r2), A (r2, in), r1 = r2 = r, s = 1
     Y  = X W0ᵀ + b + s·(((X_d Aᵀ) Bᵀ) Cᵀ)
 
 What differs from lora.py:
-- A third factor C follows B, and B shrinks to (r, r). TLoRAPlusConfig.train (--tlora_train) picks which factors
-  train (SPEC's table): B = T1 (the original TLoRA), AB = T2a, CB = T2b, ABC = T3, the paper's "Ours". A frozen factor is a buffer
-  drawn from a per-module seed, and is saved with the trained ones, since it is random.
+- A third factor C follows B, and B shrinks to (r, r). TLoRAPlusConfig.train (--tlora_train) picks which
+  factors train (SPEC's table): B = T1 (the original TLoRA), AB = T2a, CB = T2b, ABC = T3, the paper's
+  "Ours". A frozen factor is a buffer drawn from a per-module seed, and is saved with the trained ones,
+  since it is random.
 - LeCun init, variance 1/fan-in: A ~ N(0, 1/in), C ~ N(0, 1/r). B = 0, so ΔW = 0 at step 0 (a SPEC Reading);
   b_init lecun gives the paper's literal N(0, 1/r).
 - s = 1 and no adapter dropout (SPEC: the paper has neither), so LoRA's alpha and dropout do not apply here.
@@ -34,28 +36,35 @@ CONFIGS = ("B", "AB", "CB", "ABC")  # the trainable factors of T1, T2a, T2b, T3 
 
 class TLoRALinear(LoRALinear):
     """Y = X W0ᵀ + b + s·g·(((X_d Aᵀ) Bᵀ) Cᵀ), where g exists only for the original TLoRA (scalar=True).
-    The factors not named in `trainable` are buffers; all three keep lora.py's names lora_A, lora_B, lora_C."""
+    The factors not named in `trainable` are buffers; all three keep lora.py's names lora_A, lora_B,
+    lora_C."""
 
     def __init__(self, base, r=8, trainable="ABC", b_init="zero", seed=0, scalar=False):
         if trainable not in CONFIGS:
             raise ValueError(f"trainable must be one of {', '.join(CONFIGS)}, not {trainable!r}")
-        self.trainable, self.b_init, self.seed, self.scalar = trainable, b_init, seed, scalar  # for create_factors
-        super().__init__(base, r, alpha=r, dropout=0.0)  # s = α/r = 1 and p = 0: SPEC §2.3 (the paper has neither)
+        # for create_factors
+        self.trainable, self.b_init, self.seed, self.scalar = trainable, b_init, seed, scalar
+        # s = α/r = 1 and p = 0: SPEC §2.3 (the paper has neither)
+        super().__init__(base, r, alpha=r, dropout=0.0)
 
     def create_factors(self, dtype, device):
-        """A (r2, in) ~ N(0, 1/in), C (out, r1) ~ N(0, 1/r1): LeCun. B (r1, r2) = 0 (or N(0, 1/r2), b_init lecun)."""
+        """A (r2, in) ~ N(0, 1/in), C (out, r1) ~ N(0, 1/r1): LeCun. B (r1, r2) = 0 (or N(0, 1/r2),
+        b_init lecun)."""
         r = self.r
-        g = torch.Generator().manual_seed(self.seed)  # A and C from this module's own seed, B last: b_init moves B only
+        # A and C from this module's own seed, B last: b_init moves B only
+        g = torch.Generator().manual_seed(self.seed)
         A = torch.randn(r, self.in_features, generator=g) / math.sqrt(self.in_features)  # (r2, in)
         C = torch.randn(self.out_features, r, generator=g) / math.sqrt(r)                # (out, r1)
-        B = torch.randn(r, r, generator=g) / math.sqrt(r) if self.b_init == "lecun" else torch.zeros(r, r)  # (r1, r2)
+        B = (torch.randn(r, r, generator=g) / math.sqrt(r) if self.b_init == "lecun"
+             else torch.zeros(r, r))  # (r1, r2)
         for x, t in (("A", A), ("B", B), ("C", C)):
             t = t.to(device=device, dtype=dtype)
             if x in self.trainable:
                 setattr(self, "lora_" + x, nn.Parameter(t))
             else:
                 self.register_buffer("lora_" + x, t)  # frozen, but in the state dict and saved
-        self.lora_g = nn.Parameter(torch.ones((), dtype=dtype, device=device)) if self.scalar else None  # TLoRA's g
+        # TLoRA's g
+        self.lora_g = nn.Parameter(torch.ones((), dtype=dtype, device=device)) if self.scalar else None
 
     def gain(self):
         return self.scaling if self.lora_g is None else self.scaling * self.lora_g
@@ -66,7 +75,8 @@ class TLoRALinear(LoRALinear):
 
     def adapter(self, x):
         """The adapter path, right to left so ΔW is never built: (N, in) -> (N, r2) -> (N, r1) -> (N, out)."""
-        return F.linear(F.linear(F.linear(self.dropout(x), self.lora_A) * self.gain(), self.lora_B), self.lora_C)
+        return F.linear(F.linear(F.linear(self.dropout(x), self.lora_A) * self.gain(), self.lora_B),
+                        self.lora_C)
 
 
 # -----------------------------------------------------------------------------
@@ -78,14 +88,16 @@ class TLoRAPlusConfig(MethodConfig):
     targets: object = "all-linear"  # "all-linear" or a list of lora.BLOCK_LINEARS names
     train: str = "ABC"              # the trainable factors: B (T1), AB (T2a), CB (T2b), ABC (T3, "Ours")
     ratio: float = 4.0              # λ: η_B = η·λ^{3/2}, η_C = η·λ^{1/2}
-    b_init: str = "zero"            # "zero" (ΔW = 0 at step 0, a SPEC Reading) or "lecun", the paper's N(0, 1/r)
+    b_init: str = "zero"            # "zero" (ΔW = 0 at step 0, a SPEC Reading) or "lecun",
+                                    # the paper's N(0, 1/r)
     seed: int = 0                   # module k draws its frozen factors from seed 10⁴·seed + k
     lr: float = 1e-4                # η (SPEC §2.3; 5e-5 in the λ sweep)
     head_lr: float = None           # None: η, "the head uses η" (SPEC §2.3)
 
     def __post_init__(self):
         if self.train not in CONFIGS:
-            raise ValueError(f"unknown TLoRA+ configuration {self.train!r}; choose one of {', '.join(CONFIGS)}")
+            raise ValueError(f"unknown TLoRA+ configuration {self.train!r}; "
+                             f"choose one of {', '.join(CONFIGS)}")
         if self.b_init not in ("zero", "lecun"):
             raise ValueError(f"b_init must be zero or lecun, not {self.b_init!r}")
         if not self.ratio > 0:
@@ -93,8 +105,9 @@ class TLoRAPlusConfig(MethodConfig):
 
 
 class TLoRAPlus(LoRA):
-    """TLoRA+ with the λ learning rates. The paper's "Ours" is ABC at ratio 4 (SPEC Reading: its comparison runs
-    state no λ; 4 is the low end of the recommended 4–8). Param groups, injection and files are LoRA's."""
+    """TLoRA+ with the λ learning rates. The paper's "Ours" is ABC at ratio 4 (SPEC Reading: its comparison
+    runs state no λ; 4 is the low end of the recommended 4–8). Param groups, injection and files are
+    LoRA's."""
     name = "tlora_plus"
     Config = TLoRAPlusConfig
     scalar = False
@@ -107,19 +120,22 @@ class TLoRAPlus(LoRA):
 
     def wrap(self, model, batches=None):
         self.seeds = itertools.count(10_000 * self.cfg.seed)  # module k of a seed-S run draws from 10⁴·S + k
-        return super().wrap(model)  # LoRA.wrap: inject make_layer, then freeze all but lora_* Parameters and head
+        # LoRA.wrap: inject make_layer, then freeze all but lora_* Parameters and head
+        return super().wrap(model)
 
     def make_layer(self, base, name):  # no alpha, no dropout: s = 1, p = 0 (SPEC §2.3)
         c = self.cfg
         return TLoRALinear(base, c.r, self.config(), c.b_init, next(self.seeds), self.scalar)
 
     def lr_multipliers(self):
-        """η_X / η per factor: λ^{3/2} for B and λ^{1/2} for C, Eq. 8 with n read as the global λ (SPEC §2.3)."""
+        """η_X / η per factor: λ^{3/2} for B and λ^{1/2} for C, Eq. 8 with n read as the global λ
+        (SPEC §2.3)."""
         lam = self.cfg.ratio
         return {"A": 1.0, "B": lam ** 1.5, "C": lam ** 0.5}
 
     def adapter_tensors(self, model):
-        """The trained tensors plus the frozen factors: they are random, and a load must reproduce the outputs."""
+        """The trained tensors plus the frozen factors: they are random, and a load must reproduce the
+        outputs."""
         return {**super().adapter_tensors(model), **{n: b for n, b in model.named_buffers() if ".lora_" in n}}
 
     def peft_config(self, model):  # adapter_config.json in peft's spirit; peft_type names our method
