@@ -1,7 +1,7 @@
 """
 The baselines of SPEC §3, each a Method (lora.py) with its own config: full fine-tuning, feature extraction
-(the task head only) and BitFit. None of them adds a layer, so none has anything to merge; all save their
-trained tensors to trainable.safetensors.
+(the task head only), BitFit, and the Houlsby bottleneck adapter. None of them has anything to merge (the
+adapter is nonlinear); all save their trained tensors to trainable.safetensors.
 """
 from dataclasses import dataclass
 

@@ -302,8 +302,8 @@ def quant_bench(argv):
 
 # qlora: lora over an NF4 base; dynamic_lora times the steps without importance sampling, dynamic_lora_sampled
 # the steps with it
-OURS = ("lora", "dynamic_lora", "dynamic_lora_sampled", "tlora_plus", "tlora", "adapter", "bitfit", "head", "full",
-        "qlora")
+OURS = ("lora", "dynamic_lora", "dynamic_lora_sampled", "tlora_plus", "tlora", "adapter", "bitfit", "head",
+        "full", "qlora")
 BF16_PEAK_TFLOPS = 989.0  # H100/H200 dense bf16 (datasheet); CUDA rows report the fraction of it
 
 

@@ -127,7 +127,8 @@ def plot_dynamic(runs, png):
                 .replace("/root/.cache/nanopeft/", ""))
     fig.colorbar(im, ax=a)
     for r in runs:
-        rows = [{"step": 0, "m": dict.fromkeys(names, 1.0)}] + r["method_report"]["m_trajectory"]  # m = 1 at init
+        rows = [{"step": 0, "m": dict.fromkeys(names, 1.0)}]  # m = 1 at init, then one row per ω update
+        rows += r["method_report"]["m_trajectory"]
         for n in names:
             b.plot([row["step"] for row in rows], [row["m"][n] for row in rows], lw=0.8, alpha=0.6,
                    color=plt.cm.tab10(kinds.index(n.split(".", 2)[2])), marker=".")

@@ -1,40 +1,30 @@
 """
-The interface every nanoPEFT method follows (`Method`), then LoRA (Hu et al. 2021) as peft implements it,
-with per-matrix learning rates (seed 000 read as LoRA+, SPEC §2.1), then LoRA's adapter files in peft's
-format.
+The interface every nanoPEFT method follows (`Method`), then LoRA (Hu et al. 2021) as peft implements it, with
+per-matrix learning rates (seed 000 read as LoRA+, SPEC §2.1), then LoRA's adapter files in peft's format.
 
-A method is built from its own small dataclass config and never sees train.py's flags:
+A method is built from its own small dataclass config, never from train.py's flags: LoRA(LoRAConfig(r=8)).
+The whole interface, all that train.py (finetune.py) calls, in the order a run calls it:
 
-    method = LoRA(LoRAConfig(r=8, alpha=16))
-    model = method.wrap(model)                 inject adapters; freeze all but them and the task head
-    method.schedule(total_steps, warmup_steps)    the run's length, for methods whose state follows a schedule
-    opt = torch.optim.AdamW(method.param_groups(model))
-    loss = task_loss + method.extra_loss(model)   (when not None)
-    ... backward, opt.step(); method.after_step(model, step); opt.zero_grad()
-    method.merge(model) / method.unmerge(model)   fold the adapters into the base weights for evaluation
-    method.save(model, folder) / method.load(model, folder)   the trained tensors only
-    method.report(model)                       what the method learned besides tensors (ranks, ...),
-                                               for metrics.json
-
-The whole interface, all that train.py calls:
-    wrap(model, batches=None) -> model   batches: an iterable of training batches, for a method
-                                         that calibrates on data before its adapters exist (Dynamic LoRA);
-                                         the others ignore it
+    wrap(model, batches=None) -> model   inject adapters, freeze all but them and the task head; `batches`
+                                         (training batches) is for a method that calibrates on data before
+                                         its adapters exist (Dynamic LoRA), the others ignore it
     trains(name) -> bool                 which backbone tensors train (the task head always does)
     param_groups(model)                  [{"params", "lr", "weight_decay", "name"}, ...] for AdamW
-    schedule(total_steps, warmup_steps)  called once before training
+    schedule(total_steps, warmup_steps)  the run's length, once before training
     extra_loss(model) -> tensor or None  added to the task loss
-    after_step(model, step)              after the step-th optimizer step and before zero_grad, so this step's
-                                         gradients are still there
-    merge(model) / unmerge(model)        fold the adapters into the base weights and back
-    save(model, folder) / load(model, folder)
-    label() -> str, report(model) -> dict   the row name in eval.py's tables; extra facts for metrics.json
-Merging goes through an adapter-layer protocol: any module with merge() and unmerge() (LoRALinear and its
-subclasses) is merged; a layer that cannot merge (a bottleneck adapter) simply has no merge().
-Errors are exceptions (ValueError, FileNotFoundError) with a one-line message; only the scripts exit.
+    after_step(model, step)              after the step-th optimizer step, before zero_grad (so the step's
+                                         gradients are still there)
+    merge(model) / unmerge(model)        fold the adapters into the base weights for evaluation, and back
+    save(model, folder) / load(model, folder)   the trained tensors only
+    label() -> str, report(model) -> dict       the row name in eval.py's tables; extra facts for metrics.json
+
+Merging goes through an adapter-layer protocol: every module with merge() and unmerge() (LoRALinear and its
+subclasses) is merged; a layer that cannot merge (a bottleneck adapter) simply has none. Errors are exceptions
+(ValueError, FileNotFoundError) with a one-line message; only the scripts exit.
 
 dynamic_lora.py, tlora_plus.py and adaq_lora.py subclass LoRALinear and LoRA and change only what their paper
-changes. The baselines of SPEC §3 (full fine-tuning, head only, BitFit) are in baselines.py.
+changes. The baselines of SPEC §3 (full fine-tuning, head only, BitFit, the Houlsby adapter) are in
+baselines.py.
 """
 import json
 import math
