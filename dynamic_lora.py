@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lora import LoRA, LoRAConfig, LoRALinear, adapter_layers, target_names
+from lora import LoRA, LoRAConfig, LoRALinear, adapter_layers, read_adapter_config, target_names
 from model import hf_name
 
 
@@ -175,9 +175,8 @@ class DynamicLoRA(LoRA):
         if self.sample_next:  # this step measured I_l in backward: fold it into the EMA
             for name, layer in self.layers.items():
                 if layer.importance is not None:
-                    I = layer.importance.item()
-                    self.ema[name] = I if name not in self.ema else c.importance_beta * self.ema[name] + \
-                        (1 - c.importance_beta) * I
+                    I, prev = layer.importance.item(), self.ema.get(name)
+                    self.ema[name] = I if prev is None else c.importance_beta * prev + (1 - c.importance_beta) * I
                     layer.importance = None
         if step >= self.omega_start and step % c.omega_every == 0 and len(self.ema) == len(self.layers):
             total = sum(self.ema.values())
@@ -189,8 +188,8 @@ class DynamicLoRA(LoRA):
     def report(self, model):
         """The calibrated r_l, the final m_l and the m_l trajectory (one row per ω update), for
         metrics.json."""
-        return {"ranks": self.ranks, "variances": self.variances, "m": {n: l.lora_m.item() for n, l in
-                self.layers.items()}, "m_trajectory": self.trajectory}
+        m = {n: layer.lora_m.item() for n, layer in self.layers.items()}
+        return {"ranks": self.ranks, "variances": self.variances, "m": m, "m_trajectory": self.trajectory}
 
     # ---- files: peft's LoRA format with rank_pattern and alpha_pattern (α_l = m_l·α)
     def peft_config(self, model):
@@ -203,7 +202,6 @@ class DynamicLoRA(LoRA):
     def load(self, model, folder):
         """LoRA's load, after checking that the file's ranks are this model's calibrated ones;
         m_l = α_l / α."""
-        from lora import read_adapter_config
         cfg = read_adapter_config(folder)
         family, alpha = model.cfg.family, cfg.get("lora_alpha", self.cfg.alpha)
         for n, layer in adapter_layers(model).items():
