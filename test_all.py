@@ -1277,6 +1277,37 @@ def test_table_merges_seeds_into_mean_and_std():
     assert "| mrpc | lora | minilm | 2 | 0.8500 ± 0.0500 | 1.000 |" in t
 
 
+def seed001_run(method, seed, acc):
+    """A metrics.json as train.py writes it, trimmed to what eval.py's seed 001 tables and plot read."""
+    names = ["h.0.attn.query", "h.0.mlp.fc", "h.1.attn.query", "h.1.mlp.fc"]
+    trajectory = [{"step": s, "m": {n: 0.5 + k * s / 400 for k, n in enumerate(names)}} for s in (100, 200)]
+    report = {"ranks": dict(zip(names, (8, 9, 8, 10))), "m": trajectory[-1]["m"], "m_trajectory": trajectory}
+    return {"task": "mrpc", "method": method, "label": method, "model": "minilm", "trainable_pct": 2.0,
+            "metrics": {"accuracy": acc, "auc": 0.8, "f1": 0.85, "recall": 0.9}, "train_seconds": 100.0 + seed,
+            "latency_ms": 12.0, "latency_merged_ms": 10.0, "args": {"model": "minilm"},
+            "method_report": report if method == "dynamic_lora" else {}}
+
+
+def test_seed001_tables_put_the_papers_numbers_beside_ours_and_the_plot_is_optional(tmp_path, monkeypatch):
+    runs = [seed001_run(m, s, a) for m, a in (("lora", 0.80), ("dynamic_lora", 0.82)) for s in (0, 1)]
+    runs[1]["metrics"]["accuracy"] = 0.84  # lora: 0.80 and 0.84
+    lines = ev.paper_tables(runs, "001").splitlines()
+    assert "| LoRA | 2 | 82.0 ± 2.0 | 87.4 | 80.0 ± 0.0 | 90.2 | 85.0 ± 0.0 | 86.5 | 90.0 ± 0.0 | 86.0 |" in lines
+    assert "| Ours (Dynamic LoRA) | 2 | 82.0 ± 0.0 | 88.1 | 80.0 ± 0.0 | 91.0 | 85.0 ± 0.0 | 87.3 | 90.0 ± 0.0 | 86.8 |" \
+        in lines
+    assert "| LoRA | 100 ± 0 | 7.1 | 10.00 ± 0.00 | 12.00 ± 0.00 | 12.9 | 2.000 | 0.8 |" in lines
+    assert not any(line.startswith("| Full") for line in lines), "rows without runs are left out"
+    with pytest.raises(ValueError, match="--paper 001 has no row for --method tlora"):
+        ev.paper_tables(runs + [seed001_run("tlora", 0, 0.7)], "001")
+    png = str(tmp_path / "dyn.png")
+    dyn = [r for r in runs if r["method"] == "dynamic_lora"]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: the plot is skipped, no error
+    assert ev.plot_dynamic(dyn, png) is False and not os.path.exists(png)
+    monkeypatch.delitem(sys.modules, "matplotlib")
+    pytest.importorskip("matplotlib")
+    assert ev.plot_dynamic(dyn, png) is True and os.path.getsize(png) > 1000
+
+
 def test_table_keeps_tlora_plus_configurations_apart_and_reads_the_last_epoch():
     from tlora_plus import TLoRA, TLoRAPlus
 
