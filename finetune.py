@@ -389,9 +389,9 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
-def reevaluate(out_dir, methods=METHODS):
+def reevaluate(out_dir, methods=METHODS, latency_passes=0):
     """Rebuild a saved run's model from its metrics.json, load its trained tensors and score the dev split
-    again."""
+    again; with latency_passes, also time batch-1 inference (merged and not) and return it in the metrics."""
     path = os.path.join(out_dir, "metrics.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found; --out_dir must be a folder written by train.py")
@@ -403,4 +403,8 @@ def reevaluate(out_dir, methods=METHODS):
     model, tok, task = build(args, method)
     method.load(model, out_dir)
     dev = load_examples(task, "dev", args, tok)
-    return evaluate(model, model, method, dev, task, args, tok.pad_id), saved
+    metrics = evaluate(model, model, method, dev, task, args, tok.pad_id)
+    if latency_passes:
+        metrics["latency_ms"] = latency_ms(model, method, dev, args, tok.pad_id, latency_passes, False)
+        metrics["latency_merged_ms"] = latency_ms(model, method, dev, args, tok.pad_id, latency_passes, True)
+    return metrics, saved

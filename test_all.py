@@ -1384,9 +1384,11 @@ def test_train_end_to_end(method, base, label, tmp_path):
         total = sum(p.numel() for p in float_model.parameters()) + sum(
             b.numel() for n, b in float_model.named_buffers() if ".lora_" in n)
         assert saved["total_params"] == total, f"total {saved['total_params']} vs {total} unquantized"
-    recomputed, _ = finetune.reevaluate(out)
+    recomputed, _ = finetune.reevaluate(out, latency_passes=2 if method == "lora" else 0)
     assert recomputed["accuracy"] == saved["metrics"]["accuracy"]
     assert recomputed["loss"] == pytest.approx(saved["metrics"]["loss"], abs=1e-5)
+    if method == "lora":  # eval.py --latency: batch-1 inference timed merged and not
+        assert recomputed["latency_ms"] > 0 and recomputed["latency_merged_ms"] > 0
 
 
 class SnapshotBitFit(baselines.BitFit):
