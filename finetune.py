@@ -20,6 +20,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+import adaq_lora
 import baselines
 import data
 import dynamic_lora
@@ -31,7 +32,8 @@ from tokenizer import load_tokenizer
 
 METHODS = {"full": baselines.FullFineTuning, "head": baselines.HeadOnly, "bitfit": baselines.BitFit,
            "adapter": baselines.Houlsby, "lora": LoRA, "tlora": tlora_plus.TLoRA,
-           "tlora_plus": tlora_plus.TLoRAPlus, "dynamic_lora": dynamic_lora.DynamicLoRA}
+           "tlora_plus": tlora_plus.TLoRAPlus, "dynamic_lora": dynamic_lora.DynamicLoRA,
+           "adalora": adaq_lora.AdaLoRA, "adaq_lora": adaq_lora.AdaQLoRA}
 
 
 # -----------------------------------------------------------------------------
@@ -74,6 +76,15 @@ def parser(methods=METHODS):
                    help="... from this step (default: the warmup steps)")
     p.add_argument("--lambda1", type=float, default=None, help="Dynamic LoRA: L2 weight on A (default 1e-4)")
     p.add_argument("--lambda2", type=float, default=None, help="Dynamic LoRA: L2 weight on B (default 1e-4)")
+    p.add_argument("--init_r", type=int, default=None, help="AdaLoRA: every matrix's starting rank (12)")
+    p.add_argument("--target_r", type=int, default=None, help="AdaLoRA: the average final rank (8)")
+    p.add_argument("--tinit", type=int, default=None, help="AdaLoRA: steps before masking starts (200)")
+    p.add_argument("--tfinal", type=int, default=None, help="AdaLoRA: last steps, mask frozen (1000)")
+    p.add_argument("--delta_t", type=int, default=None, help="AdaLoRA: mask every N steps (10)")
+    p.add_argument("--beta1", type=float, default=None, help="AdaLoRA: sensitivity EMA (0.85)")
+    p.add_argument("--beta2", type=float, default=None, help="AdaLoRA: uncertainty EMA (0.85)")
+    p.add_argument("--orth_reg_weight", type=float, default=None,
+                   help="AdaLoRA: orthogonal regulariser weight (0.5)")
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate (LoRA: of the A matrices; default: the method's)")
     p.add_argument("--lr_ratio", type=float, default=None, help="LoRA: lr of B = lr x lr_ratio (default 16; "
@@ -82,8 +93,8 @@ def parser(methods=METHODS):
                    help="task-head learning rate (default: the method's)")
     p.add_argument("--weight_decay", type=float, default=None, help="AdamW weight decay (default 0.1)")
     # the run
-    p.add_argument("--quant", default="none", choices=["none", "nf4"],
-                   help="store the frozen base in NF4 (QLoRA)")
+    p.add_argument("--quant", default=None, choices=["none", "nf4"],
+                   help="store the frozen base in NF4 (lora: QLoRA); default: the method's (adaq_lora: nf4)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: run all epochs)")
     p.add_argument("--batch_size", type=int, default=16)
@@ -122,7 +133,8 @@ def parse_args(argv=None, methods=METHODS):
 FLAG_OF = {"r": "rank", "train": "tlora_train"}
 METHOD_FLAGS = ("rank", "alpha", "dropout", "rslora", "targets", "tlora_train", "ratio", "b_init",
                 "adapter_size", "beta", "r_max", "n_cal", "importance_every", "importance_beta",
-                "omega_every", "omega_start", "lambda1", "lambda2", "lr", "lr_ratio", "head_lr",
+                "omega_every", "omega_start", "lambda1", "lambda2", "init_r", "target_r", "tinit", "tfinal",
+                "delta_t", "beta1", "beta2", "orth_reg_weight", "lr", "lr_ratio", "head_lr",
                 "weight_decay")  # the flags above the run's
 
 
@@ -152,6 +164,11 @@ def build(args, method):
     model = from_pretrained(folder, num_labels=task.num_labels)
     model.name_or_path = args.model
     tok = load_tokenizer(folder, model.cfg.family)
+    if args.quant is None:
+        args.quant = method.quant
+    if args.quant != method.quant == "nf4":
+        raise ValueError(f"--method {args.method} is defined on an NF4 base; drop --quant {args.quant} "
+                         f"(its float-base twin is --method adalora)")
     if args.quant == "nf4":  # before wrap: an adapter layer then wraps a Linear4bit as it would an nn.Linear
         quant.quantize_model(model)
         frozen = [n + ".weight" for n, m in model.named_modules() if isinstance(m, quant.Linear4bit)]
@@ -361,7 +378,7 @@ def run(args, methods=METHODS):
             if n in trained:
                 p.copy_(trained[n])
     # eval.py's table rows: QLoRA apart from LoRA
-    label = method.label() + ("+nf4" if args.quant == "nf4" else "")
+    label = method.label() + ("+nf4" if args.quant == "nf4" != method.quant else "")
     result = {"task": task.name, "method": args.method, "label": label, "model": args.model,
               "metrics": metrics, "best_epoch": best_epoch, "last": history[-1], "history": history,
               "loss_log": log, "trainable_params": n_train, "total_params": n_all,
@@ -374,6 +391,10 @@ def run(args, methods=METHODS):
                  if args.latency_passes else {}),
               "method_config": dataclasses.asdict(method.cfg), "method_report": method.report(model)}
     print(f"best epoch {best_epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if "ranks" in result["method_report"]:  # a method whose ranks differ per matrix (dynamic_lora, adalora)
+        ranks = result["method_report"]["ranks"]
+        print(f"ranks per adapted matrix (sum {sum(ranks.values())}): " +
+              " ".join(f"{n}={r}" for n, r in ranks.items()))
     if args.out_dir:
         method.save(model, args.out_dir)
         # last: its presence means the run is whole

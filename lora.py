@@ -5,6 +5,8 @@ per-matrix learning rates (seed 000 read as LoRA+, SPEC §2.1), then LoRA's adap
 A method is built from its own small dataclass config, never from train.py's flags: LoRA(LoRAConfig(r=8)).
 The whole interface, all that train.py (finetune.py) calls, in the order a run calls it:
 
+    quant                                "none" or "nf4": how the frozen base is stored unless --quant says
+                                         (a class attribute, read before wrap)
     wrap(model, batches=None) -> model   inject adapters, freeze all but them and the task head; `batches`
                                          (training batches) is for a method that calibrates on data before
                                          its adapters exist (Dynamic LoRA), the others ignore it
@@ -77,6 +79,7 @@ class Method:
     tensors do."""
     name = "method"
     Config = MethodConfig
+    quant = "none"  # how the frozen base is stored unless --quant says otherwise (adaq_lora: "nf4")
 
     def __init__(self, cfg=None):
         self.cfg = cfg if cfg is not None else self.Config()

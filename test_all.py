@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import adaq_lora
 import baselines
 import data
 import dynamic_lora
@@ -901,6 +902,196 @@ def test_houlsby_adapter_is_the_identity_at_init_and_counts_2dm_plus_m_plus_d(tm
     assert groups["backbone"] == 3e-4, f"SPEC §3: lr 3e-4, got {groups}"
 
 
+
+# ------------------------------------------------------------------------------------------------ adaq_lora.py
+
+def adalora_pair(tmp_path, family="roberta", T=40, **cfg):
+    """(our AdaLoRA, transformers + peft's AdaLoRA) on the same weights and the same P, Q (λ = 0 in both)."""
+    from peft import AdaLoraConfig, get_peft_model
+    cfg = {**dict(init_r=4, target_r=2, tinit=5, tfinal=10, delta_t=3, alpha=8, dropout=0.0), **cfg}
+    hf = tiny_hf(family)
+    folder = save_hf(hf, tmp_path)
+    method = method_for("adalora", **cfg)
+    ours = method.wrap(M.from_pretrained(folder)).eval()  # eval: no dropout anywhere, so runs compare
+    method.schedule(T, 0)
+    pc = method.peft_config(ours)
+    theirs = get_peft_model(hf, AdaLoraConfig(
+        task_type="SEQ_CLS", init_r=cfg["init_r"], target_r=cfg["target_r"], tinit=cfg["tinit"],
+        tfinal=cfg["tfinal"], deltaT=cfg["delta_t"], total_step=T, lora_alpha=cfg["alpha"], lora_dropout=0.0,
+        target_modules=pc["target_modules"], modules_to_save=pc["modules_to_save"],
+        fan_in_fan_out=pc["fan_in_fan_out"])).eval()
+    with torch.no_grad():
+        for name, layer in method.layers.items():
+            t = theirs.base_model.model.get_submodule(M.hf_name(family, name))
+            for x in "AEB":
+                t.__getattr__("lora_" + x)["default"].copy_(getattr(layer, "lora_" + x))
+    return method, ours, theirs, folder
+
+
+def test_adalora_matches_peft_step_for_step(tmp_path):
+    """T = 40, tinit 5, tfinal 10, ΔT 3: past tinit, through 7 masking rounds and the frozen final phase. At
+    every step the loss with its orthogonal term, the budget, the importance EMAs and the λ masks agree; at
+    the end so do P, λ and Q."""
+    T, family = 40, "roberta"
+    method, ours, theirs, _ = adalora_pair(tmp_path, family, T)
+    alloc, ref = method.allocator, theirs.base_model.rankallocator
+    names = {n: M.hf_name(family, n) for n in method.layers}
+    mods = {n: theirs.base_model.model.get_submodule(h) for n, h in names.items()}
+    opt, sched = finetune.optimizer(method, ours, T, 0, "cpu")
+    opt_ref = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=method.cfg.lr * 30,
+                                weight_decay=0.0)
+    for g in opt.param_groups:  # one lr, no decay, no schedule: the same AdamW on both sides
+        g["lr"], g["weight_decay"], g["initial_lr"] = method.cfg.lr * 30, 0.0, method.cfg.lr * 30
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)
+    masked_rounds = 0
+    for t in range(1, T + 1):
+        ids, mask, types = batch(family, seed=t)
+        labels = torch.tensor([t % 2, 1, 0])
+        b = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels}
+        loss = finetune.train_step(ours, ours, method, b, opt, sched, t, 1.0, "cpu")
+        out = theirs(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in theirs.parameters() if p.requires_grad], 1.0)
+        opt_ref.step()
+        theirs.base_model.update_and_allocate(t)
+        opt_ref.zero_grad()
+        assert loss.item() == pytest.approx(out.loss.item(), rel=1e-5, abs=1e-6), f"step {t}: loss"
+        ce = torch.nn.functional.cross_entropy(out.logits, labels).item()
+        assert method.orth[-1].item() * 0.5 == pytest.approx(out.loss.item() - ce, rel=1e-4, abs=1e-6), \
+            f"step {t}: orthogonal loss"
+        expect = ref.budget_schedule(t)[0] if t <= T - 10 else ref.target_bgt
+        assert alloc.budgets[-1] == expect, f"step {t}: budget {alloc.budgets[-1]} != peft's {expect}"
+        for n, layer in method.layers.items():
+            assert torch.equal(layer.lora_E == 0, mods[n].lora_E["default"] == 0), f"step {t}: mask of {n}"
+            for x in "AEB":
+                if t < T - 10:
+                    key = f"{names[n]}.lora_{x}.default"
+                    for ema, ema_ref in ((alloc.ipt, ref.exp_avg_ipt), (alloc.unc, ref.exp_avg_unc)):
+                        d = (ema[(n, x)] - ema_ref[key]).abs().max().item()
+                        assert d <= 1e-5 * max(1e-6, ema_ref[key].abs().max().item()), f"step {t}: EMA {x}"
+        masked_rounds += t > 5 and t % 3 == 0 and t <= T - 10
+    assert masked_rounds >= 7 and sum(alloc.ranks().values()) == alloc.bT
+    for n, layer in method.layers.items():
+        for x in "AEB":
+            p, q = getattr(layer, "lora_" + x), mods[n].__getattr__("lora_" + x)["default"]
+            assert (p - q).abs().max().item() <= 1e-4 * max(1.0, q.abs().max().item()), f"trained {x} of {n}"
+
+
+def test_adalora_budget_schedule_ends_and_cube():
+    layers = {f"l{i}": torch.nn.Module() for i in range(3)}
+    for l in layers.values():
+        l.r, l.lora_E = 12, torch.zeros(12, 1)
+    cfg = adaq_lora.AdaLoRAConfig(init_r=12, target_r=8, tinit=10, tfinal=20, delta_t=5)
+    a = adaq_lora.RankAllocator(layers, cfg, total_step=110)
+    assert (a.b0, a.bT) == (36, 24)
+    assert a.budget(10) == (36, False) and a.budget(91) == (24, True) and a.budget(110) == (24, True)
+    # halfway through the 80 budgeting steps: (36 − 24)·(1/2)³ + 24 = 25.5 -> 25
+    assert a.budget(50) == (25, True) and a.budget(51) == (25, False)
+    assert a.budget(11) == (int(12 * (1 - 1 / 80) ** 3 + 24), False) == (35, False)
+    assert a.budget(90) == (24, True)
+
+
+def test_adalora_masking_keeps_exactly_b_triplets_without_ties():
+    torch.manual_seed(0)
+    cfg = adaq_lora.AdaLoRAConfig(init_r=6, target_r=2, tinit=0, tfinal=0, delta_t=1)
+    layers = {f"l{i}": adaq_lora.SVDLinear(torch.nn.Linear(16, 10), r=6) for i in range(4)}
+    a = adaq_lora.RankAllocator(layers, cfg, total_step=10)
+    for l in layers.values():
+        for x in "AEB":
+            p = getattr(l, "lora_" + x)
+            with torch.no_grad():
+                p.uniform_(0.5, 1.5)
+            p.grad = torch.rand_like(p)
+    a.update_ipt()
+    a.update_ipt()  # Ū needs two different Ī values; with fresh gradients:
+    for l in layers.values():
+        for x in "AEB":
+            getattr(l, "lora_" + x).grad = torch.rand_like(getattr(l, "lora_" + x))
+    a.update_ipt()
+    S = a.scores()
+    for b in (23, 17, 9, 8):
+        a.mask_to_budget(b)
+        kept = sum(int((l.lora_E != 0).sum()) for l in layers.values())
+        assert kept == b == sum(a.ranks().values()), f"budget {b}: {kept} triplets kept"
+        best = torch.cat(list(S.values())).sort(descending=True).values[:b]
+        assert torch.equal(torch.cat([S[n][a.keep[n]] for n in layers]).sort(descending=True).values, best)
+        with torch.no_grad():
+            for l in layers.values():
+                l.lora_E.fill_(1.0)  # unmask for the next budget
+
+
+def test_adalora_regulariser_is_peft_form_and_zero_for_orthonormal_factors(tmp_path):
+    method, ours, _, _ = adalora_pair(tmp_path)
+    by_hand = []
+    for l in method.layers.values():
+        by_hand += [torch.linalg.norm(l.lora_A @ l.lora_A.T - torch.eye(4)),
+                    torch.linalg.norm(l.lora_B.T @ l.lora_B - torch.eye(4))]
+    assert method.orthogonality().item() == pytest.approx(torch.stack(by_hand).mean().item(), rel=1e-6)
+    with torch.no_grad():
+        for l in method.layers.values():
+            l.lora_A.copy_(torch.linalg.qr(torch.randn(l.in_features, 4))[0].T)  # orthonormal rows
+            l.lora_B.copy_(torch.linalg.qr(torch.randn(l.out_features, 4))[0])
+    assert method.orthogonality().item() <= 1e-5
+
+
+def test_adalora_adapter_loads_in_peft_with_the_same_logits_and_back(tmp_path):
+    from peft import PeftModel
+    import transformers as T
+    method, ours, theirs, folder = adalora_pair(tmp_path, T=12, tinit=2, tfinal=3, delta_t=1)
+    opt, sched = finetune.optimizer(method, ours, 12, 0, "cpu")
+    for g in opt.param_groups:
+        g["lr"] = 1e-2
+    for t in range(1, 13):
+        ids, mask, types = batch("roberta", seed=t)
+        b = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": torch.tensor([0, 1, 1])}
+        finetune.train_step(ours, ours, method, b, opt, sched, t, 1.0, "cpu")
+    ranks = method.report(ours)["ranks"]
+    assert sum(ranks.values()) == 2 * len(ranks) and len(set(ranks.values())) > 1, ranks
+    out_dir = str(tmp_path / "adapter")
+    method.save(ours, out_dir)
+    saved = json.load(open(os.path.join(out_dir, "adapter_config.json")))
+    assert saved["peft_type"] == "ADALORA" and len(saved["rank_pattern"]) == len(ranks)
+    loaded = PeftModel.from_pretrained(T.RobertaForSequenceClassification.from_pretrained(folder), out_dir).eval()
+    ids, mask, types = batch("roberta")
+    with torch.no_grad():
+        ref = ours(ids, mask, types)
+        d = (loaded(input_ids=ids, attention_mask=mask).logits - ref).abs().max().item()
+    assert d <= 1e-5, f"peft loads our AdaLoRA adapter but its logits differ by {d:.2e}"
+    for n, layer in method.layers.items():  # the file holds the kept triplets only
+        assert loaded.base_model.model.get_submodule(M.hf_name("roberta", n)).lora_A["default"].shape[0] == ranks[n]
+    again = method_for("adalora", init_r=4, target_r=2, tinit=2, tfinal=3, delta_t=1, alpha=8, dropout=0.0)
+    fresh = again.wrap(M.from_pretrained(folder)).eval()
+    again.load(fresh, out_dir)
+    with torch.no_grad():
+        assert (fresh(ids, mask, types) - ref).abs().max().item() <= 1e-6, "reloaded logits differ"
+    with pytest.raises(ValueError, match="pass --method adalora to load it"):
+        lo = method_for("lora")
+        lo.load(lo.wrap(M.from_pretrained(folder)), out_dir)
+    with pytest.raises(ValueError, match="trained with --init_r 4"):
+        other = method_for("adalora", init_r=6, target_r=2)
+        other.load(other.wrap(M.from_pretrained(folder)), out_dir)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "adalora", "--target_r", "13"], "--target_r 13 must be between 0 and --init_r 12"),
+    (["--method", "adalora", "--init_r", "0"], "--init_r must be ≥ 1, not 0"),
+    (["--method", "adaq_lora", "--delta_t", "0"], "--delta_t must be ≥ 1"),
+    (["--method", "adaq_lora", "--quant", "none"], "--method adaq_lora is defined on an NF4 base"),
+    (["--method", "adalora", "--tinit", "30", "--tfinal", "20"],
+     "AdaLoRA needs more steps (3) than --tinit 30 + --tfinal 20"),
+])
+def test_adalora_bad_input_is_one_clear_line(argv, message, tmp_path):
+    glue = str(tmp_path / "glue")
+    folder = tiny_checkpoint(tmp_path, write_glue(glue, n=40))
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--model", folder, "--data_dir", glue,
+                        "--out_dir", str(out), "--epochs", "1", *argv], capture_output=True, text=True,
+                       cwd=HERE, timeout=120)
+    assert r.returncode != 0 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not out.exists() or not os.listdir(out), "a refused run left files"
+
+
 # ------------------------------------------------------------------------------------------------ quant.py
 
 # NF4 + double quant against bitsandbytes on CPU (quantize_4bit / dequantize_4bit, quant_type="nf4",
@@ -1347,7 +1538,11 @@ def tiny_checkpoint(tmp_path, words, dropout=0.1):
 E2E = [("lora", "none", "lora"), ("bitfit", "none", "bitfit"), ("tlora_plus", "none", "tlora_plus ABC λ=4"),
        ("dynamic_lora", "none", "dynamic_lora"), ("adapter", "none", "adapter"),
        ("lora", "nf4", "lora+nf4"), ("tlora_plus", "nf4", "tlora_plus ABC λ=4+nf4"),
-       ("tlora", "nf4", "tlora+nf4"), ("bitfit", "nf4", "bitfit+nf4")]
+       ("tlora", "nf4", "tlora+nf4"), ("bitfit", "nf4", "bitfit+nf4"), ("adalora", "none", "adalora"),
+       ("adaq_lora", "nf4", "adaq_lora")]
+E2E_FLAGS = {"dynamic_lora": ["--n_cal", "3"],
+             "adalora": ["--init_r", "4", "--target_r", "2", "--tinit", "2", "--tfinal", "3", "--delta_t", "1"]}
+E2E_FLAGS["adaq_lora"] = E2E_FLAGS["adalora"]
 
 
 @pytest.mark.parametrize("method, base, label", E2E)
@@ -1361,8 +1556,7 @@ def test_train_end_to_end(method, base, label, tmp_path):
     out = str(tmp_path / "out")
     argv = ["--method", method, "--task", "mrpc", "--model", folder, "--data_dir", glue, "--epochs", "2",
             "--batch_size", "8", "--lr", "1e-3", "--max_train_samples", "40", "--warmup_ratio", "0.3",
-            "--log_every", "1", "--quant", base,
-            "--out_dir", out] + (["--n_cal", "3"] if method == "dynamic_lora" else [])
+            "--log_every", "1", *E2E_FLAGS.get(method, []), "--quant", base, "--out_dir", out]
     finetune.run(finetune.parse_args(argv))
     saved = json.load(open(os.path.join(out, "metrics.json")))
     for key in ("task", "method", "label", "model", "metrics", "best_epoch", "history", "loss_log",
@@ -1379,7 +1573,7 @@ def test_train_end_to_end(method, base, label, tmp_path):
     if method == "lora":
         assert saved["trainable_params"] == 2 * 8 * (4 * 64 + 96 + 96) + (32 * 32 + 32) + (32 * 2 + 2)
     if base == "nf4":  # SPEC §1.5: a 4-bit weight counts as out·in parameters, as before quantization
-        float_args = finetune.parse_args(argv[:-4])
+        float_args = finetune.parse_args([a.replace("adaq_lora", "adalora") for a in argv[:-4]])
         float_model, _, _ = finetune.build(float_args, finetune.method_from_args(float_args))
         total = sum(p.numel() for p in float_model.parameters()) + sum(
             b.numel() for n, b in float_model.named_buffers() if ".lora_" in n)
@@ -1387,6 +1581,10 @@ def test_train_end_to_end(method, base, label, tmp_path):
     recomputed, _ = finetune.reevaluate(out, latency_passes=2 if method == "lora" else 0)
     assert recomputed["accuracy"] == saved["metrics"]["accuracy"]
     assert recomputed["loss"] == pytest.approx(saved["metrics"]["loss"], abs=1e-5)
+    if method in ("adalora", "adaq_lora"):  # the allocator's record: 10 budgets, ending at target_r per matrix
+        report = saved["method_report"]
+        assert len(report["budget"]) == 10 == len(report["orth_loss"]) and report["budget"][-1] == 2 * 12
+        assert sorted(report["ranks"].values()) != [2] * 12 and sum(report["ranks"].values()) == 24
     if method == "lora":  # eval.py --latency: batch-1 inference timed merged and not
         assert recomputed["latency_ms"] > 0 and recomputed["latency_merged_ms"] > 0
 
