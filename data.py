@@ -6,6 +6,7 @@ entailment = 0). The GLUE dev split is the reported "test".
 """
 import math
 import os
+import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,6 +103,15 @@ def load_split(task, split, data_dir=None):
                                            "train.tsv" if split == "train" else task.dev))
     hub = "train" if split == "train" else ("validation_matched" if task.name == "mnli" else "validation")
     return read_hub(task, hub)
+
+
+def holdout_split(rows, fraction=0.1, seed=0):
+    """(train rows, held-out rows): a seeded `fraction` of train that never trains, to choose an epoch or a
+    learning rate without looking at the reported dev split (SPEC §1.4: 10% of train, seed 0)."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:max(1, round(fraction * len(rows)))])
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
 def encode(tok, rows, max_len):

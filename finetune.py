@@ -87,14 +87,17 @@ def parser(methods=METHODS):
                    help="AdaLoRA: orthogonal regulariser weight (0.5)")
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate (LoRA: of the A matrices; default: the method's)")
-    p.add_argument("--lr_ratio", type=float, default=None, help="LoRA: lr of B = lr x lr_ratio (default 16; "
-                   "1 = tied, SPEC 2.1)")
+    p.add_argument("--lr_ratio", type=float, default=None, help="LoRA: lr of B = lr x lr_ratio (default 1: "
+                   "plain LoRA; seed 000 / LoRA+ tunes it, e.g. --lr 1e-4 --lr_ratio 16, SPEC 2.1)")
     p.add_argument("--head_lr", type=float, default=None,
                    help="task-head learning rate (default: the method's)")
     p.add_argument("--weight_decay", type=float, default=None, help="AdamW weight decay (default 0.1)")
     # the run
     p.add_argument("--quant", default=None, choices=["none", "nf4"],
                    help="store the frozen base in NF4 (lora: QLoRA); default: the method's (adaq_lora: nf4)")
+    p.add_argument("--select", default="last", choices=["last", "holdout"],
+                   help="which epoch to keep and report: the last (default), or the best on a seeded 10%% of "
+                   "train held out from training (SPEC 1.4); never the reported dev split")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: run all epochs)")
     p.add_argument("--batch_size", type=int, default=16)
@@ -190,9 +193,13 @@ def first_epoch(args, task, tok):
 
 
 def load_examples(task, split, args, tok):
-    rows = data.load_split(task, split, args.data_dir)
-    if split == "train" and args.max_train_samples:
+    """split: "dev", "train", or "holdout": with --select holdout, a seeded 10% of train that never trains."""
+    rows = data.load_split(task, "dev" if split == "dev" else "train", args.data_dir)
+    if split != "dev" and args.max_train_samples:
         rows = rows[:args.max_train_samples]
+    if split != "dev" and args.select == "holdout":
+        train, held = data.holdout_split(rows)
+        rows = held if split == "holdout" else train
     return data.encode(tok, rows, args.max_len or task.max_len)
 
 
@@ -238,12 +245,12 @@ def task_loss(logits, labels):
 def train_step(model, forward, method, batch, opt, sched, step, grad_clip, device):
     """The step-th optimizer step: forward (`forward` is the model or its compiled self), the task loss plus
     the method's extra loss, backward, clip, AdamW, the schedule, then the method's after_step (before
-    zero_grad, so it can read this step's gradients). Returns the loss on the device: reading it is the
-    caller's host sync."""
+    zero_grad, so it can read this step's gradients). Returns the task loss (without the extra loss) and the
+    logits, detached and on the device: reading them is the caller's host sync."""
     b = {k: v.to(device) for k, v in batch.items()}
     with autocast(device):
         logits = forward(b["input_ids"], b["attention_mask"], b["token_type_ids"])
-    loss = task_loss(logits, b["labels"])
+    task = loss = task_loss(logits, b["labels"])
     extra = method.extra_loss(model)
     if extra is not None:
         loss = loss + extra
@@ -253,7 +260,7 @@ def train_step(model, forward, method, batch, opt, sched, step, grad_clip, devic
     sched.step()
     method.after_step(model, step)
     opt.zero_grad(set_to_none=True)
-    return loss.detach()
+    return task.detach(), logits.detach()
 
 
 @torch.no_grad()
@@ -306,12 +313,13 @@ def peak_memory_mb(device):
 # the run
 
 def run(args, methods=METHODS):
-    """Train args.method on args.task, keep the best epoch, save it to args.out_dir. Returns metrics.json's
-    dict."""
+    """Train args.method on args.task and save the selected epoch (--select: the last, or the best on the
+    held-out slice of train) to args.out_dir. Returns metrics.json's dict."""
     random.seed(args.seed)
     method = method_from_args(args, methods)
     model, tok, task = build(args, method)
     train = load_examples(task, "train", args, tok)
+    holdout = load_examples(task, "holdout", args, tok) if args.select == "holdout" else None
     dev = load_examples(task, "dev", args, tok)
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
     total = args.epochs * steps_per_epoch
@@ -324,64 +332,83 @@ def run(args, methods=METHODS):
     n_all = quant.count_params(model) + sum(b.numel() for n, b in model.named_buffers() if ".lora_" in n)
     n_train = sum(p.numel() for g in opt.param_groups for p in g["params"])
     print(f"{args.method} on {task.name}: {n_train:,} trainable of {n_all:,} ({100 * n_train / n_all:.3f}%), "
-          f"{len(train)} train / {len(dev)} dev examples, {total} steps on {args.device}")
+          f"{len(train)} train / {len(holdout or [])} held out / {len(dev)} dev examples, {total} steps on "
+          f"{args.device}")
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     forward = compile_model(model, args.device) if args.compile else model
+    classify = task.num_labels > 1
 
     rng = random.Random(args.seed)  # the data order of every epoch
     step = 0
     train_seconds = 0.0
     history = []  # one row per epoch
-    log = []      # (step, loss, lr) at every log step
-    best = None   # (metrics, epoch, trained tensors) of the best epoch so far
+    log = []      # (step, mean task loss over the steps since the previous row, lr) at every log step
+    kept = None   # (epoch, trained tensors) of the epoch --select keeps; None: the current weights
+    window = torch.zeros(2, device=args.device)  # Σ task loss, Σ correct since the last read: on the device
     for epoch in range(args.epochs):
         model.train()
-        t0, losses = time.time(), []
-        batches = data.train_batches(train, args.batch_size, tok.pad_id, task.num_labels == 1, rng,
-                                     args.pad_multiple)
+        t0, sums, n_steps, n_seen, since = time.time(), [0.0, 0.0], 0, 0, 0
+        batches = data.train_batches(train, args.batch_size, tok.pad_id, not classify, rng, args.pad_multiple)
         bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", file=sys.stdout,
                    disable=not sys.stdout.isatty())
         for b in bar:
             step += 1
-            loss = train_step(model, forward, method, b, opt, sched, step, args.grad_clip, args.device)
-            if step % args.log_every == 0 or step == total:  # the only host sync of the step
-                losses.append(loss.item())
+            loss, logits = train_step(model, forward, method, b, opt, sched, step, args.grad_clip, args.device)
+            window[0] += loss
+            if classify:
+                window[1] += (logits.argmax(-1) == b["labels"].to(args.device)).sum()
+            n_steps, n_seen, since = n_steps + 1, n_seen + len(b["labels"]), since + 1
+            last = step >= total or n_steps == steps_per_epoch
+            if step % args.log_every == 0 or last:  # the only host sync: every step's loss is in it
+                w_loss, w_correct = window.tolist()
+                window.zero_()
+                sums = [sums[0] + w_loss, sums[1] + w_correct]
                 lr = sched.get_last_lr()[0]  # the first group's learning rate for the next step
-                log.append((step, losses[-1], lr))
-                if not math.isfinite(losses[-1]):
-                    raise FloatingPointError(f"loss is {losses[-1]} at step {step}; "
-                                             f"lower --lr (now {method.cfg.lr:g})")
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
+                log.append((step, w_loss / since, lr))
+                since = 0
+                if not math.isfinite(w_loss):
+                    raise FloatingPointError(f"loss is {w_loss} by step {step}; lower --lr (now "
+                                             f"{method.cfg.lr:g})")
+                bar.set_postfix(loss=f"{log[-1][1]:.4f}", lr=f"{lr:.2e}")
                 if bar.disable:  # no terminal (a log file): one line per log step instead of the bar
-                    s_per_step = (time.time() - t0) / (step - epoch * steps_per_epoch)
-                    print(f"step {step}/{total}: loss {losses[-1]:.4f}, lr {lr:.2e}, {s_per_step:.3f} s/step",
-                          flush=True)
+                    print(f"step {step}/{total}: loss {log[-1][1]:.4f}, lr {lr:.2e}, "
+                          f"{(time.time() - t0) / n_steps:.3f} s/step", flush=True)
             if step >= total:
                 break
         train_seconds += time.time() - t0
-        metrics = evaluate(model, forward, method, dev, task, args, tok.pad_id)
-        history.append({"epoch": epoch + 1, "step": step, "train_loss": sum(losses) / max(1, len(losses)),
-                        **metrics})
-        print(f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.4f}, dev " +
-              ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        key = data.main_metric(task.name)
-        if best is None or metrics[key] > best[0][key]:
-            trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-            best = (metrics, epoch + 1, trained)
+        row = {"epoch": epoch + 1, "step": step, "train_loss": sums[0] / n_steps,
+               **({"train_accuracy": sums[1] / n_seen} if classify else {})}
+        row.update(evaluate(model, forward, method, dev, task, args, tok.pad_id))
+        if holdout:
+            row["holdout"] = evaluate(model, forward, method, holdout, task, args, tok.pad_id)
+        history.append(row)
+        print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                                   if k not in ("epoch", "step", "holdout")) +
+              (f", holdout {data.main_metric(task.name)} {row['holdout'][data.main_metric(task.name)]:.4f}"
+               if holdout else ""))
+        if holdout:
+            key = data.main_metric(task.name)
+            if kept is None or row["holdout"][key] > history[kept[0] - 1]["holdout"][key]:
+                kept = (epoch + 1, {n: p.detach().clone() for n, p in model.named_parameters()
+                                    if p.requires_grad})
         if step >= total:
             break
 
-    metrics, best_epoch, trained = best
-    with torch.no_grad():  # keep the best epoch's weights
-        for n, p in model.named_parameters():
-            if n in trained:
-                p.copy_(trained[n])
+    selected = history[-1]["epoch"]
+    if kept is not None:  # --select holdout: back to the chosen epoch's weights
+        selected, trained = kept
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in trained:
+                    p.copy_(trained[n])
+    metrics = {k: v for k, v in history[selected - 1].items() if k not in ("epoch", "step", "holdout") and
+               not k.startswith("train_")}
     # eval.py's table rows: QLoRA apart from LoRA
     label = method.label() + ("+nf4" if args.quant == "nf4" != method.quant else "")
     result = {"task": task.name, "method": args.method, "label": label, "model": args.model,
-              "metrics": metrics, "best_epoch": best_epoch, "last": history[-1], "history": history,
-              "loss_log": log, "trainable_params": n_train, "total_params": n_all,
+              "metrics": metrics, "select": args.select, "selected_epoch": selected, "last": history[-1],
+              "history": history, "loss_log": log, "trainable_params": n_train, "total_params": n_all,
               "trainable_pct": 100 * n_train / n_all,
               "steps": step, "train_seconds": train_seconds, "s_per_step": train_seconds / max(1, step),
               "peak_memory_mb": peak_memory_mb(args.device), "args": vars(args),
@@ -390,7 +417,8 @@ def run(args, methods=METHODS):
                       latency_ms(model, method, dev, args, tok.pad_id, args.latency_passes, True)}
                  if args.latency_passes else {}),
               "method_config": dataclasses.asdict(method.cfg), "method_report": method.report(model)}
-    print(f"best epoch {best_epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    print(f"reported: dev at epoch {selected} ({'the last' if args.select == 'last' else 'best on holdout'}): "
+          + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if "ranks" in result["method_report"]:  # a method whose ranks differ per matrix (dynamic_lora, adalora)
         ranks = result["method_report"]["ranks"]
         print(f"ranks per adapted matrix (sum {sum(ranks.values())}): " +

@@ -299,8 +299,9 @@ class LoRAConfig(MethodConfig):
     dropout: float = 0.1          # on the adapter's input only (SPEC §1.1)
     rslora: bool = False          # s = alpha / √r
     targets: object = "all-linear"  # "all-linear" or a list of BLOCK_LINEARS names
-    lr: float = 1e-4              # every A
-    lr_ratio: float = 16.0        # every B at lr·lr_ratio (seed 000 / LoRA+); 1 = tied, the seed's ablation
+    lr: float = 4e-4              # every A ([loralib]'s MRPC rate)
+    lr_ratio: float = 1.0         # every B at lr·lr_ratio: 1 is plain LoRA (peft, loralib); seed 000 / LoRA+
+                                  # tunes it (its untuned default: --lr 1e-4 --lr_ratio 16)
     head_lr: float = 4e-4         # SPEC §2.1: the head at a fixed 4e-4
 
     def __post_init__(self):
@@ -309,9 +310,8 @@ class LoRAConfig(MethodConfig):
 
 
 class LoRA(Method):
-    """LoRA with per-matrix learning rates (seed 000 / LoRA+, SPEC §2.1): every A at lr, every B at
-    lr·lr_ratio, the task head at head_lr. lr_ratio 1 is the seed's "remove adaptive learning rate"
-    ablation."""
+    """LoRA, plain by default (A and B at lr), with seed 000's per-matrix learning rates one field away
+    (SPEC §2.1, LoRA+): every B at lr·lr_ratio. The task head learns at head_lr."""
     name = "lora"
     Config = LoRAConfig
 

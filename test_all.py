@@ -948,7 +948,8 @@ def test_adalora_matches_peft_step_for_step(tmp_path):
         ids, mask, types = batch(family, seed=t)
         labels = torch.tensor([t % 2, 1, 0])
         b = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels}
-        loss = finetune.train_step(ours, ours, method, b, opt, sched, t, 1.0, "cpu")
+        ce, _ = finetune.train_step(ours, ours, method, b, opt, sched, t, 1.0, "cpu")
+        loss = ce + method.cfg.orth_reg_weight * method.orth[-1]
         out = theirs(input_ids=ids, attention_mask=mask, labels=labels)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in theirs.parameters() if p.requires_grad], 1.0)
@@ -1559,7 +1560,7 @@ def test_train_end_to_end(method, base, label, tmp_path):
             "--log_every", "1", *E2E_FLAGS.get(method, []), "--quant", base, "--out_dir", out]
     finetune.run(finetune.parse_args(argv))
     saved = json.load(open(os.path.join(out, "metrics.json")))
-    for key in ("task", "method", "label", "model", "metrics", "best_epoch", "history", "loss_log",
+    for key in ("task", "method", "label", "model", "metrics", "selected_epoch", "history", "loss_log",
                 "trainable_params", "total_params", "trainable_pct", "train_seconds", "peak_memory_mb",
                 "args", "method_config"):
         assert key in saved, f"metrics.json lacks {key}"
@@ -1597,22 +1598,46 @@ class SnapshotBitFit(baselines.BitFit):
         self.snapshots[step] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_train_keeps_and_saves_the_best_epochs_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("select, epoch, dev_acc", [("last", 2, 0.7), ("holdout", 1, 0.1)])
+def test_select_never_looks_at_dev_and_saves_the_selected_epoch(select, epoch, dev_acc, tmp_path, monkeypatch):
+    """Dev scores best at epoch 2, the held-out slice at epoch 1: --select last reports and saves epoch 2,
+    --select holdout epoch 1 (with dev's epoch-1 score), whatever dev says."""
     from safetensors.torch import load_file
     glue = str(tmp_path / "glue")
     folder = tiny_checkpoint(tmp_path, write_glue(glue, n=32))
-    scores = iter([0.9, 0.5])  # epoch 1 scores best
-    monkeypatch.setattr(data, "glue_metrics", lambda task, logits, labels: {"accuracy": next(scores)})
+    scores = {"holdout": iter([0.9, 0.5]), "dev": iter([0.1, 0.7])}
+    monkeypatch.setattr(data, "glue_metrics", lambda task, logits, labels:
+                        {"accuracy": next(scores["holdout" if len(labels) == 3 else "dev"])})
     methods = {**finetune.METHODS, "snapshot_bitfit": SnapshotBitFit}
     out = str(tmp_path / "out")
     argv = ["--method", "snapshot_bitfit", "--task", "mrpc", "--model", folder, "--data_dir", glue,
-            "--epochs", "2", "--batch_size", "8", "--lr", "1e-2", "--out_dir", out]
+            "--epochs", "2", "--batch_size", "8", "--lr", "1e-2", "--out_dir", out, "--select", select]
     result = finetune.run(finetune.parse_args(argv, methods), methods)
-    assert result["best_epoch"] == 1 and result["metrics"]["accuracy"] == 0.9
+    assert (result["select"], result["selected_epoch"], result["metrics"]["accuracy"]) == (select, epoch, dev_acc)
+    assert ("holdout" in result["history"][0]) == (select == "holdout")
     saved = load_file(os.path.join(out, "trainable.safetensors"))
-    assert all(torch.equal(saved[n], t) for n, t in SnapshotBitFit.snapshots[4].items()), \
-        "not epoch 1's weights"
-    assert any(not torch.equal(saved[n], t) for n, t in SnapshotBitFit.snapshots[8].items())
+    assert all(torch.equal(saved[n], t) for n, t in SnapshotBitFit.snapshots[4 * epoch].items()), \
+        f"not epoch {epoch}'s weights"
+    assert any(not torch.equal(saved[n], t) for n, t in SnapshotBitFit.snapshots[4 * (3 - epoch)].items())
+
+
+def test_holdout_rows_never_train(tmp_path, monkeypatch):
+    rows = [((f"s{i}", None), i % 2) for i in range(57)]
+    train, held = data.holdout_split(rows)
+    assert len(held) == 6 and sorted(train + held) == sorted(rows) and not set(train) & set(held)
+    assert data.holdout_split(rows) == (train, held), "the split is seeded"
+    glue = str(tmp_path / "glue")
+    folder = tiny_checkpoint(tmp_path, write_glue(glue, n=40))
+    seen = []
+    real = data.train_batches
+    monkeypatch.setattr(data, "train_batches", lambda ex, *a, **k: (seen.extend(ex), real(ex, *a, **k))[1])
+    argv = ["--method", "head", "--model", folder, "--data_dir", glue, "--epochs", "1", "--select", "holdout"]
+    args = finetune.parse_args(argv)
+    finetune.run(args)
+    task, tok = data.get_task("mrpc"), load_tokenizer(folder, "bert")
+    key = lambda e: (tuple(e["input_ids"]), e["label"])
+    holdout = {key(e) for e in finetune.load_examples(task, "holdout", args, tok)}
+    assert len(seen) == 36 and len(holdout) >= 3 and not holdout & {key(e) for e in seen}
 
 
 class Probe(lora.LoRA):
@@ -1649,10 +1674,10 @@ def test_train_step_adds_the_extra_loss_clips_and_calls_after_step(tmp_path):
         randomize_b(model)
         with torch.no_grad():
             task = finetune.task_loss(model(ids, mask, types), b["labels"]).item()
-            extra = 0.0 if k is None else (k * method.first(model).lora_A).sum().item()
         opt, sched = finetune.optimizer(method, model, 10, 0, "cpu")
-        loss = finetune.train_step(model, model, method, b, opt, sched, 7, clip, "cpu").item()
-        assert loss == pytest.approx(task + extra, rel=1e-6), f"{name}: step loss {loss} != task + extra loss"
+        loss, logits = finetune.train_step(model, model, method, b, opt, sched, 7, clip, "cpu")
+        assert loss.item() == pytest.approx(task, rel=1e-6), f"{name}: step returns {loss} != the task loss"
+        assert logits.shape == (3, 2) and not logits.requires_grad
         assert [s for s, _, _ in method.seen] == [7], \
             f"{name}: after_step ran at {[s for s, _, _ in method.seen]}"
         runs[name] = method.seen[0]
