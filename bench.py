@@ -11,6 +11,9 @@ imported here and in test_all.py only, never by the product.
         ms/step, tokens/s, eval latency (merged and not), peak memory, adapter bytes and trainable parameters
         of every method, ours and transformers+peft LoRA, against the frozen base (forward + backward to the
         inputs)
+    python bench.py memory [--model gpt2-medium] [--out FILE.json]
+        seed 003's memory claim: peak training RSS of LoRA (r 64), QLoRA, AdaLoRA and ADAQ-LoRA (init_r 12,
+        target_r 8) on random-init GPT-2-medium, batch 1 x 512, ours and transformers + peft + bitsandbytes
     python bench.py quant [--minilm DIR] [--out FILE.json]
         stored bytes, bits/param and peak training RSS of fp32 LoRA vs QLoRA vs QLoRA + double quant (one
         fresh process each) on random-init GPT-2-small/medium and RoBERTa-base, and on MiniLM's real weights
@@ -297,6 +300,139 @@ def quant_bench(argv):
 
 
 # -----------------------------------------------------------------------------
+# memory: seed 003's claim (ADAQ-LoRA trains in less memory than QLoRA and LoRA), ours beside transformers + peft
+# + bitsandbytes, on random-init GPT-2-medium (issue 19)
+
+MEMORY_ROWS = {"lora": False, "qlora": True, "adalora": False, "adaq_lora": True}  # row -> 4-bit base
+SEED003_MB = {"lora": (40132, 59551), "qlora": (9231, 12626), "adaq_lora": (8446, 9072)}  # Alpaca_zh, math
+
+
+def reset_peak_rss():
+    """Linux: make VmHWM (the peak RSS) start again from the current RSS, so the peak is the training's."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def vm_hwm_mb():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
+
+
+def reference_model(cfg, four_bit, row):
+    """transformers' GPT2ForSequenceClassification, its block Conv1Ds swapped for bitsandbytes NF4 + double-quant
+    Linear4bit when four_bit, wrapped by peft's LoRA (r 64, α 16) or AdaLoRA (init_r 12, target_r 8)."""
+    import transformers as T
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+    hf = T.GPT2ForSequenceClassification(T.GPT2Config(
+        n_embd=cfg.d, n_layer=cfg.n_layer, n_head=cfg.n_head, n_positions=cfg.n_positions,
+        vocab_size=cfg.vocab_size, pad_token_id=cfg.pad_id, num_labels=2))
+    if four_bit:
+        import bitsandbytes as bnb
+        for name, m in list(hf.named_modules()):
+            if ".h." in f".{name}" and type(m).__name__ == "Conv1D":
+                q = bnb.nn.Linear4bit(m.weight.shape[0], m.weight.shape[1], compute_dtype=torch.float32,
+                                      compress_statistics=True, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(m.weight.data.t().contiguous(), requires_grad=False,
+                                             quant_type="nf4", compress_statistics=True, blocksize=64)
+                q.bias = nn.Parameter(m.bias.data.clone(), requires_grad=False)
+                parent, _, attr = name.rpartition(".")
+                setattr(hf.get_submodule(parent), attr, q.to("cpu"))  # .to() quantizes
+        hf.is_loaded_in_4bit = True  # peft then wraps bnb's Linear4bit with its 4-bit LoRA / AdaLoRA layers
+    kw = dict(task_type="SEQ_CLS", target_modules=["c_attn", "c_proj", "c_fc"], lora_dropout=0.1,
+              fan_in_fan_out=not four_bit)
+    return get_peft_model(hf, LoraConfig(r=64, lora_alpha=16, **kw) if "ada" not in row else
+                          AdaLoraConfig(init_r=12, target_r=8, lora_alpha=32, total_step=100, **kw))
+
+
+def memory_row(c):
+    """One row in its own process: c = {stack: ours | reference, row, model, batch, seq, steps}. Peak RSS of
+    the training steps (VmHWM reset after the build), adapter parameters, bits per 4-bit weight."""
+    torch.manual_seed(0)
+    cfg, four_bit = M.Config(**RANDOM_MODELS[c["model"]]), MEMORY_ROWS[c["row"]]
+    B, T = c["batch"], c["seq"]
+    ids, labels = torch.randint(cfg.vocab_size - 1, (B, T)), torch.randint(2, (B,))
+    mask = torch.ones(B, T, dtype=torch.long)
+    if c["stack"] == "ours":
+        import adaq_lora
+        model = random_model(cfg, True if four_bit else None)
+        method = lora.LoRA(lora.LoRAConfig(r=64, alpha=16, dropout=0.1)) if "ada" not in c["row"] else \
+            adaq_lora.AdaLoRA(adaq_lora.AdaLoRAConfig(init_r=12, target_r=8, tinit=10, tfinal=10))
+        model = method.wrap(model).train()
+        bits = quant.bits_per_param(model) if four_bit else 32.0
+        opt, sched = finetune.optimizer(method, model, 100, 0, "cpu")
+        method.schedule(100, 0)
+        batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids), "labels": labels}
+        step = lambda t: finetune.train_step(model, model, method, batch, opt, sched, t, 1.0, "cpu")
+        named = model.named_parameters()
+    else:
+        model = reference_model(cfg, four_bit, c["row"]).train()
+        bits = None
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
+
+        def step(t):
+            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            if "ada" in c["row"]:
+                model.base_model.update_and_allocate(t)
+            opt.zero_grad(set_to_none=True)
+        named = model.named_parameters()
+    adapter = sum(p.numel() for n, p in named if p.requires_grad and "lora_" in n)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    built = vm_hwm_mb()
+    reset_peak_rss()
+    start = vm_hwm_mb()
+    t0 = time.time()
+    for t in range(1, c["steps"] + 1):
+        step(t)
+    return {**c, "adapter_params": adapter, "bits_per_param": bits, "build_peak_mb": built,
+            "rss_before_training_mb": start, "train_peak_mb": vm_hwm_mb(),
+            "s_per_step": (time.time() - t0) / c["steps"]}
+
+
+def memory_bench(argv):
+    p = argparse.ArgumentParser(prog="python bench.py memory", description="seed 003's memory claim (issue 19)")
+    p.add_argument("--model", default="gpt2-medium", help=", ".join(RANDOM_MODELS))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=2, help="training steps (the 2nd has AdamW's state)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="also write the rows to this JSON file")
+    a = p.parse_args(argv)
+    if a.model not in RANDOM_MODELS:
+        raise ValueError(f"unknown model {a.model!r}; --model takes {', '.join(RANDOM_MODELS)}")
+    rows = []
+    for stack in ("ours", "reference"):
+        for row in MEMORY_ROWS:
+            rows.append(fresh(memory_row, {"stack": stack, "row": row, "model": a.model, "batch": a.batch,
+                                           "seq": a.seq, "steps": a.steps}, a.threads))
+            r = rows[-1]
+            print(f"{stack} {row}: training peak {r['train_peak_mb']:.0f} MB", file=sys.stderr, flush=True)
+    ref = {r["row"]: r for r in rows if r["stack"] == "reference"}
+    lines = [f"Peak RSS of {a.steps} training steps (VmHWM reset after the build), {a.model} random init, batch "
+             f"{a.batch} x {a.seq} tokens, one fresh process per row, {a.threads} thread(s). LoRA/QLoRA: r 64, "
+             f"α 16 on every block linear; AdaLoRA/ADAQ: init_r 12, target_r 8. Reference: transformers + peft "
+             f"(+ bitsandbytes NF4 + double quant for the 4-bit rows).", "",
+             "| row | ours MB | reference MB | ours / ref | adapter params ours / ref | bits/param (4-bit) | "
+             "paper MB (Alpaca_zh, School_math; ChatGLM2-6B, GPU) |", "|---" * 7 + "|"]
+    for r in rows:
+        if r["stack"] != "ours":
+            continue
+        f = ref[r["row"]]
+        paper = SEED003_MB.get(r["row"])
+        lines.append(f"| {r['row']} | {r['train_peak_mb']:.0f} | {f['train_peak_mb']:.0f} | "
+                     f"{r['train_peak_mb'] / f['train_peak_mb']:.2f} | {r['adapter_params']:,} / "
+                     f"{f['adapter_params']:,} | {r['bits_per_param'] if r['bits_per_param'] != 32 else '–'} | "
+                     f"{'%d, %d' % paper if paper else '–'} |")
+    print("\n".join(lines))
+    if a.out:
+        finetune.write_json(a.out, {"rows": rows, "threads": a.threads})
+        print(f"wrote {a.out}")
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # speed: one training step of every method, ours and peft's, on the same model, batch and lengths
 # (issues 6, 8)
 
@@ -520,7 +656,9 @@ if __name__ == "__main__":
     modes = {"peft_glue": (peft_glue, "train.py's run on transformers + peft (takes train.py's flags)"),
              "speed": (speed_bench, "step time, tokens/s, latency and memory of every method vs peft LoRA"),
              "quant": (quant_bench,
-                       "NF4 stored size, bits/param and training memory; NF4 speed vs bitsandbytes")}
+                       "NF4 stored size, bits/param and training memory; NF4 speed vs bitsandbytes"),
+             "memory": (memory_bench, "seed 003: peak training memory of LoRA, QLoRA, AdaLoRA, ADAQ-LoRA, "
+                                      "ours vs transformers + peft + bitsandbytes")}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="mode", required=True, metavar="{" + ",".join(modes) + "}")
     for name, (_, help) in modes.items():

@@ -20,28 +20,53 @@ import numpy as np
 import finetune
 
 
+SEED_ARGS = ("seed", "out_dir")  # the only arguments runs may differ in and still be averaged as seeds
+
+
+def config(run):
+    """A run's arguments except --seed and --out_dir: runs with different configs are never averaged."""
+    return {k: v for k, v in run.get("args", {}).items() if k not in SEED_ARGS}
+
+
+def selected(run):
+    """Which epoch the run reports: --select's choice; runs from before --select kept the best dev epoch."""
+    return run.get("select") or ("last" if len(run.get("history", [])) <= 1 else "best on dev")
+
+
 def table(runs, columns=None, last=False):
-    """Markdown table of metrics.json dicts, one row per (task, label, model), mean ± std over seeds.
+    """Markdown table of metrics.json dicts, mean ± std over seeds. One row per (task, label, model, every
+    argument but --seed and --out_dir); a line under the table names the arguments that differ between rows.
     The label is train.py's method.label(): each TLoRA+ configuration and λ, and QLoRA, get their own rows.
-    last=True reads the last epoch (with its mean train loss) instead of the best one."""
+    last=True reads the last epoch (with its train loss and accuracy) instead of the one --select kept."""
     if last:
-        runs = [{**r, "metrics": {k: v for k, v in r["last"].items() if k not in ("epoch", "step")}}
+        runs = [{**r, "metrics": {k: v for k, v in r["last"].items() if k not in ("epoch", "step", "holdout")}}
                 for r in runs]
     groups = defaultdict(list)
     for r in runs:
-        groups[(r["task"], r.get("label", r["method"]),
-                os.path.basename(str(r["model"]).rstrip("/")))].append(r)
+        key = json.dumps(config(r), sort_keys=True)
+        groups[(r["task"], r.get("label", r["method"]), os.path.basename(str(r["model"]).rstrip("/")),
+                key)].append(r)
+    configs = [json.loads(k[3]) for k in groups]
+    differ = sorted({a for c in configs for a in c if a != "method" and  # the method has its column
+                     len({json.dumps(d.get(a)) for d in configs}) > 1})
     columns = columns or sorted({k for r in runs for k in r["metrics"]})
-    lines = ["| task | method | model | seeds | " + " | ".join(columns) + " | trainable % |",
-             "|---" * (len(columns) + 5) + "|"]
-    for (task, method, model), rs in sorted(groups.items()):
+    epochs = "the last epoch" if last else \
+        "the epoch each run kept (" + ", ".join(sorted({selected(r) for r in runs})) + ")"
+    lines = [f"Dev metrics at {epochs}; mean ± std over seeds.", "",
+             "| task | method | model | " + ("config | " if differ else "") + "seeds | " + " | ".join(columns) +
+             " | trainable % |", "|---" * (len(columns) + 5 + bool(differ)) + "|"]
+    for (task, method, model, key), rs in sorted(groups.items()):
         cells = []
         for c in columns:
             vals = [r["metrics"][c] for r in rs if c in r["metrics"]]
             cells.append(f"{np.mean(vals):.4f} ± {np.std(vals):.4f}" if len(vals) > 1 else
                          f"{vals[0]:.4f}" if vals else "–")
-        lines.append(f"| {task} | {method} | {model} | {len(rs)} | " + " | ".join(cells) +
+        cfg = json.loads(key)
+        differs = " ".join(f"{a}={cfg.get(a, '–')}" for a in differ) + " | " if differ else ""
+        lines.append(f"| {task} | {method} | {model} | {differs}{len(rs)} | " + " | ".join(cells) +
                      f" | {rs[0]['trainable_pct']:.3f} |")
+    lines += ["", f"Rows differ in: {', '.join(differ)}." if differ else
+              "Rows share every argument except --method, --seed and --out_dir."]
     return "\n".join(lines)
 
 
@@ -80,6 +105,10 @@ def paper_tables(runs, seed):
     by_method = defaultdict(list)
     for r in runs:
         by_method[r["method"]].append(r)
+    for method, rs in by_method.items():
+        if len({json.dumps(config(r), sort_keys=True) for r in rs}) > 1:
+            raise ValueError(f"the --method {method} runs differ in more than --seed; give one configuration "
+                             f"per method (eval.py --table shows which arguments differ)")
     unknown = sorted(set(by_method) - set(paper))
     if unknown:
         raise ValueError(f"--paper {seed} has no row for --method {unknown[0]}; its rows: {', '.join(paper)}")
@@ -157,7 +186,8 @@ if __name__ == "__main__":
     p.add_argument("--table", nargs="+", metavar="METRICS_JSON",
                    help="metrics.json files to merge into a table")
     p.add_argument("--columns", help="comma-separated metrics to show (default: all)")
-    p.add_argument("--last", action="store_true", help="table the last epoch instead of the best one")
+    p.add_argument("--last", action="store_true",
+                   help="table the last epoch instead of the one each run kept (--select)")
     p.add_argument("--paper", choices=sorted(PAPER),
                    help="the seed's own tables, with the paper's numbers beside")
     p.add_argument("--plot_dynamic", nargs="+", metavar="METRICS_JSON",

@@ -62,6 +62,9 @@ def parser(methods=METHODS):
                    "lr_C = lr*lambda^0.5 (default 4)")
     p.add_argument("--b_init", default=None, choices=["zero", "lecun"],
                    help="TLoRA B init: 0 or N(0, 1/r)")
+    p.add_argument("--tlora_init", default=None, choices=["spec", "official"],
+                   help="TLoRA factors: SPEC's LeCun init (default) or the official code's kaiming init + "
+                   "Dropout(0.5) on the adapter output")
     p.add_argument("--adapter_size", type=int, default=None, help="Houlsby adapter bottleneck m (default 64)")
     p.add_argument("--beta", type=float, default=None,
                    help="Dynamic LoRA: r_l = r(1 + beta v_l) (default 0.125)")
@@ -133,9 +136,9 @@ def parse_args(argv=None, methods=METHODS):
 
 
 # config field -> flag, where the paper's name is not the flag's
-FLAG_OF = {"r": "rank", "train": "tlora_train"}
-METHOD_FLAGS = ("rank", "alpha", "dropout", "rslora", "targets", "tlora_train", "ratio", "b_init",
-                "adapter_size", "beta", "r_max", "n_cal", "importance_every", "importance_beta",
+FLAG_OF = {"r": "rank", "train": "tlora_train", "init": "tlora_init"}
+METHOD_FLAGS = ("rank", "alpha", "dropout", "rslora", "targets", "tlora_train", "tlora_init", "ratio",
+                "b_init", "adapter_size", "beta", "r_max", "n_cal", "importance_every", "importance_beta",
                 "omega_every", "omega_start", "lambda1", "lambda2", "init_r", "target_r", "tinit", "tfinal",
                 "delta_t", "beta1", "beta2", "orth_reg_weight", "lr", "lr_ratio", "head_lr",
                 "weight_decay")  # the flags above the run's

@@ -335,8 +335,11 @@ class LoRA(Method):
     def param_groups(self, model):
         c = self.cfg
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        groups = [{"params": [p for n, p in named if n.endswith(".lora_" + x)], "lr": c.lr * m,
-                   "weight_decay": c.weight_decay, "name": x} for x, m in self.lr_multipliers().items()]
+        groups = []
+        for x, m in self.lr_multipliers().items():
+            ps = [p for n, p in named if n.endswith(".lora_" + x)]  # a factor's group: all matrices or all
+            groups.append({"params": ps, "lr": c.lr * m, "name": x,  # scalars (TLoRA's g: no decay)
+                           "weight_decay": 0.0 if all(no_decay(p) for p in ps) else c.weight_decay})
         head = [p for n, p in named if n.startswith("head.")]
         return [g for g in groups + groups_for("head", head, self.head_lr(), c.weight_decay) if g["params"]]
 

@@ -34,6 +34,15 @@ CACHE = os.path.expanduser("~/.cache/nanopeft")
 torch.set_num_threads(2)
 
 
+def reference(module):
+    """A test-only reference (requirements-dev.txt). A user without it gets a skip with the reason; CI sets
+    NANOPEFT_REQUIRE_REFERENCES=1, so there a missing reference fails instead of skipping silently."""
+    if os.environ.get("NANOPEFT_REQUIRE_REFERENCES") == "1":
+        import importlib
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"{module} is a test reference: pip install -r requirements-dev.txt")
+
+
 def tiny_hf(family, num_labels=2, seed=0):
     """A transformers *ForSequenceClassification model from a tiny random config."""
     import transformers as T
@@ -530,7 +539,11 @@ def randomize_b(model, std=0.3, seed=1):
 
 @pytest.mark.parametrize("method, cfg", [("tlora_plus", c) for c in tlora_plus.CONFIGS] + [("tlora", "B")])
 def test_tlora_plus_parameter_counts_per_configuration(method, cfg, tmp_path):
-    _, model, _ = tlora_pair(tmp_path, method, train=cfg)
+    # query (32 -> 32) and fc (32 -> 64): the summed in- and out-features differ, so swapping A and C (AB for
+    # CB) changes the count
+    _, model, _ = tlora_pair(tmp_path, method, train=cfg, targets=["query", "fc"])
+    shapes = [(l.in_features, l.out_features) for l in lora.adapter_layers(model).values()]
+    assert sum(i for i, _ in shapes) != sum(o for _, o in shapes)
     r, want, total, g = 4, 0, 0, int(method == "tlora")  # g: TLoRA's per-module scalar
     for layer in lora.adapter_layers(model).values():
         n, m = layer.in_features, layer.out_features
@@ -621,6 +634,49 @@ def test_tlora_init_variances():
     other = tlora_plus.TLoRALinear(base, r, "B", "zero", seed=4)
     assert not torch.equal(other.lora_A, layer.lora_A), "another module seed draws another A"
     assert zero.scaling == 1.0 and isinstance(zero.dropout, torch.nn.Identity), "s = 1, p = 0 (SPEC §2.3)"
+
+
+def test_tlora_official_init_is_the_official_codes_kaiming_and_output_dropout():
+    """itanvir/tlora: kaiming_normal_(a=√5) on A stored (in, r) and C stored (r, out), so fan-in r and out:
+    Var A = 1/(3r), Var C = 1/(3·out); B = 0; Dropout(0.5) on the adapter output, none on its input."""
+    base, r = torch.nn.Linear(1024, 2048), 128
+    layer = tlora_plus.TLoRALinear(base, r, "B", "zero", seed=3, scalar=True, init="official")
+    for x, var in (("A", 1 / (3 * r)), ("C", 1 / (3 * 2048))):
+        v = getattr(layer, "lora_" + x).var().item()
+        assert abs(v / var - 1) < 0.03, f"Var {x} = {v:.3e}, the official init gives {var:.3e}"
+    assert layer.lora_A.shape == (r, 1024) and layer.lora_C.shape == (2048, r)
+    assert torch.count_nonzero(layer.lora_B) == 0 and layer.out_dropout.p == 0.5
+    assert isinstance(layer.dropout, torch.nn.Identity)
+    with torch.no_grad():
+        layer.lora_B.fill_(0.1)
+    x = torch.randn(4000, 1024)
+    layer.train()
+    delta = layer(x) - base(x)  # (N, out): half the adapter's outputs dropped, the rest doubled
+    layer.eval()
+    full = layer(x) - base(x)
+    dropped = (delta.abs() < 1e-6).float().mean().item()
+    assert abs(dropped - 0.5) < 0.01, f"{dropped:.3f} of the adapter outputs dropped, not 0.5"
+    assert torch.allclose(delta[delta.abs() > 1e-6], 2 * full[delta.abs() > 1e-6], rtol=1e-4, atol=1e-5)
+    m = method_for("tlora", init="official")
+    assert m.label() == "tlora official-init" and method_for("tlora_plus", b_init="lecun").label() == \
+        "tlora_plus ABC λ=4 b_init=lecun"
+
+
+def test_lora_is_plain_by_default_and_no_method_decays_vectors(tmp_path):
+    """--method lora: A and B at one lr (seed 000's ratio is a flag away); in every method a group with weight
+    decay holds matrices only (SPEC §1.4: no decay on biases, LayerNorms, TLoRA's g)."""
+    groups = {g["name"]: g for g in method_for("lora").param_groups(
+        method_for("lora").wrap(M.from_pretrained(save_hf(tiny_hf("bert"), tmp_path))))}
+    assert groups["A"]["lr"] == groups["B"]["lr"] == lora.LoRAConfig().lr
+    for name in finetune.METHODS:
+        m = method_for(name, **({"n_cal": 4} if name == "dynamic_lora" else {}))
+        model = M.from_pretrained(str(tmp_path / "hf"))
+        model = m.wrap(model, cal_batches() if name == "dynamic_lora" else None)
+        for g in m.param_groups(model):
+            assert g["weight_decay"] == 0 or all(p.ndim >= 2 for p in g["params"]), \
+                f"{name}: group {g['name']} decays a tensor with fewer than two dimensions"
+        decayed = {id(p) for g in m.param_groups(model) if g["weight_decay"] > 0 for p in g["params"]}
+        assert decayed, f"{name}: no group has weight decay"
 
 
 @pytest.mark.parametrize("family, method",
@@ -1138,7 +1194,7 @@ def test_nf4_code_book_matches_qlora_quantiles():
 
 
 def test_dynamic_map_matches_bitsandbytes():
-    bnbF = pytest.importorskip("bitsandbytes.functional")
+    bnbF = reference("bitsandbytes.functional")
     ref = bnbF.create_dynamic_map(signed=True)
     assert torch.equal(quant.DYNAMIC, ref), f"max diff {(quant.DYNAMIC - ref).abs().max().item():.3g}"
 
@@ -1154,7 +1210,7 @@ def test_packing_round_trip_puts_first_value_in_high_nibble():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nf4_matches_bitsandbytes_codes(dtype):
-    bnbF = pytest.importorskip("bitsandbytes.functional")
+    bnbF = reference("bitsandbytes.functional")
     for W in _quant_cases():
         W, shape = W.to(dtype), tuple(W.shape)
         packed, ref = bnbF.quantize_4bit(W, blocksize=64, compress_statistics=False, quant_type="nf4")
@@ -1171,7 +1227,7 @@ def test_nf4_matches_bitsandbytes_codes(dtype):
 
 
 def test_double_quant_matches_bitsandbytes_absmax():
-    bnbF = pytest.importorskip("bitsandbytes.functional")
+    bnbF = reference("bitsandbytes.functional")
     # 15625 blocks: 62 groups of 256
     big = torch.randn(1000, 1000, generator=torch.Generator().manual_seed(7))
     for W in [*_quant_cases(), big]:
@@ -1469,6 +1525,28 @@ def test_table_merges_seeds_into_mean_and_std():
     assert "| mrpc | lora | minilm | 2 | 0.8500 ± 0.0500 | 1.000 |" in t
 
 
+def test_table_never_averages_runs_that_differ_in_more_than_the_seed():
+    """Two seeds of one config merge; eight runs that each change one argument (rank, lr, ratio, b_init,
+    warmup, weight decay, epochs, max_len) each get their own row, and the line under the table names them."""
+    base = vars(finetune.parse_args(["--method", "lora"]))
+    changes = {"rank": 16, "lr": 1e-3, "lr_ratio": 16.0, "b_init": "lecun", "warmup_ratio": 0.1,
+               "weight_decay": 0.0, "epochs": 5, "max_len": 64}
+    run = lambda acc, **kw: {"task": "mrpc", "method": "lora", "label": "lora", "model": "minilm",
+                             "metrics": {"accuracy": acc}, "trainable_pct": 1.0, "select": "last",
+                             "args": {**base, **kw}}
+    runs = [run(0.8, seed=0, out_dir="a"), run(0.9, seed=1, out_dir="b")]
+    runs += [run(0.5, **{k: v}) for k, v in changes.items()]
+    lines = ev.table(runs).splitlines()
+    rows = [l for l in lines if l.startswith("| mrpc")]
+    assert len(rows) == 9 and sum("| 2 | 0.8500 ± 0.0500 |" in l for l in rows) == 1
+    assert all("| 1 | 0.5000 |" in l for l in rows if "0.8500" not in l)
+    assert lines[-1] == "Rows differ in: " + ", ".join(sorted(changes)) + "."
+    assert lines[0].startswith("Dev metrics at the epoch each run kept (last)")
+    with pytest.raises(ValueError, match="the --method lora runs differ in more than --seed"):
+        ev.paper_tables([{**r, "metrics": {"accuracy": 0.5, "auc": 0.5, "f1": 0.5, "recall": 0.5},
+                          "train_seconds": 1.0} for r in runs[:3]], "001")
+
+
 def seed001_run(method, seed, acc):
     """A metrics.json as train.py writes it, trimmed to what eval.py's seed 001 tables and plot read."""
     names = ["h.0.attn.query", "h.0.mlp.fc", "h.1.attn.query", "h.1.mlp.fc"]
@@ -1496,7 +1574,7 @@ def test_seed001_tables_put_the_papers_numbers_beside_ours_and_the_plot_is_optio
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: the plot is skipped, no error
     assert ev.plot_dynamic(dyn, png) is False and not os.path.exists(png)
     monkeypatch.delitem(sys.modules, "matplotlib")
-    pytest.importorskip("matplotlib")
+    reference("matplotlib")
     assert ev.plot_dynamic(dyn, png) is True and os.path.getsize(png) > 1000
 
 
@@ -1510,14 +1588,14 @@ def test_table_keeps_tlora_plus_configurations_apart_and_reads_the_last_epoch():
                 "last": {"epoch": 2, "step": 460, "accuracy": last, "train_loss": 0.5}}
     runs = [run([], 0.8, 0.7), run(["--ratio", "4"], 0.9, 0.9), run(["--tlora_train", "CB"], 0.6, 0.6),
             run(["--ratio", "8"], 0.5, 0.5), run(["--ratio", "8"], 0.4, 0.4, TLoRA)]
-    best = ev.table(runs).splitlines()
-    assert best[2:] == ["| mrpc | tlora | minilm | 1 | 0.4000 | 2.000 |",  # TLoRA has no config or λ
+    best = [l for l in ev.table(runs).splitlines() if l.startswith("| mrpc")]
+    assert best == ["| mrpc | tlora | minilm | 1 | 0.4000 | 2.000 |",  # TLoRA has no config or λ
                         "| mrpc | tlora_plus ABC λ=4 | minilm | 2 | 0.8500 ± 0.0500 | 2.000 |",
                         "| mrpc | tlora_plus ABC λ=8 | minilm | 1 | 0.5000 | 2.000 |",
                         "| mrpc | tlora_plus CB λ=4 | minilm | 1 | 0.6000 | 2.000 |"]
     last = ev.table(runs, last=True).splitlines()
-    assert last[0] == "| task | method | model | seeds | accuracy | train_loss | trainable % |"
-    assert last[3] == "| mrpc | tlora_plus ABC λ=4 | minilm | 2 | 0.8000 ± 0.1000 | 0.5000 ± 0.0000 | 2.000 |"
+    assert last[2] == "| task | method | model | seeds | accuracy | train_loss | trainable % |"
+    assert last[5] == "| mrpc | tlora_plus ABC λ=4 | minilm | 2 | 0.8000 ± 0.1000 | 0.5000 ± 0.0000 | 2.000 |"
 
 
 # ------------------------------------------------------------------------------------------------ train.py
@@ -1694,7 +1772,9 @@ def test_flags_map_onto_each_methods_config():
              "ratio": ("8", 8), "b_init": ("lecun", "lecun"), "seed": ("7", 7), "adapter_size": ("9", 9),
              "beta": ("0.5", 0.5), "r_max": ("5", 5), "n_cal": ("3", 3), "importance_every": ("4", 4),
              "importance_beta": ("0.5", 0.5), "omega_every": ("6", 6), "omega_start": ("2", 2),
-             "lambda1": ("0.1", 0.1), "lambda2": ("0.2", 0.2)}
+             "lambda1": ("0.1", 0.1), "lambda2": ("0.2", 0.2), "tlora_init": ("official", "official"),
+             "init_r": ("10", 10), "target_r": ("6", 6), "tinit": ("3", 3), "tfinal": ("4", 4),
+             "delta_t": ("2", 2), "beta1": ("0.8", 0.8), "beta2": ("0.7", 0.7), "orth_reg_weight": ("0.1", 0.1)}
     assert set(given) - {"seed"} == set(finetune.METHOD_FLAGS), "this test must set every method flag"
     # --rank -> r, --tlora_train -> train
     field_of = {flag: field for field, flag in finetune.FLAG_OF.items()}

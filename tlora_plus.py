@@ -17,6 +17,10 @@ What differs from lora.py:
   The head learns at η, and weight decay applies in every group. (LoRA here: η_B = η·lr_ratio, head at 4e-4.)
 - The original TLoRA ([TLoRA-orig], --method tlora): T1 plus one learnable scalar g per module (init 1), so
   ΔW = g·C·B·A, with B and g both at η.
+- init="official" (--tlora_init official) follows the official code (itanvir/tlora, tlora.py) instead of SPEC:
+  A stored (in, r) and C stored (r, out), each kaiming_normal_(a=√5), so fan-in is r for A and out for C:
+  A ~ N(0, 1/(3r)), C ~ N(0, 1/(3·out)) instead of N(0, 1/in) and N(0, 1/r); and Dropout(0.5) on the
+  adapter's output, where SPEC has none.
 Merge/unmerge, injection, freezing and the adapter files are lora.py's. The keys follow peft's pattern
 base_model.model.<hf name>.lora_X.weight, but peft cannot load these files: it has no TLoRA.
 """
@@ -39,13 +43,15 @@ class TLoRALinear(LoRALinear):
     The factors not named in `trainable` are buffers; all three keep lora.py's names lora_A, lora_B,
     lora_C."""
 
-    def __init__(self, base, r=8, trainable="ABC", b_init="zero", seed=0, scalar=False):
+    def __init__(self, base, r=8, trainable="ABC", b_init="zero", seed=0, scalar=False, init="spec"):
         if trainable not in CONFIGS:
             raise ValueError(f"trainable must be one of {', '.join(CONFIGS)}, not {trainable!r}")
         # for create_factors
-        self.trainable, self.b_init, self.seed, self.scalar = trainable, b_init, seed, scalar
+        self.trainable, self.b_init, self.seed, self.scalar, self.init = trainable, b_init, seed, scalar, init
         # s = α/r = 1 and p = 0: SPEC §2.3 (the paper has neither)
         super().__init__(base, r, alpha=r, dropout=0.0)
+        # the official code drops half of the adapter's *output* (nn.Dropout(0.5) after the product)
+        self.out_dropout = nn.Dropout(0.5) if init == "official" else nn.Identity()
 
     def create_factors(self, dtype, device):
         """A (r2, in) ~ N(0, 1/in), C (out, r1) ~ N(0, 1/r1): LeCun. B (r1, r2) = 0 (or N(0, 1/r2),
@@ -55,6 +61,10 @@ class TLoRALinear(LoRALinear):
         g = torch.Generator().manual_seed(self.seed)
         A = torch.randn(r, self.in_features, generator=g) / math.sqrt(self.in_features)  # (r2, in)
         C = torch.randn(self.out_features, r, generator=g) / math.sqrt(r)                # (out, r1)
+        if self.init == "official":  # itanvir/tlora: kaiming_normal_(a=√5) on its (in, r) and (r, out)
+            A = nn.init.kaiming_normal_(torch.empty(self.in_features, r), a=math.sqrt(5), generator=g).t()
+            C = nn.init.kaiming_normal_(torch.empty(r, self.out_features), a=math.sqrt(5), generator=g).t()
+            # fan_in is dim 1 there: A ~ N(0, 1/(3r)), C ~ N(0, 1/(3·out)); ours is (r, in) and (out, r)
         B = (torch.randn(r, r, generator=g) / math.sqrt(r) if self.b_init == "lecun"
              else torch.zeros(r, r))  # (r1, r2)
         for x, t in (("A", A), ("B", B), ("C", C)):
@@ -75,8 +85,8 @@ class TLoRALinear(LoRALinear):
 
     def adapter(self, x):
         """The adapter path, right to left so ΔW is never built: (N, in) -> (N, r2) -> (N, r1) -> (N, out)."""
-        return F.linear(F.linear(F.linear(self.dropout(x), self.lora_A) * self.gain(), self.lora_B),
-                        self.lora_C)
+        return self.out_dropout(F.linear(F.linear(F.linear(self.dropout(x), self.lora_A) * self.gain(),
+                                                  self.lora_B), self.lora_C))
 
 
 # -----------------------------------------------------------------------------
@@ -91,6 +101,9 @@ class TLoRAPlusConfig(MethodConfig):
     b_init: str = "zero"            # "zero" (ΔW = 0 at step 0, a SPEC Reading) or "lecun",
                                     # the paper's N(0, 1/r)
     seed: int = 0                   # module k draws its frozen factors from seed 10⁴·seed + k
+    init: str = "spec"              # "spec": LeCun A and C, no dropout (SPEC §2.3); "official": the
+                                    # itanvir/tlora code's kaiming_normal_(a=√5) A and C and Dropout(0.5)
+                                    # on the adapter output
     lr: float = 1e-4                # η (SPEC §2.3; 5e-5 in the λ sweep)
     head_lr: float = None           # None: η, "the head uses η" (SPEC §2.3)
 
@@ -100,6 +113,8 @@ class TLoRAPlusConfig(MethodConfig):
                              f"choose one of {', '.join(CONFIGS)}")
         if self.b_init not in ("zero", "lecun"):
             raise ValueError(f"b_init must be zero or lecun, not {self.b_init!r}")
+        if self.init not in ("spec", "official"):
+            raise ValueError(f"--tlora_init must be spec or official, not {self.init!r}")
         if not self.ratio > 0:
             raise ValueError(f"the TLoRA+ ratio λ must be > 0, not {self.ratio}")
 
@@ -115,8 +130,13 @@ class TLoRAPlus(LoRA):
     def config(self):
         return self.cfg.train
 
+    def variant(self):
+        """The model-changing choices beyond the defaults, for the label."""
+        c = self.cfg
+        return ("" if c.b_init == "zero" else f" b_init={c.b_init}") + ("" if c.init == "spec" else f" {c.init}-init")
+
     def label(self):
-        return f"{self.name} {self.config()} λ={self.cfg.ratio:g}"
+        return f"{self.name} {self.config()} λ={self.cfg.ratio:g}" + self.variant()
 
     def wrap(self, model, batches=None):
         self.seeds = itertools.count(10_000 * self.cfg.seed)  # module k of a seed-S run draws from 10⁴·S + k
@@ -125,7 +145,7 @@ class TLoRAPlus(LoRA):
 
     def make_layer(self, base, name):  # no alpha, no dropout: s = 1, p = 0 (SPEC §2.3)
         c = self.cfg
-        return TLoRALinear(base, c.r, self.config(), c.b_init, next(self.seeds), self.scalar)
+        return TLoRALinear(base, c.r, self.config(), c.b_init, next(self.seeds), self.scalar, c.init)
 
     def lr_multipliers(self):
         """η_X / η per factor: λ^{3/2} for B and λ^{1/2} for C, Eq. 8 with n read as the global λ
@@ -141,7 +161,8 @@ class TLoRAPlus(LoRA):
     def peft_config(self, model):  # adapter_config.json in peft's spirit; peft_type names our method
         c, family = self.cfg, model.cfg.family
         return {"peft_type": self.name.upper(), "task_type": "SEQ_CLS", "r": c.r, "trainable": self.config(),
-                "b_init": c.b_init, "scaling": 1.0, "dropout": 0.0, "learnable_scalar": self.scalar,
+                "b_init": c.b_init, "init": c.init, "scaling": 1.0,
+                "output_dropout": 0.5 if c.init == "official" else 0.0, "learnable_scalar": self.scalar,
                 "lr_multipliers": self.lr_multipliers(), "seed": c.seed,
                 "target_modules": sorted(hf_name(family, n) for n in adapter_layers(model)),
                 "base_model_name_or_path": getattr(model, "name_or_path", "")}
@@ -156,7 +177,7 @@ class TLoRA(TLoRAPlus):
         return "B"
 
     def label(self):  # cfg.train and cfg.ratio do not apply
-        return self.name
+        return self.name + self.variant()
 
     def lr_multipliers(self):
         return {"B": 1.0, "g": 1.0}
