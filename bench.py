@@ -3,10 +3,10 @@ Benchmarks against the references nanoPEFT is checked against (transformers + pe
 imported here and in test_all.py only, never by the product.
 
     python bench.py peft_glue --task mrpc --model DIR --data_dir ../shared/data/glue --seed 0
-                              --out_dir out/peft0
+                              --out_dir out/peft0 [--quant nf4]
         the same training run as `train.py --method lora`, but on transformers + peft: same data, batches,
         seeds, optimizer groups (A at lr, B at lr x lr_ratio, head at head_lr), schedule and evaluation
-        (train.py's loop)
+        (train.py's loop); --quant nf4 puts the base in bitsandbytes' NF4 + double quant (peft's QLoRA)
     python bench.py speed [--minilm DIR] [--data_dir GLUE] [--device cuda] [--compile]
         ms/step, tokens/s, eval latency (merged and not), peak memory, adapter bytes and trainable parameters
         of every method, ours and transformers+peft LoRA, against the frozen base (forward + backward to the
@@ -56,6 +56,25 @@ class HFClassifier(nn.Module):
         return self.peft_model(input_ids=input_ids, attention_mask=attention_mask, **kw).logits
 
 
+def bnb_quantize(hf):
+    """Swap every block linear of a transformers model (encoder.layer.*, transformer.h.*) for bitsandbytes'
+    NF4 + double-quant Linear4bit, as QLoRA's loader does: the same bytes quant.quantize_model stores."""
+    import bitsandbytes as bnb
+    for name, m in list(hf.named_modules()):
+        if (".layer." in name or ".h." in name) and type(m).__name__ in ("Linear", "Conv1D"):
+            W = m.weight.data.t() if type(m).__name__ == "Conv1D" else m.weight.data  # (out, in)
+            q = bnb.nn.Linear4bit(W.shape[1], W.shape[0], bias=m.bias is not None, compute_dtype=torch.float32,
+                                  compress_statistics=True, quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(W.contiguous(), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True, blocksize=64)
+            if m.bias is not None:
+                q.bias = nn.Parameter(m.bias.data.clone(), requires_grad=False)
+            parent, _, attr = name.rpartition(".")
+            setattr(hf.get_submodule(parent), attr, q.to(W.device))  # .to() quantizes
+    hf.is_loaded_in_4bit = True  # peft then wraps bnb's Linear4bit with its 4-bit LoRA / AdaLoRA layers
+    return hf
+
+
 class PeftLoRA(lora.LoRA):
     """LoRA through peft on transformers' model, started from exactly our initial adapter and head values.
     merge()/unmerge() come from lora.Method: peft's LoRA layers have merge() and unmerge(), so evaluation runs
@@ -72,10 +91,14 @@ class PeftLoRA(lora.LoRA):
             M.resolve(model.name_or_path), num_labels=model.cfg.num_labels)
         if model.cfg.family == "gpt2":
             hf.config.pad_token_id = model.cfg.pad_id
+        four_bit = any(isinstance(m, quant.Linear4bit) for m in model.modules())  # --quant nf4: QLoRA
+        if four_bit:
+            bnb_quantize(hf)
+        PeftLoRA.last_hf = hf
         peft_model = get_peft_model(hf, LoraConfig(
             task_type="SEQ_CLS", r=cfg["r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
             target_modules=cfg["target_modules"], modules_to_save=cfg["modules_to_save"],
-            fan_in_fan_out=cfg["fan_in_fan_out"], use_rslora=cfg["use_rslora"]))
+            fan_in_fan_out=cfg["fan_in_fan_out"] and not four_bit, use_rslora=cfg["use_rslora"]))
         theirs = dict(peft_model.named_parameters())
         with torch.no_grad():
             for n, p in ours.named_parameters():
@@ -327,17 +350,7 @@ def reference_model(cfg, four_bit, row):
         n_embd=cfg.d, n_layer=cfg.n_layer, n_head=cfg.n_head, n_positions=cfg.n_positions,
         vocab_size=cfg.vocab_size, pad_token_id=cfg.pad_id, num_labels=2))
     if four_bit:
-        import bitsandbytes as bnb
-        for name, m in list(hf.named_modules()):
-            if ".h." in f".{name}" and type(m).__name__ == "Conv1D":
-                q = bnb.nn.Linear4bit(m.weight.shape[0], m.weight.shape[1], compute_dtype=torch.float32,
-                                      compress_statistics=True, quant_type="nf4")
-                q.weight = bnb.nn.Params4bit(m.weight.data.t().contiguous(), requires_grad=False,
-                                             quant_type="nf4", compress_statistics=True, blocksize=64)
-                q.bias = nn.Parameter(m.bias.data.clone(), requires_grad=False)
-                parent, _, attr = name.rpartition(".")
-                setattr(hf.get_submodule(parent), attr, q.to("cpu"))  # .to() quantizes
-        hf.is_loaded_in_4bit = True  # peft then wraps bnb's Linear4bit with its 4-bit LoRA / AdaLoRA layers
+        bnb_quantize(hf)
     kw = dict(task_type="SEQ_CLS", target_modules=["c_attn", "c_proj", "c_fc"], lora_dropout=0.1,
               fan_in_fan_out=not four_bit)
     return get_peft_model(hf, LoraConfig(r=64, lora_alpha=16, **kw) if "ada" not in row else

