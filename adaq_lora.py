@@ -203,6 +203,21 @@ class AdaLoRA(LoRA):
                              "before training")
         self.allocator.step(step)
 
+    def state_dict(self):
+        """The allocator's EMAs, masks and budgets, and R so far: a resumed run allocates as if never stopped."""
+        a = self.allocator
+        key = lambda k: f"{k[0]}|{k[1]}"
+        return {"ipt": {key(k): t for k, t in a.ipt.items()}, "unc": {key(k): t for k, t in a.unc.items()},
+                "keep": a.keep, "budgets": a.budgets, "orth": torch.stack(self.orth) if self.orth else None}
+
+    def load_state_dict(self, state):
+        a, dev = self.allocator, next(iter(self.layers.values())).lora_A.device
+        unkey = lambda k: tuple(k.split("|"))
+        a.ipt = {unkey(k): t.to(dev) for k, t in state["ipt"].items()}
+        a.unc = {unkey(k): t.to(dev) for k, t in state["unc"].items()}
+        a.keep, a.budgets = {n: k.to(dev) for n, k in state["keep"].items()}, list(state["budgets"])
+        self.orth = [] if state["orth"] is None else list(state["orth"].to(dev))
+
     def report(self, model):
         """The kept rank of every matrix, the budget b(t) and the regulariser R at every step."""
         a = self.allocator

@@ -147,7 +147,8 @@ def fresh(fn, config, threads=None):
     r = subprocess.run([sys.executable, os.path.abspath(__file__), "_fresh", fn.__name__, json.dumps(config)],
                        capture_output=True, text=True, env=env)
     if r.returncode != 0:
-        raise RuntimeError(f"{fn.__name__}({config}) failed in its own process: {r.stderr.strip()[-1500:]}")
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{fn.__name__}({json.dumps(config)}) failed in its own process: {last}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -679,5 +680,8 @@ if __name__ == "__main__":
     a, rest = p.parse_known_args()
     try:
         modes[a.mode][0](rest)
+    except ImportError as e:  # transformers, peft, bitsandbytes: references, not dependencies
+        sys.exit(f"error: bench.py {a.mode} needs {e.name}, a test-only reference: "
+                 f"pip install -r requirements-dev.txt")
     except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

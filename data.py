@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, recall_score, roc_auc_score
 
 
 @dataclass
@@ -59,28 +57,46 @@ def read_tsv(task, path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found; --data_dir must hold {task.folder}/train.tsv and "
                          f"{task.folder}/{task.dev} in the GLUE layout")
-    with open(path, encoding="utf-8-sig") as f:  # MRPC's header starts with a byte-order mark
-        rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not a TSV file; --data_dir must hold the GLUE layout")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise OSError(f"cannot read {path} ({e.strerror}); check its permissions") from None
+    try:
+        text = raw.decode("utf-8-sig")  # MRPC's header starts with a byte-order mark
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path} line {line} is not UTF-8; re-save the file as UTF-8") from None
+    lines = [(n, line.split("\t")) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
     if isinstance(task.tsv_label, int):  # CoLA: no header
-        cols, label_col, rows = task.tsv_text, task.tsv_label, rows
+        cols, label_col, numbered = task.tsv_text, task.tsv_label, lines
     else:
-        header, rows = rows[0], rows[1:]
+        if not lines:
+            raise ValueError(f"{path} is empty; expected a header and examples")
+        header, numbered = lines[0][1], lines[1:]
         missing = [c for c in task.tsv_text + (task.tsv_label,) if c not in header]
         if missing:
             raise ValueError(f"{path} has no column {missing[0]!r} (header: {', '.join(header)})")
         cols, label_col = [header.index(c) for c in task.tsv_text], header.index(task.tsv_label)
+    if not numbered:
+        raise ValueError(f"{path} has no examples; expected GLUE's {task.folder} rows")
+    need = max(*cols, label_col) + 1
     out = []
-    for i, row in enumerate(rows):
-        raw = row[label_col] if label_col < len(row) else ""
+    for n, row in numbered:
+        if len(row) < need:
+            raise ValueError(f"{path} line {n} has {len(row)} tab-separated fields, {task.folder} needs {need}")
+        value = row[label_col]
         if task.labels:
-            if raw not in task.labels:
-                raise ValueError(f"{path} line {i + 2}: label {raw!r} is not one of {task.labels}")
-            label = task.labels.index(raw)
+            if value not in task.labels:
+                raise ValueError(f"{path} line {n}: label {value!r} is not one of {task.labels}")
+            label = task.labels.index(value)
         else:
             try:
-                label = float(raw)
+                label = float(value)
             except ValueError:
-                raise ValueError(f"{path} line {i + 2}: score {raw!r} is not a number") from None
+                raise ValueError(f"{path} line {n}: score {value!r} is not a number") from None
         out.append((tuple(row[c] for c in cols), label))
     return out
 
@@ -171,6 +187,9 @@ def softmax(x):
 
 def glue_metrics(task, logits, labels):
     """logits (N, C) or (N, 1) for STS-B, labels (N,) -> {metric: value}."""
+    # imported here: scipy and scikit-learn take seconds to import, and a bad flag should not wait for them
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, recall_score, roc_auc_score
     logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
     if task == "stsb":
         pred = logits.reshape(-1)

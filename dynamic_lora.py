@@ -185,6 +185,17 @@ class DynamicLoRA(LoRA):
             self.trajectory.append({"step": step, "m": {n: l.lora_m.item() for n, l in self.layers.items()}})
         self.arm(step + 1)
 
+    def state_dict(self):
+        """Ī, the ω trajectory and the sampling switch (m_l is a buffer, saved with the tensors)."""
+        return {"ema": self.ema, "trajectory": self.trajectory, "omega_start": self.omega_start,
+                "sample_next": self.sample_next}
+
+    def load_state_dict(self, state):
+        self.ema, self.trajectory = dict(state["ema"]), list(state["trajectory"])
+        self.omega_start, self.sample_next = state["omega_start"], state["sample_next"]
+        for layer in self.layers.values():
+            layer.sample = self.sample_next
+
     def report(self, model):
         """The calibrated r_l, the final m_l and the m_l trajectory (one row per ω update), for
         metrics.json."""

@@ -199,7 +199,7 @@ if __name__ == "__main__":
         for out_dir in a.out_dir:
             try:
                 metrics, saved = finetune.reevaluate(out_dir, latency_passes=a.latency)
-            except (ValueError, OSError) as e:
+            except (ValueError, OSError, FloatingPointError) as e:
                 sys.exit(f"error: {e}")
             print(json.dumps({"out_dir": out_dir, "recomputed": metrics, "saved": saved["metrics"]}, indent=2))
             if a.latency:  # the run's own numbers stay; only the latency fields are replaced, atomically

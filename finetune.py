@@ -8,6 +8,7 @@ scripts print them.
 """
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import resource
 import sys
 import time
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -26,8 +28,9 @@ import data
 import dynamic_lora
 import quant
 import tlora_plus
+import lora
 from lora import LoRA
-from model import from_pretrained, resolve
+from model import from_pretrained, read_config, resolve
 from tokenizer import load_tokenizer
 
 METHODS = {"full": baselines.FullFineTuning, "head": baselines.HeadOnly, "bitfit": baselines.BitFit,
@@ -113,6 +116,10 @@ def parser(methods=METHODS):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--log_every", type=int, default=20, help="read the loss back every N steps")
+    p.add_argument("--save_every", type=int, default=0, help="write a checkpoint every N steps and at each "
+                   "epoch end, for --resume (0: none; the run removes it when it completes)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out_dir")
     p.add_argument("--latency_passes", type=int, default=0,
                    help="after training, time N batch-1 dev passes, merged and not (SPEC 1.5: 200); "
                    "0 skips it")
@@ -122,10 +129,29 @@ def parser(methods=METHODS):
     return p
 
 
+AT_LEAST_1 = ("batch_size", "eval_batch_size", "epochs", "log_every", "pad_multiple", "rank", "adapter_size",
+              "max_len", "n_cal", "importance_every", "omega_every", "r_max", "init_r", "delta_t")
+AT_LEAST_0 = ("lr", "head_lr", "weight_decay", "max_train_samples", "max_steps", "save_every", "latency_passes",
+              "warmup_ratio", "lambda1", "lambda2", "beta", "omega_start", "target_r", "tinit", "tfinal",
+              "orth_reg_weight")
+
+
 def parse_args(argv=None, methods=METHODS):
+    """The flags, checked before anything loads: a bad value is one line naming the flag."""
     args = parser(methods).parse_args(argv)
     if args.method not in methods:
         raise ValueError(f"unknown method {args.method!r}; choose one of {', '.join(methods)}")
+    for names, low in ((AT_LEAST_1, 1), (AT_LEAST_0, 0)):
+        for name in names:
+            v = getattr(args, name, None)
+            if v is not None and not v >= low:  # `not >=` also catches nan
+                raise ValueError(f"--{name} must be ≥ {low}, not {v}")
+    for name, v, ok, want in (("warmup_ratio", args.warmup_ratio, args.warmup_ratio <= 1, "≤ 1"),
+                              ("grad_clip", args.grad_clip, args.grad_clip > 0, "> 0"),
+                              ("dropout", args.dropout, args.dropout is None or 0 <= args.dropout < 1, "in [0, 1)"),
+                              ("ratio", args.ratio, args.ratio is None or args.ratio > 0, "> 0")):
+        if not ok:
+            raise ValueError(f"--{name} must be {want}, not {v}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA GPU here; pass --device cpu")
     if args.pad_multiple is None:
@@ -166,6 +192,11 @@ def build(args, method):
     them."""
     task = data.get_task(args.task)
     folder = resolve(args.model)
+    cfg = read_config(folder, task.num_labels)  # before the weights: a max_len the model cannot hold
+    positions = cfg.n_positions - (cfg.pad_id + 1 if cfg.family == "roberta" else 0)  # RoBERTa's offset
+    if (args.max_len or task.max_len) > positions:
+        raise ValueError(f"--max_len {args.max_len or task.max_len} exceeds the {positions} positions of "
+                         f"{args.model}; pass --max_len {positions} or less")
     torch.manual_seed(args.seed)
     model = from_pretrained(folder, num_labels=task.num_labels)
     model.name_or_path = args.model
@@ -281,7 +312,11 @@ def evaluate(model, forward, method, examples, task, args, pad_id):
         for i, row in zip(idx, out):
             logits[i] = row
     method.unmerge(model)
-    return data.glue_metrics(task.name, torch.stack(logits).numpy(), [e["label"] for e in examples])
+    logits = torch.stack(logits)
+    if not torch.isfinite(logits).all():
+        raise FloatingPointError("the evaluation logits are NaN or inf: training diverged; lower --lr "
+                                 f"(now {method.cfg.lr:g})")
+    return data.glue_metrics(task.name, logits.numpy(), [e["label"] for e in examples])
 
 
 @torch.no_grad()
@@ -318,7 +353,10 @@ def peak_memory_mb(device):
 
 def run(args, methods=METHODS):
     """Train args.method on args.task and save the selected epoch (--select: the last, or the best on the
-    held-out slice of train) to args.out_dir. Returns metrics.json's dict."""
+    held-out slice of train) to args.out_dir. Returns metrics.json's dict. With --save_every, a checkpoint of
+    the whole training state is written every N steps and at each epoch end; --resume continues from it and
+    ends with the same tensors and metrics as a run never stopped."""
+    check_out_dir(args)
     random.seed(args.seed)
     method = method_from_args(args, methods)
     model, tok, task = build(args, method)
@@ -344,64 +382,27 @@ def run(args, methods=METHODS):
     classify = task.num_labels > 1
 
     rng = random.Random(args.seed)  # the data order of every epoch
-    step = 0
-    train_seconds = 0.0
-    history = []  # one row per epoch
-    log = []      # (step, mean task loss over the steps since the previous row, lr) at every log step
-    kept = None   # (epoch, trained tensors) of the epoch --select keeps; None: the current weights
+    # everything the loop carries from step to step: a checkpoint saves it, --resume restores it
+    loop = {"epoch": 0, "batch": 0, "epoch_rng": rng.getstate(), "step": 0, "train_seconds": 0.0,
+            "sums": [0.0, 0.0], "n_steps": 0, "n_seen": 0, "since": 0,
+            "history": [],  # one row per epoch
+            "log": [],      # (step, mean task loss over the steps since the previous row, lr) at every log step
+            "kept": None}   # (epoch, trained tensors) of the epoch --select keeps; None: the current weights
     window = torch.zeros(2, device=args.device)  # Σ task loss, Σ correct since the last read: on the device
-    for epoch in range(args.epochs):
-        model.train()
-        t0, sums, n_steps, n_seen, since = time.time(), [0.0, 0.0], 0, 0, 0
-        batches = data.train_batches(train, args.batch_size, tok.pad_id, not classify, rng, args.pad_multiple)
-        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", file=sys.stdout,
-                   disable=not sys.stdout.isatty())
-        for b in bar:
-            step += 1
-            loss, logits = train_step(model, forward, method, b, opt, sched, step, args.grad_clip, args.device)
-            window[0] += loss
-            if classify:
-                window[1] += (logits.argmax(-1) == b["labels"].to(args.device)).sum()
-            n_steps, n_seen, since = n_steps + 1, n_seen + len(b["labels"]), since + 1
-            last = step >= total or n_steps == steps_per_epoch
-            if step % args.log_every == 0 or last:  # the only host sync: every step's loss is in it
-                w_loss, w_correct = window.tolist()
-                window.zero_()
-                sums = [sums[0] + w_loss, sums[1] + w_correct]
-                lr = sched.get_last_lr()[0]  # the first group's learning rate for the next step
-                log.append((step, w_loss / since, lr))
-                since = 0
-                if not math.isfinite(w_loss):
-                    raise FloatingPointError(f"loss is {w_loss} by step {step}; lower --lr (now "
-                                             f"{method.cfg.lr:g})")
-                bar.set_postfix(loss=f"{log[-1][1]:.4f}", lr=f"{lr:.2e}")
-                if bar.disable:  # no terminal (a log file): one line per log step instead of the bar
-                    print(f"step {step}/{total}: loss {log[-1][1]:.4f}, lr {lr:.2e}, "
-                          f"{(time.time() - t0) / n_steps:.3f} s/step", flush=True)
-            if step >= total:
-                break
-        train_seconds += time.time() - t0
-        row = {"epoch": epoch + 1, "step": step, "train_loss": sums[0] / n_steps,
-               **({"train_accuracy": sums[1] / n_seen} if classify else {})}
-        row.update(evaluate(model, forward, method, dev, task, args, tok.pad_id))
-        if holdout:
-            row["holdout"] = evaluate(model, forward, method, holdout, task, args, tok.pad_id)
-        history.append(row)
-        print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
-                                                   if k not in ("epoch", "step", "holdout")) +
-              (f", holdout {data.main_metric(task.name)} {row['holdout'][data.main_metric(task.name)]:.4f}"
-               if holdout else ""))
-        if holdout:
-            key = data.main_metric(task.name)
-            if kept is None or row["holdout"][key] > history[kept[0] - 1]["holdout"][key]:
-                kept = (epoch + 1, {n: p.detach().clone() for n, p in model.named_parameters()
-                                    if p.requires_grad})
-        if step >= total:
-            break
+    if args.resume:
+        loop, window = load_checkpoint(args, model, method, opt, sched)
+        print(f"resumed at step {loop['step']} (epoch {loop['epoch'] + 1}, batch {loop['batch']})")
+    stop = interrupt_flag()
+    try:
+        train_loop(args, loop, window, rng, model, forward, method, opt, sched, train, dev, holdout, task, tok,
+                   steps_per_epoch, total, stop)
+    finally:
+        stop["restore"]()
 
+    history = loop["history"]
     selected = history[-1]["epoch"]
-    if kept is not None:  # --select holdout: back to the chosen epoch's weights
-        selected, trained = kept
+    if loop["kept"] is not None:  # --select holdout: back to the chosen epoch's weights
+        selected, trained = loop["kept"]
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if n in trained:
@@ -410,9 +411,10 @@ def run(args, methods=METHODS):
                not k.startswith("train_")}
     # eval.py's table rows: QLoRA apart from LoRA
     label = method.label() + ("+nf4" if args.quant == "nf4" != method.quant else "")
+    step, train_seconds = loop["step"], loop["train_seconds"]
     result = {"task": task.name, "method": args.method, "label": label, "model": args.model,
               "metrics": metrics, "select": args.select, "selected_epoch": selected, "last": history[-1],
-              "history": history, "loss_log": log, "trainable_params": n_train, "total_params": n_all,
+              "history": history, "loss_log": loop["log"], "trainable_params": n_train, "total_params": n_all,
               "trainable_pct": 100 * n_train / n_all,
               "steps": step, "train_seconds": train_seconds, "s_per_step": train_seconds / max(1, step),
               "peak_memory_mb": peak_memory_mb(args.device), "args": vars(args),
@@ -431,15 +433,195 @@ def run(args, methods=METHODS):
         method.save(model, args.out_dir)
         # last: its presence means the run is whole
         write_json(os.path.join(args.out_dir, "metrics.json"), result)
+        if os.path.exists(os.path.join(args.out_dir, CHECKPOINT)):  # training state, not a result
+            os.remove(os.path.join(args.out_dir, CHECKPOINT))
         print(f"wrote {args.out_dir}/metrics.json")
     return result
 
 
+def train_loop(args, loop, window, rng, model, forward, method, opt, sched, train, dev, holdout, task, tok,
+               steps_per_epoch, total, stop):
+    """The epochs: steps, a log row every --log_every steps, a checkpoint every --save_every steps and at each
+    epoch end, evaluation after each epoch. All it carries between steps lives in `loop` (and `window`, the
+    device sums), so a checkpoint of them continues it exactly."""
+    classify = task.num_labels > 1
+    while loop["epoch"] < args.epochs and loop["step"] < total:
+        epoch = loop["epoch"]
+        model.train()
+        t0, started = time.time(), loop["batch"]
+        rng.setstate(loop["epoch_rng"])
+        batches = data.train_batches(train, args.batch_size, tok.pad_id, not classify, rng, args.pad_multiple)
+        batches = itertools.islice(batches, loop["batch"], None)  # on resume: skip the batches already done
+        bar = tqdm(batches, total=steps_per_epoch, initial=loop["batch"], desc=f"epoch {epoch + 1}/{args.epochs}",
+                   file=sys.stdout, disable=not sys.stdout.isatty())
+        for b in bar:
+            loop["step"] = step = loop["step"] + 1
+            loss, logits = train_step(model, forward, method, b, opt, sched, step, args.grad_clip, args.device)
+            window[0] += loss
+            if classify:
+                window[1] += (logits.argmax(-1) == b["labels"].to(args.device)).sum()
+            loop["batch"] += 1
+            loop["n_steps"], loop["n_seen"], loop["since"] = (loop["n_steps"] + 1, loop["n_seen"] + len(b["labels"]),
+                                                              loop["since"] + 1)
+            if step % args.log_every == 0 or step >= total or loop["batch"] == steps_per_epoch:
+                # the only host sync: every step's loss is in it
+                log_step(loop, window, sched, method, bar, (time.time() - t0) / (loop["batch"] - started))
+            if step >= total:
+                break
+            if (args.save_every and step % args.save_every == 0) or stop["now"]:
+                loop["train_seconds"] += time.time() - t0
+                save_checkpoint(args, loop, window, model, method, opt, sched)
+                t0, started = time.time(), loop["batch"]
+                if stop["now"]:
+                    raise InterruptedError(f"interrupted at step {step}; resume with the same command and "
+                                           f"--resume")
+        loop["train_seconds"] += time.time() - t0
+        row = {"epoch": epoch + 1, "step": loop["step"], "train_loss": loop["sums"][0] / loop["n_steps"],
+               **({"train_accuracy": loop["sums"][1] / loop["n_seen"]} if classify else {})}
+        row.update(evaluate(model, forward, method, dev, task, args, tok.pad_id))
+        if holdout:
+            row["holdout"] = evaluate(model, forward, method, holdout, task, args, tok.pad_id)
+        loop["history"].append(row)
+        print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                                   if k not in ("epoch", "step", "holdout")) +
+              (f", holdout {data.main_metric(task.name)} {row['holdout'][data.main_metric(task.name)]:.4f}"
+               if holdout else ""))
+        if holdout:
+            key, kept = data.main_metric(task.name), loop["kept"]
+            if kept is None or row["holdout"][key] > loop["history"][kept[0] - 1]["holdout"][key]:
+                loop["kept"] = (epoch + 1, {n: p.detach().clone() for n, p in model.named_parameters()
+                                            if p.requires_grad})
+        loop.update(epoch=epoch + 1, batch=0, epoch_rng=rng.getstate(), sums=[0.0, 0.0], n_steps=0, n_seen=0)
+        if args.save_every and loop["epoch"] < args.epochs and loop["step"] < total:
+            save_checkpoint(args, loop, window, model, method, opt, sched)
+
+
+def log_step(loop, window, sched, method, bar, s_per_step):
+    """Read the device sums back (one host sync), log the mean loss since the last row, stop on NaN/inf."""
+    w_loss, w_correct = window.tolist()
+    window.zero_()
+    loop["sums"] = [loop["sums"][0] + w_loss, loop["sums"][1] + w_correct]
+    lr = sched.get_last_lr()[0]  # the first group's learning rate for the next step
+    loop["log"].append((loop["step"], w_loss / loop["since"], lr))
+    loop["since"] = 0
+    if not math.isfinite(w_loss):
+        raise FloatingPointError(f"loss is {w_loss} by step {loop['step']}; lower --lr (now {method.cfg.lr:g})"
+                                 f"; the last checkpoint, if any, is kept")
+    bar.set_postfix(loss=f"{loop['log'][-1][1]:.4f}", lr=f"{lr:.2e}")
+    if bar.disable:  # no terminal (a log file): one line per log step instead of the bar
+        print(f"step {loop['step']}: loss {loop['log'][-1][1]:.4f}, lr {lr:.2e}, {s_per_step:.3f} s/step",
+              flush=True)
+
+
+# -----------------------------------------------------------------------------
+# the run's folder, checkpoints and resume
+
+CHECKPOINT = "checkpoint.pt"
+RUN_FILES = ("metrics.json", CHECKPOINT, "adapter_model.safetensors", "adapter_config.json", "trainable.safetensors")
+# the flags a resumed run may change: where it logs and how often it saves, not what it trains
+RESUME_MAY_CHANGE = ("out_dir", "resume", "overwrite", "save_every", "log_every", "latency_passes")
+
+
+def check_out_dir(args):
+    """Before anything loads: the folder is creatable and writable, and holds no other run unless --resume
+    continues it or --overwrite replaces it (its files go first, so none of them can pass for this run's)."""
+    if not args.out_dir:
+        if args.resume or args.save_every:
+            raise ValueError("--resume and --save_every need --out_dir (where the checkpoint lives)")
+        return
+    d = args.out_dir
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise ValueError(f"--out_dir {d} is a file; pass a folder")
+    os.makedirs(d, exist_ok=True)
+    if not os.access(d, os.W_OK):
+        raise ValueError(f"--out_dir {d} is not writable; pass a folder you can write to")
+    used = [f for f in RUN_FILES if os.path.exists(os.path.join(d, f))]
+    if args.resume:
+        if os.path.exists(os.path.join(d, "metrics.json")):
+            raise ValueError(f"the run in {d} is complete (metrics.json); nothing to resume")
+        if CHECKPOINT not in used:
+            raise ValueError(f"{d} has no {CHECKPOINT} to resume from; drop --resume to start the run")
+    elif used and not args.overwrite:
+        raise ValueError(f"--out_dir {d} holds another run ({used[0]}); pass --overwrite to replace it, "
+                         f"--resume to continue it, or another folder")
+    else:
+        for f in used:
+            os.remove(os.path.join(d, f))
+
+
+def save_checkpoint(args, loop, window, model, method, opt, sched):
+    """Everything to continue bit for bit: the trained tensors (and adapter buffers), AdamW, the schedule, every
+    RNG, the loop's position and sums, the method's own state and the args; a temp file, then renamed."""
+    state = {"args": vars(args), "loop": loop, "window": window.cpu(), "opt": opt.state_dict(),
+             "sched": sched.state_dict(), "method": method.state_dict(),
+             "tensors": {n: t.detach() for n, t in trained_state(model).items()},
+             "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
+                     "numpy": [x.tolist() if hasattr(x, "tolist") else x for x in np.random.get_state()],
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+    lora.write_atomic(args.out_dir, {CHECKPOINT: lambda path: torch.save(state, path)})
+
+
+def trained_state(model):
+    """The tensors training changes: the trainable parameters and the adapters' buffers (Dynamic LoRA's m)."""
+    return {**{n: p for n, p in model.named_parameters() if p.requires_grad},
+            **{n: b for n, b in model.named_buffers() if ".lora_" in n}}
+
+
+def load_checkpoint(args, model, method, opt, sched):
+    path = os.path.join(args.out_dir, CHECKPOINT)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}); start again with "
+                         f"--overwrite") from None
+    saved, now = state["args"], vars(args)
+    for k in sorted(set(saved) | set(now)):
+        if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k):
+            raise ValueError(f"{path} is a checkpoint of a run with --{k} {saved.get(k)}, not {now.get(k)}: "
+                             f"resume with the flags it was started with, or --overwrite to start over")
+    tensors = trained_state(model)
+    with torch.no_grad():
+        for n, t in state["tensors"].items():
+            tensors[n].copy_(t)
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    method.load_state_dict(state["method"])
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    loop = state["loop"]
+    loop["epoch_rng"] = tuple(loop["epoch_rng"][0:1]) + (tuple(loop["epoch_rng"][1]),) + tuple(loop["epoch_rng"][2:])
+    if loop["kept"] is not None:
+        loop["kept"] = (loop["kept"][0], {n: t.to(args.device) for n, t in loop["kept"][1].items()})
+    return loop, state["window"].to(args.device)
+
+
+def interrupt_flag():
+    """Ctrl-C during training sets a flag; the loop finishes its step, saves a checkpoint and stops."""
+    import signal
+    import threading
+    stop = {"now": False, "restore": lambda: None}
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            if stop["now"]:  # a second Ctrl-C: stop at once
+                raise KeyboardInterrupt
+            stop["now"] = True
+        signal.signal(signal.SIGINT, handler)
+        stop["restore"] = lambda: signal.signal(signal.SIGINT, previous)
+    return stop
+
+
 def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    """A temp file renamed into place: a full disk or a Ctrl-C leaves the old file or none, never half."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    lora.write_atomic(os.path.dirname(path) or ".", {os.path.basename(path): write})
 
 
 def reevaluate(out_dir, methods=METHODS, latency_passes=0):
@@ -448,10 +630,18 @@ def reevaluate(out_dir, methods=METHODS, latency_passes=0):
     path = os.path.join(out_dir, "metrics.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found; --out_dir must be a folder written by train.py")
-    with open(path) as f:
-        saved = json.load(f)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        saved_args = saved["args"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a metrics.json written by train.py ({type(e).__name__}: {e}); "
+                         f"re-run the training") from None
     args = parse_args([], methods)
-    vars(args).update(saved["args"])
+    vars(args).update(saved_args)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"{out_dir} was trained on {args.device}; re-scoring it on the CPU")
+        args.device = "cpu"
     method = method_from_args(args, methods)
     model, tok, task = build(args, method)
     method.load(model, out_dir)

@@ -19,6 +19,7 @@ The whole interface, all that train.py (finetune.py) calls, in the order a run c
     merge(model) / unmerge(model)        fold the adapters into the base weights for evaluation, and back
     save(model, folder) / load(model, folder)   the trained tensors only
     label() -> str, report(model) -> dict       the row name in eval.py's tables; extra facts for metrics.json
+    state_dict() / load_state_dict(state)       the method's own training state, for checkpoints and --resume
 
 Merging goes through an adapter-layer protocol: every module with merge() and unmerge() (LoRALinear and its
 subclasses) is merged; a layer that cannot merge (a bottleneck adapter) simply has none. Errors are exceptions
@@ -116,6 +117,14 @@ class Method:
         return None
 
     def after_step(self, model, step):
+        pass
+
+    def state_dict(self):
+        """The method's training state beyond the model's tensors (AdaLoRA's allocator, Dynamic LoRA's
+        importance EMAs), for a checkpoint; load_state_dict puts it back on --resume."""
+        return {}
+
+    def load_state_dict(self, state):
         pass
 
     def merge(self, model, float_only=False):

@@ -266,12 +266,16 @@ def resolve(name_or_dir):
 
 def load_state_dict(folder):
     path = os.path.join(folder, "model.safetensors")
-    if os.path.exists(path):
-        from safetensors.torch import load_file
-        return load_file(path)
-    path = os.path.join(folder, "pytorch_model.bin")
-    if os.path.exists(path):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if os.path.exists(path):
+            from safetensors.torch import load_file
+            return load_file(path)
+        path = os.path.join(folder, "pytorch_model.bin")
+        if os.path.exists(path):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors and pickle raise their own types for a truncated or foreign file
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}): truncated or not "
+                         f"weights? download it again") from None
     raise FileNotFoundError(f"{folder} has no model.safetensors or pytorch_model.bin; "
                             "pass a full checkpoint folder")
 
@@ -280,11 +284,8 @@ def load_state_dict(folder):
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias", "position_ids")
 
 
-def from_pretrained(name_or_dir, num_labels=2):
-    """Build a Transformer from a checkpoint folder or hub id. Every backbone tensor must be found and shaped
-    as ours, and the checkpoint may hold no backbone tensor we leave unread; the task head is loaded when the
-    checkpoint has one with num_labels outputs, else initialised."""
-    folder = resolve(name_or_dir)
+def read_config(folder, num_labels=2):
+    """Our Config from a checkpoint folder's config.json, with one line for a missing, broken or odd file."""
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{folder} has no config.json; "
@@ -296,6 +297,27 @@ def from_pretrained(name_or_dir, num_labels=2):
         raise ValueError(f"{cfg_path} is not valid JSON ({e.msg}, line {e.lineno})") from None
     except KeyError as e:
         raise ValueError(f"{cfg_path} lacks the key {e}; is it a transformers config.json?") from None
+    except AttributeError:
+        raise ValueError(f"{cfg_path} is not a JSON object; is it a transformers config.json?") from None
+    hf_keys = dict(vocab_size="vocab_size", n_positions="max_position_embeddings", d="hidden_size",
+                   n_layer="num_hidden_layers", n_head="num_attention_heads", d_ff="intermediate_size")
+    if cfg.family == "gpt2":
+        hf_keys.update(n_positions="n_positions", d="n_embd", n_layer="n_layer", n_head="n_head", d_ff="n_inner")
+    for k, key in hf_keys.items():
+        v = getattr(cfg, k)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{cfg_path}: {key} is {v!r}, not a positive integer; fix the file")
+    if cfg.d % cfg.n_head:
+        raise ValueError(f"{cfg_path}: the hidden size {cfg.d} is not a multiple of the {cfg.n_head} heads")
+    return cfg
+
+
+def from_pretrained(name_or_dir, num_labels=2):
+    """Build a Transformer from a checkpoint folder or hub id. Every backbone tensor must be found and shaped
+    as ours, and the checkpoint may hold no backbone tensor we leave unread; the task head is loaded when the
+    checkpoint has one with num_labels outputs, else initialised."""
+    folder = resolve(name_or_dir)
+    cfg = read_config(folder, num_labels)
     model = Transformer(cfg)
     model.name_or_path = name_or_dir  # adapter files name their base model (peft's base_model_name_or_path)
     sd = load_state_dict(folder)

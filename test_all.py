@@ -5,6 +5,7 @@ bitsandbytes, or a hand computation. Tiny random configs keep the whole file to 
     python -m pytest -q test_all.py
 """
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -1640,7 +1641,7 @@ def tiny_checkpoint(tmp_path, words, dropout=0.1):
     folder = str(tmp_path / "tiny-bert")
     torch.manual_seed(0)
     T.BertForSequenceClassification(T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                    intermediate_size=64, vocab_size=len(vocab), max_position_embeddings=64,
+                                    intermediate_size=64, vocab_size=len(vocab), max_position_embeddings=128,
                                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout))\
         .save_pretrained(folder)
     open(os.path.join(folder, "vocab.txt"), "w").write("\n".join(vocab) + "\n")
@@ -1699,6 +1700,75 @@ def test_train_end_to_end(method, base, label, tmp_path):
         assert sorted(report["ranks"].values()) != [2] * 12 and sum(report["ranks"].values()) == 24
     if method == "lora":  # eval.py --latency: batch-1 inference timed merged and not
         assert recomputed["latency_ms"] > 0 and recomputed["latency_merged_ms"] > 0
+
+
+RESUME_FLAGS = {"lora": [], "tlora_plus": [], "dynamic_lora": ["--n_cal", "3", "--omega_every", "20"],
+                "adalora": ["--init_r", "4", "--target_r", "2", "--tinit", "10", "--tfinal", "30", "--delta_t", "5"]}
+
+
+@pytest.mark.parametrize("method", list(RESUME_FLAGS))
+def test_a_killed_run_resumes_to_the_same_tensors_and_metrics(method, tmp_path):
+    """train.py with --save_every 6 is SIGKILLed after step 25 of 72, then resumed with --resume: its saved
+    tensors and metrics (losses, every epoch's dev and holdout scores, the method's report) are bit for bit
+    those of a run never stopped; dropout is on, so the RNG states must come back too."""
+    import signal
+    from safetensors.torch import load_file
+    glue = str(tmp_path / "glue")
+    folder = tiny_checkpoint(tmp_path, write_glue(glue, n=20))
+    argv = ["--method", method, "--model", folder, "--data_dir", glue, "--epochs", "4", "--batch_size", "1",
+            "--log_every", "1", "--select", "holdout", "--lr", "1e-2", *RESUME_FLAGS[method]]
+    whole = finetune.run(finetune.parse_args(argv + ["--out_dir", str(tmp_path / "whole")]))
+    out = str(tmp_path / "killed")
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), *argv, "--out_dir", out, "--save_every", "6"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=HERE)
+    for line in p.stdout:
+        if line.startswith("step 25:"):
+            p.send_signal(signal.SIGKILL)
+            break
+    p.wait(timeout=60)
+    assert p.returncode == -signal.SIGKILL and not os.path.exists(os.path.join(out, "metrics.json"))
+    assert os.path.exists(os.path.join(out, "checkpoint.pt"))
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert r.returncode == 0 and "resumed at step" in r.stdout, r.stderr[-2000:]
+    assert not os.path.exists(os.path.join(out, "checkpoint.pt")), "a completed run keeps no checkpoint"
+    resumed = json.load(open(os.path.join(out, "metrics.json")))
+    for key in ("metrics", "history", "selected_epoch", "method_report"):
+        assert resumed[key] == json.loads(json.dumps(whole[key])), f"{key} differs after resume"
+    assert resumed["loss_log"] == json.loads(json.dumps(whole["loss_log"]))
+    name = "adapter_model.safetensors"
+    a, b = load_file(os.path.join(out, name)), load_file(os.path.join(tmp_path / "whole", name))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "tensors differ after resume"
+
+
+def test_resume_refuses_another_config_and_out_dir_is_checked_before_loading(tmp_path):
+    glue = str(tmp_path / "glue")
+    folder = tiny_checkpoint(tmp_path, write_glue(glue, n=16))
+    out = str(tmp_path / "out")
+    argv = ["--model", folder, "--data_dir", glue, "--epochs", "2", "--batch_size", "4", "--out_dir", out]
+    finetune.run(finetune.parse_args(argv + ["--save_every", "1", "--max_steps", "3"]))
+    with pytest.raises(ValueError, match="holds another run \\(metrics.json\\); pass --overwrite"):
+        finetune.run(finetune.parse_args(argv))
+    os.remove(os.path.join(out, "metrics.json"))
+    args = finetune.parse_args(argv + ["--save_every", "1"])
+    method = finetune.method_from_args(args)
+    model, _, _ = finetune.build(args, method)
+    opt, sched = finetune.optimizer(method, model, 8, 0, "cpu")
+    loop = {"epoch": 0, "batch": 1, "epoch_rng": __import__("random").Random(0).getstate(), "step": 1,
+            "train_seconds": 0.0, "sums": [0.0, 0.0], "n_steps": 1, "n_seen": 4, "since": 1, "history": [],
+            "log": [], "kept": None}
+    finetune.save_checkpoint(args, loop, torch.zeros(2), model, method, opt, sched)
+    with pytest.raises(ValueError, match="is a checkpoint of a run with --rank None, not 4"):
+        finetune.run(finetune.parse_args(argv + ["--resume", "--rank", "4"]))
+    with pytest.raises(ValueError, match="is a checkpoint of a run with --method lora, not bitfit"):
+        finetune.run(finetune.parse_args(argv + ["--resume", "--method", "bitfit"]))
+    open(str(tmp_path / "file"), "w").write("x")
+    with pytest.raises(ValueError, match="is a file; pass a folder"):
+        finetune.run(finetune.parse_args(argv[:-1] + [str(tmp_path / "file")]))
+    with pytest.raises(ValueError, match="has no checkpoint.pt to resume from"):
+        finetune.run(finetune.parse_args(argv[:-1] + [str(tmp_path / "new"), "--resume"]))
+    finetune.run(finetune.parse_args(argv + ["--overwrite", "--max_steps", "2"]))  # replaces it
+    assert json.load(open(os.path.join(out, "metrics.json")))["steps"] == 2
+    assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
 
 
 class SnapshotBitFit(baselines.BitFit):
@@ -1855,6 +1925,151 @@ def test_train_bad_input_is_one_clear_line(argv, message):
                        text=True, cwd=HERE, timeout=120)
     assert r.returncode != 0 and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 3, r.stderr
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory):
+    """A tiny checkpoint, a GLUE folder, and one broken copy of each per kind of bad file a user hands over."""
+    from safetensors.torch import load_file, save_file
+    root = tmp_path_factory.mktemp("broken")
+    glue = str(root / "glue")
+    folder = tiny_checkpoint(root, write_glue(glue, n=16))
+    paths = {"model": folder, "glue": glue, "root": str(root)}
+
+    def model_copy(name, edit):
+        d = str(root / name)
+        shutil.copytree(folder, d)
+        edit(d)
+        paths[name] = d
+
+    def set_config(**kw):
+        def edit(d):
+            cfg = json.load(open(os.path.join(d, "config.json")))
+            cfg.update(kw)
+            for k in [k for k, v in kw.items() if v is None]:
+                del cfg[k]
+            json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+        return edit
+    model_copy("no_config", lambda d: os.remove(os.path.join(d, "config.json")))
+    model_copy("bad_config", lambda d: open(os.path.join(d, "config.json"), "w").write("{oops"))
+    model_copy("no_key", set_config(hidden_size=None))
+    model_copy("str_key", set_config(hidden_size="32"))
+    model_copy("t5", set_config(model_type="t5"))
+    model_copy("truncated", lambda d: open(os.path.join(d, "model.safetensors"), "r+b").truncate(500))
+    model_copy("no_weights", lambda d: os.remove(os.path.join(d, "model.safetensors")))
+    model_copy("no_vocab", lambda d: os.remove(os.path.join(d, "vocab.txt")))
+    model_copy("no_unk", lambda d: open(os.path.join(d, "vocab.txt"), "w").write("[PAD]\n[CLS]\n[SEP]\ncat\n"))
+
+    def glue_copy(name, split, content):
+        d = str(root / name)
+        shutil.copytree(glue, d)
+        path = os.path.join(d, "MRPC", split)
+        if content is None:
+            os.remove(path)
+            os.makedirs(path)
+        else:
+            open(path, "wb").write(content)
+        paths[name] = d
+    header = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n".encode()
+    glue_copy("tsv_folder", "train.tsv", None)
+    glue_copy("tsv_empty", "train.tsv", b"")
+    glue_copy("tsv_header", "train.tsv", header)
+    glue_copy("tsv_ragged", "train.tsv", header + b"1\t1\t2\tthe cat\tthe cat\n0\t3\tthe dog\n")
+    glue_copy("tsv_latin1", "train.tsv", header + "1\t1\t2\tcaf\xe9\tthe cat\n".encode("latin-1"))
+    glue_copy("tsv_label", "train.tsv", header + b"yes\t1\t2\tthe cat\tthe cat\n")
+    glue_copy("dev_empty", "dev.tsv", header)
+    open(root / "a_file", "w").write("x")
+    used = root / "used"
+    used.mkdir()
+    (used / "metrics.json").write_text("{}")
+    (root / "bad_metrics").mkdir()
+    (root / "bad_metrics" / "metrics.json").write_text('{"task": "mrpc"}')
+    (root / "bad.json").write_text("{not json")
+    (root / "keyless.json").write_text('{"task": "mrpc"}')
+    paths.update(file=str(root / "a_file"), used=str(used), bad_metrics=str(root / "bad_metrics"),
+                 bad_json=str(root / "bad.json"), keyless=str(root / "keyless.json"))
+    return paths
+
+
+BAD_INPUTS = [  # (script, argv with {placeholders} from `broken`, the message's key words)
+    ("train.py", "--method nope", "unknown method 'nope'"),
+    ("train.py", "--task mrcp", "unknown task 'mrcp'"),
+    ("train.py", "--batch_size 0", "--batch_size must be ≥ 1, not 0"),
+    ("train.py", "--eval_batch_size 0", "--eval_batch_size must be ≥ 1"),
+    ("train.py", "--epochs 0", "--epochs must be ≥ 1"),
+    ("train.py", "--log_every 0", "--log_every must be ≥ 1"),
+    ("train.py", "--pad_multiple 0", "--pad_multiple must be ≥ 1"),
+    ("train.py", "--lr -1", "--lr must be ≥ 0, not -1"),
+    ("train.py", "--lr nan", "--lr must be ≥ 0, not nan"),
+    ("train.py", "--max_train_samples -1", "--max_train_samples must be ≥ 0"),
+    ("train.py", "--max_steps -5", "--max_steps must be ≥ 0"),
+    ("train.py", "--save_every -1", "--save_every must be ≥ 0"),
+    ("train.py", "--dropout 1", "--dropout must be in [0, 1), not 1.0"),
+    ("train.py", "--rank 0", "--rank must be ≥ 1, not 0"),
+    ("train.py", "--warmup_ratio 2", "--warmup_ratio must be ≤ 1"),
+    ("train.py", "--grad_clip 0", "--grad_clip must be > 0"),
+    ("train.py", "--method tlora_plus --ratio 0", "--ratio must be > 0"),
+    ("train.py", "--method lora --beta 0.5", "--beta does not apply to --method lora"),
+    ("train.py", "--method adalora --target_r 13", "--target_r 13 must be between 0 and --init_r 12"),
+    ("train.py", "--method adaq_lora --quant none", "--method adaq_lora is defined on an NF4 base"),
+    ("train.py", "--method full --quant nf4", "--quant nf4 stores the base weights in 4 bits"),
+    ("train.py", "--device cuda", "torch sees no CUDA GPU here; pass --device cpu"),
+    ("train.py", "--rank 99", "rank 99 does not fit a 32x32 layer"),
+    ("train.py", "--max_len 1000", "--max_len 1000 exceeds the 128 positions"),
+    ("train.py", "--model {root}/nowhere", "does not exist; pass --model DIR"),
+    ("train.py", "--model {no_config}", "has no config.json"),
+    ("train.py", "--model {bad_config}", "config.json is not valid JSON"),
+    ("train.py", "--model {no_key}", "config.json lacks the key 'hidden_size'"),
+    ("train.py", "--model {str_key}", "hidden_size is '32', not a positive integer"),
+    ("train.py", "--model {t5}", "model_type 't5' is not supported"),
+    ("train.py", "--model {truncated}", "model.safetensors is not a readable checkpoint"),
+    ("train.py", "--model {no_weights}", "has no model.safetensors or pytorch_model.bin"),
+    ("train.py", "--model {no_vocab}", "has no vocab.txt"),
+    ("train.py", "--model {no_unk}", "vocab.txt has no [UNK] token"),
+    ("train.py", "--data_dir {root}/nowhere", "not found; --data_dir must hold MRPC/train.tsv"),
+    ("train.py", "--data_dir {tsv_folder}", "train.tsv is a folder, not a TSV file"),
+    ("train.py", "--data_dir {tsv_empty}", "train.tsv is empty"),
+    ("train.py", "--data_dir {tsv_header}", "train.tsv has no examples"),
+    ("train.py", "--data_dir {tsv_ragged}", "train.tsv line 3 has 3 tab-separated fields, MRPC needs 5"),
+    ("train.py", "--data_dir {tsv_latin1}", "train.tsv line 2 is not UTF-8"),
+    ("train.py", "--data_dir {tsv_label}", "train.tsv line 2: label 'yes' is not one of"),
+    ("train.py", "--data_dir {dev_empty}", "dev.tsv has no examples"),
+    ("train.py", "--out_dir {file}", "is a file; pass a folder"),
+    ("train.py", "--out_dir {used}", "holds another run (metrics.json); pass --overwrite"),
+    ("train.py", "--out_dir {root}/fresh --resume", "has no checkpoint.pt to resume from"),
+    ("train.py", "--save_every 5", "--resume and --save_every need --out_dir"),
+    ("eval.py", "--out_dir {root}/nowhere", "metrics.json not found"),
+    ("eval.py", "--out_dir {bad_metrics}", "is not a metrics.json written by train.py"),
+    ("eval.py", "--table {bad_json}", "cannot read"),
+    ("eval.py", "--table {keyless}", "a metrics.json lacks the key"),
+    ("bench.py", "speed --models gpt3", "unknown model 'gpt3'"),
+    ("bench.py", "memory --model gpt3", "unknown model 'gpt3'"),
+]
+
+
+def test_bad_inputs_are_one_line_each_through_the_command_lines(broken):
+    """Every case through its real command line: exit non-zero, one line on stderr, no traceback, no
+    metrics.json. Run two at a time; most fail before the model loads."""
+    from concurrent.futures import ThreadPoolExecutor
+    base = ["--model", broken["model"], "--data_dir", broken["glue"], "--epochs", "1"]
+
+    def case(c):
+        script, argv, message = c
+        argv = argv.format(**broken).split()
+        full = [*base, *argv] if script == "train.py" else argv
+        r = subprocess.run([sys.executable, os.path.join(HERE, script), *full], capture_output=True, text=True,
+                           cwd=HERE, timeout=300)
+        return c, r
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(case, BAD_INPUTS))
+    failures = []
+    for (script, argv, message), r in results:
+        lines = r.stderr.strip().splitlines()
+        if not (r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]):
+            failures.append(f"{script} {argv}: rc {r.returncode}, stderr {r.stderr.strip()[-300:]!r}")
+    assert not failures, f"{len(failures)} of {len(BAD_INPUTS)} cases:\n" + "\n".join(failures)
+    assert not [p for p in glob.glob(broken["root"] + "/**/metrics.json", recursive=True)
+                if "used" not in p and "bad_metrics" not in p], "a refused run left a metrics.json"
 
 
 def test_scripts_turn_library_errors_into_one_line(tmp_path):

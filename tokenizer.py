@@ -97,6 +97,9 @@ class WordPieceTokenizer:
         with open(os.path.join(folder, "vocab.txt"), encoding="utf-8") as f:
             self.vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
         self.lowercase = lowercase
+        missing = [t for t in ("[CLS]", "[SEP]", "[UNK]", "[PAD]") if t not in self.vocab]
+        if missing:
+            raise ValueError(f"{folder}/vocab.txt has no {missing[0]} token; is it a BERT WordPiece vocab?")
         self.cls, self.sep, self.unk = self.vocab["[CLS]"], self.vocab["[SEP]"], self.vocab["[UNK]"]
         self.pad_id = self.vocab["[PAD]"]
 
