@@ -413,7 +413,13 @@ def memory_bench(argv):
     p.add_argument("--steps", type=int, default=2, help="training steps (the 2nd has AdamW's state)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--table", default=None, metavar="FILE.json", help="only print the table of a saved run")
     a = p.parse_args(argv)
+    if a.table:
+        with open(a.table) as f:
+            saved = json.load(f)
+        print(memory_table(saved["rows"], saved["threads"]))
+        return saved["rows"]
     if a.model not in RANDOM_MODELS:
         raise ValueError(f"unknown model {a.model!r}; --model takes {', '.join(RANDOM_MODELS)}")
     rows = []
@@ -423,11 +429,20 @@ def memory_bench(argv):
                                            "seq": a.seq, "steps": a.steps}, a.threads))
             r = rows[-1]
             print(f"{stack} {row}: training peak {r['train_peak_mb']:.0f} MB", file=sys.stderr, flush=True)
+    print(memory_table(rows, a.threads))
+    if a.out:
+        finetune.write_json(a.out, {"rows": rows, "threads": a.threads})
+        print(f"wrote {a.out}")
+    return rows
+
+
+def memory_table(rows, threads):
     ref = {r["row"]: r for r in rows if r["stack"] == "reference"}
-    lines = [f"Peak RSS of {a.steps} training steps (VmHWM reset after the build), {a.model} random init, batch "
-             f"{a.batch} x {a.seq} tokens, one fresh process per row, {a.threads} thread(s). LoRA/QLoRA: r 64, "
-             f"α 16 on every block linear; AdaLoRA/ADAQ: init_r 12, target_r 8. Reference: transformers + peft "
-             f"(+ bitsandbytes NF4 + double quant for the 4-bit rows).", "",
+    c = rows[0]
+    lines = [f"Peak RSS of {c['steps']} training steps (VmHWM reset after the build), {c['model']} random init, "
+             f"batch {c['batch']} x {c['seq']} tokens, one fresh process per row, {threads} thread(s). LoRA/QLoRA: "
+             f"r 64, α 16 on every block linear; AdaLoRA/ADAQ: init_r 12, target_r 8. Reference: transformers + "
+             f"peft (+ bitsandbytes NF4 + double quant for the 4-bit rows).", "",
              "| row | ours MB | reference MB | ours / ref | adapter params ours / ref | bits/param (4-bit) | "
              "paper MB (Alpaca_zh, School_math; ChatGLM2-6B, GPU) |", "|---" * 7 + "|"]
     for r in rows:
@@ -437,13 +452,10 @@ def memory_bench(argv):
         paper = SEED003_MB.get(r["row"])
         lines.append(f"| {r['row']} | {r['train_peak_mb']:.0f} | {f['train_peak_mb']:.0f} | "
                      f"{r['train_peak_mb'] / f['train_peak_mb']:.2f} | {r['adapter_params']:,} / "
-                     f"{f['adapter_params']:,} | {r['bits_per_param'] if r['bits_per_param'] != 32 else '–'} | "
+                     f"{f['adapter_params']:,} | "
+                     f"{'%.3f' % r['bits_per_param'] if r['bits_per_param'] != 32 else '–'} | "
                      f"{'%d, %d' % paper if paper else '–'} |")
-    print("\n".join(lines))
-    if a.out:
-        finetune.write_json(a.out, {"rows": rows, "threads": a.threads})
-        print(f"wrote {a.out}")
-    return rows
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
@@ -579,11 +591,11 @@ def mrpc_lengths(batch, data_dir, folder, family, seed=0):
             for texts, _ in random.Random(seed).sample(rows, batch)]
 
 
-def speed_rows(model, compile_too):
+def speed_rows(model, compile_too, methods=OURS):
     rows = [("base", "frozen base (bound)", False), ("peft", "lora", False)]
-    rows += [("ours", m, False) for m in OURS]
-    if compile_too:
-        rows += [("ours", "lora", True), ("ours", "tlora_plus", True)]
+    rows += [("ours", m, False) for m in OURS if m in methods or m == "lora"]
+    if compile_too:  # qlora compiled: its dequantize fused (quant.compile_dequantize)
+        rows += [("ours", m, True) for m in ("lora", "tlora_plus", "qlora") if m in methods or m == "lora"]
     return rows
 
 
@@ -604,7 +616,9 @@ def speed_bench(argv):
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="timed steps per row (the median is reported)")
-    p.add_argument("--compile", action="store_true", help="also time lora and tlora_plus under torch.compile")
+    p.add_argument("--compile", action="store_true",
+                   help="also time lora, tlora_plus and qlora under torch.compile")
+    p.add_argument("--methods", default=",".join(OURS), help="our rows to time (default: all; lora always)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process")
     p.add_argument("--out", default="bench_speed.json")
     a = p.parse_args(argv)
@@ -621,7 +635,7 @@ def speed_bench(argv):
         lengths = (mrpc_lengths(a.batch, a.data_dir, folder, family) if a.data_dir and folder
                    else [a.seq] * a.batch)
         rows = []
-        for impl, method, compiled in speed_rows(model, a.compile):
+        for impl, method, compiled in speed_rows(model, a.compile, a.methods.split(",")):
             c = {"model": model, "impl": impl, "method": method, "rank": a.rank, "lengths": lengths,
                  "warmup": a.warmup + (3 if compiled else 0), "steps": a.steps, "device": a.device,
                  "compile": compiled}
