@@ -8,6 +8,7 @@ Re-score a saved run, and merge several runs into one table. The GLUE metrics th
     python eval.py --table runs/seed001/*/metrics.json --paper 001   # seed 001's Tables 1 and 2, paper beside
     python eval.py --plot_dynamic runs/seed001/dynamic_lora-*/metrics.json --png dyn.png
                                                        # r_l map, m_l curves
+    python eval.py --plot_ranks runs/s003/mrpc-adalora-*/metrics.json --png ranks.png   # kept ranks
 """
 import argparse
 import json
@@ -62,7 +63,7 @@ def table(runs, columns=None, last=False):
             cells.append(f"{np.mean(vals):.4f} ± {np.std(vals):.4f}" if len(vals) > 1 else
                          f"{vals[0]:.4f}" if vals else "–")
         cfg = json.loads(key)
-        differs = " ".join(f"{a}={cfg.get(a, '–')}" for a in differ) + " | " if differ else ""
+        differs = " ".join(f"{a}={cfg[a]}" for a in differ if cfg.get(a) is not None) + " | " if differ else ""
         lines.append(f"| {task} | {method} | {model} | {differs}{len(rs)} | " + " | ".join(cells) +
                      f" | {rs[0]['trainable_pct']:.3f} |")
     lines += ["", f"Rows differ in: {', '.join(differ)}." if differ else
@@ -177,6 +178,37 @@ def plot_dynamic(runs, png):
     return True
 
 
+def plot_ranks(runs, png):
+    """The kept (AdaLoRA, ADAQ-LoRA) or calibrated (Dynamic LoRA) rank of every adapted matrix, layer x
+    matrix, averaged over the runs given (their seeds)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: plot skipped (pip install matplotlib)")
+        return False
+    names = list(runs[0]["method_report"]["ranks"])
+    layers = sorted({int(n.split(".")[1]) for n in names})
+    kinds = list(dict.fromkeys(n.split(".", 2)[2] for n in names))
+    grid = np.array([[np.mean([r["method_report"]["ranks"].get(f"h.{i}.{k}", np.nan) for r in runs])
+                      for k in kinds] for i in layers])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    im = ax.imshow(grid, cmap="viridis")
+    ax.set_xticks(range(len(kinds)), kinds, rotation=30)
+    ax.set_yticks(range(len(layers)), [f"layer {i}" for i in layers])
+    for (i, j), v in np.ndenumerate(grid):
+        ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="w")
+    ax.set_title(f"{runs[0]['label']} on {runs[0]['task']}: rank per matrix, mean of {len(runs)} run(s)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    tmp = png + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, png)
+    print(f"wrote {png}")
+    return True
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", nargs="+", help="folders written by train.py: re-evaluate their saved tensors")
@@ -192,8 +224,10 @@ if __name__ == "__main__":
                    help="the seed's own tables, with the paper's numbers beside")
     p.add_argument("--plot_dynamic", nargs="+", metavar="METRICS_JSON",
                    help="Dynamic LoRA runs: plot r_l and m_l")
+    p.add_argument("--plot_ranks", nargs="+", metavar="METRICS_JSON",
+                   help="runs with per-matrix ranks (adalora, adaq_lora, dynamic_lora): a layer x matrix heat map")
     p.add_argument("--png", default="dynamic_lora.png",
-                   help="where --plot_dynamic writes (matplotlib optional)")
+                   help="where --plot_dynamic / --plot_ranks write (matplotlib optional)")
     a = p.parse_args()
     if a.out_dir:
         for out_dir in a.out_dir:
@@ -206,9 +240,9 @@ if __name__ == "__main__":
                 saved.update(latency_ms=metrics["latency_ms"], latency_merged_ms=metrics["latency_merged_ms"],
                              latency_note=f"re-measured by eval.py --latency {a.latency}")
                 finetune.write_json(os.path.join(out_dir, "metrics.json"), saved)
-    elif a.table or a.plot_dynamic:
+    elif a.table or a.plot_dynamic or a.plot_ranks:
         runs = []
-        for path in a.table or a.plot_dynamic:
+        for path in a.table or a.plot_dynamic or a.plot_ranks:
             try:
                 with open(path) as f:
                     runs.append(json.load(f))
@@ -217,6 +251,8 @@ if __name__ == "__main__":
         try:
             if a.plot_dynamic:
                 plot_dynamic(runs, a.png)
+            elif a.plot_ranks:
+                plot_ranks(runs, a.png)
             elif a.paper:
                 print(paper_tables(runs, a.paper))
             else:

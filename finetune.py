@@ -197,6 +197,10 @@ def build(args, method):
     if (args.max_len or task.max_len) > positions:
         raise ValueError(f"--max_len {args.max_len or task.max_len} exceeds the {positions} positions of "
                          f"{args.model}; pass --max_len {positions} or less")
+    for flag in ("rank", "init_r"):  # every block linear has the hidden size d as its in or out side
+        if (getattr(args, flag, None) or 0) > cfg.d:
+            raise ValueError(f"--{flag} {getattr(args, flag)} exceeds the hidden size {cfg.d} of {args.model}, "
+                             f"the smaller side of its layers; pass --{flag} {cfg.d} or less")
     torch.manual_seed(args.seed)
     model = from_pretrained(folder, num_labels=task.num_labels)
     model.name_or_path = args.model

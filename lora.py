@@ -247,23 +247,30 @@ class LoRALinear(nn.Module):
         return y if self.merged else y + self.adapter(x)
 
     @torch.no_grad()
-    def _add_to_base(self, sign):
-        if not hasattr(self.base, "merge_delta"):  # plain float weight
-            w = self.base.weight
-            w += sign * (self.delta_weight().t() if self.fan_in_fan_out else self.delta_weight()).to(w.dtype)
-        else:  # a quantized base decides how (quant.Linear4bit)
-            self.base.merge_delta(sign * self.delta_weight())
-
     def merge(self):
-        """W0 += ΔW (Conv1D: W0ᵀ += ΔWᵀ); forward then costs what the base alone costs."""
-        if not self.merged:
-            self._add_to_base(+1)
-            self.merged = True
-
-    def unmerge(self):
+        """W0 += ΔW (Conv1D: W0ᵀ += ΔWᵀ); forward then costs what the base alone costs. A float W0 is kept
+        aside until unmerge: (W0 + ΔW) − ΔW differs from W0 in the last bits, and a run that evaluates on
+        merged weights every epoch must train on the same W0 as a run resumed from a checkpoint."""
         if self.merged:
-            self._add_to_base(-1)
-            self.merged = False
+            return
+        if hasattr(self.base, "merge_delta"):  # a quantized base decides how (quant.Linear4bit)
+            self.base.merge_delta(self.delta_weight())
+        else:
+            w = self.base.weight
+            self.w0 = w.detach().clone()
+            w += (self.delta_weight().t() if self.fan_in_fan_out else self.delta_weight()).to(w.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if not self.merged:
+            return
+        if hasattr(self.base, "merge_delta"):
+            self.base.merge_delta(-self.delta_weight())
+        else:
+            self.base.weight.copy_(self.w0)  # exactly W0
+            del self.w0
+        self.merged = False
 
 
 # -----------------------------------------------------------------------------

@@ -1607,9 +1607,12 @@ def test_seed001_tables_put_the_papers_numbers_beside_ours_and_the_plot_is_optio
     dyn = [r for r in runs if r["method"] == "dynamic_lora"]
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: the plot is skipped, no error
     assert ev.plot_dynamic(dyn, png) is False and not os.path.exists(png)
+    assert ev.plot_ranks(dyn, png) is False and not os.path.exists(png)
     monkeypatch.delitem(sys.modules, "matplotlib")
     reference("matplotlib")
     assert ev.plot_dynamic(dyn, png) is True and os.path.getsize(png) > 1000
+    ranks_png = str(tmp_path / "ranks.png")
+    assert ev.plot_ranks(dyn, ranks_png) is True and os.path.getsize(ranks_png) > 1000
 
 
 def test_table_keeps_tlora_plus_configurations_apart_and_reads_the_last_epoch():
@@ -1706,38 +1709,79 @@ RESUME_FLAGS = {"lora": [], "tlora_plus": [], "dynamic_lora": ["--n_cal", "3", "
                 "adalora": ["--init_r", "4", "--target_r", "2", "--tinit", "10", "--tfinal", "30", "--delta_t", "5"]}
 
 
+class Killed(Exception):
+    pass
+
+
 @pytest.mark.parametrize("method", list(RESUME_FLAGS))
-def test_a_killed_run_resumes_to_the_same_tensors_and_metrics(method, tmp_path):
-    """train.py with --save_every 6 is SIGKILLed after step 25 of 72, then resumed with --resume: its saved
-    tensors and metrics (losses, every epoch's dev and holdout scores, the method's report) are bit for bit
-    those of a run never stopped; dropout is on, so the RNG states must come back too."""
+def test_a_killed_run_resumes_to_the_same_tensors_and_metrics(method, tmp_path, monkeypatch):
+    """A run with --save_every 6 dies after step 25 of 54 and is resumed with --resume: its saved tensors and
+    metrics (losses, every epoch's dev and holdout scores, the method's report) are bit for bit those of a run
+    never stopped; dropout is on, so the RNG states must come back too. lora and tlora_plus run as train.py
+    subprocesses killed with SIGKILL (the reference run too, so all three share one process setup); the others
+    die in-process at the same step, which exercises the same checkpoint."""
     import signal
     from safetensors.torch import load_file
     glue = str(tmp_path / "glue")
     folder = tiny_checkpoint(tmp_path, write_glue(glue, n=20))
-    argv = ["--method", method, "--model", folder, "--data_dir", glue, "--epochs", "4", "--batch_size", "1",
+    argv = ["--method", method, "--model", folder, "--data_dir", glue, "--epochs", "3", "--batch_size", "1",
             "--log_every", "1", "--select", "holdout", "--lr", "1e-2", *RESUME_FLAGS[method]]
-    whole = finetune.run(finetune.parse_args(argv + ["--out_dir", str(tmp_path / "whole")]))
-    out = str(tmp_path / "killed")
-    cmd = [sys.executable, os.path.join(HERE, "train.py"), *argv, "--out_dir", out, "--save_every", "6"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=HERE)
-    for line in p.stdout:
-        if line.startswith("step 25:"):
-            p.send_signal(signal.SIGKILL)
-            break
-    p.wait(timeout=60)
-    assert p.returncode == -signal.SIGKILL and not os.path.exists(os.path.join(out, "metrics.json"))
-    assert os.path.exists(os.path.join(out, "checkpoint.pt"))
-    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, cwd=HERE, timeout=120)
-    assert r.returncode == 0 and "resumed at step" in r.stdout, r.stderr[-2000:]
+    whole, out = str(tmp_path / "whole"), str(tmp_path / "killed")
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), *argv, "--save_every", "6"]
+    if method in ("lora", "tlora_plus"):
+        subprocess.run(cmd + ["--out_dir", whole], capture_output=True, cwd=HERE, timeout=120, check=True)
+        p = subprocess.Popen(cmd + ["--out_dir", out], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True, cwd=HERE)
+        for line in p.stdout:
+            if line.startswith("step 25:"):
+                p.send_signal(signal.SIGKILL)
+                break
+        p.wait(timeout=60)
+        assert p.returncode == -signal.SIGKILL
+        assert os.path.exists(os.path.join(out, "checkpoint.pt"))
+        r = subprocess.run(cmd + ["--out_dir", out, "--resume"], capture_output=True, text=True, cwd=HERE,
+                           timeout=120)
+        assert r.returncode == 0 and "resumed at step 24" in r.stdout, r.stderr[-2000:]
+    else:
+        finetune.run(finetune.parse_args(argv + ["--save_every", "6", "--out_dir", whole]))
+        real = finetune.train_step
+
+        def dies_at_25(*a):
+            if a[6] == 26:  # the step argument: step 25 finished, the checkpoint of step 24 is on disk
+                raise Killed()
+            return real(*a)
+        monkeypatch.setattr(finetune, "train_step", dies_at_25)
+        with pytest.raises(Killed):
+            finetune.run(finetune.parse_args(argv + ["--save_every", "6", "--out_dir", out]))
+        monkeypatch.setattr(finetune, "train_step", real)
+        assert not os.path.exists(os.path.join(out, "metrics.json"))
+        finetune.run(finetune.parse_args(argv + ["--save_every", "6", "--out_dir", out, "--resume"]))
     assert not os.path.exists(os.path.join(out, "checkpoint.pt")), "a completed run keeps no checkpoint"
-    resumed = json.load(open(os.path.join(out, "metrics.json")))
-    for key in ("metrics", "history", "selected_epoch", "method_report"):
-        assert resumed[key] == json.loads(json.dumps(whole[key])), f"{key} differs after resume"
-    assert resumed["loss_log"] == json.loads(json.dumps(whole["loss_log"]))
-    name = "adapter_model.safetensors"
-    a, b = load_file(os.path.join(out, name)), load_file(os.path.join(tmp_path / "whole", name))
+    a, b = (json.load(open(os.path.join(d, "metrics.json"))) for d in (out, whole))
+    for key in ("metrics", "history", "selected_epoch", "method_report", "loss_log"):
+        assert a[key] == b[key], f"{key} differs after resume"
+    a, b = (load_file(os.path.join(d, "adapter_model.safetensors")) for d in (out, whole))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "tensors differ after resume"
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    import signal
+    glue = str(tmp_path / "glue")
+    folder = tiny_checkpoint(tmp_path, write_glue(glue, n=20))
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--model", folder, "--data_dir", glue, "--epochs", "2",
+           "--batch_size", "1", "--log_every", "1", "--out_dir", out]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    for line in p.stdout:
+        if line.startswith("step 5:"):
+            p.send_signal(signal.SIGINT)
+            break
+    err = p.communicate(timeout=60)[1].strip()
+    assert p.returncode != 0 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: interrupted at step ") and err.endswith("resume with the same command and --resume")
+    assert os.path.exists(os.path.join(out, "checkpoint.pt")) and not os.path.exists(os.path.join(out, "metrics.json"))
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert r.returncode == 0 and os.path.exists(os.path.join(out, "metrics.json")), r.stderr[-1000:]
 
 
 def test_resume_refuses_another_config_and_out_dir_is_checked_before_loading(tmp_path):
@@ -2014,7 +2058,7 @@ BAD_INPUTS = [  # (script, argv with {placeholders} from `broken`, the message's
     ("train.py", "--method adaq_lora --quant none", "--method adaq_lora is defined on an NF4 base"),
     ("train.py", "--method full --quant nf4", "--quant nf4 stores the base weights in 4 bits"),
     ("train.py", "--device cuda", "torch sees no CUDA GPU here; pass --device cpu"),
-    ("train.py", "--rank 99", "rank 99 does not fit a 32x32 layer"),
+    ("train.py", "--rank 99", "--rank 99 exceeds the hidden size 32"),
     ("train.py", "--max_len 1000", "--max_len 1000 exceeds the 128 positions"),
     ("train.py", "--model {root}/nowhere", "does not exist; pass --model DIR"),
     ("train.py", "--model {no_config}", "has no config.json"),
@@ -2077,7 +2121,7 @@ def test_scripts_turn_library_errors_into_one_line(tmp_path):
     import train
     glue = str(tmp_path / "glue")
     folder = tiny_checkpoint(tmp_path, write_glue(glue, n=16))
-    for argv, message in ((["--rank", "99"], "error: rank 99 does not fit a 32x32 layer"),
+    for argv, message in ((["--rank", "99"], "error: --rank 99 exceeds the hidden size 32"),
                           (["--method", "dynamic_lora", "--n_cal", "9"],
                            "error: --n_cal 9 asks for more calibration batches than the training set "
                            "has (1)")):
