@@ -1,19 +1,23 @@
 """
 ADAQ-LoRA (seed 003; SPEC §2.4): AdaLoRA's SVD-form adapter and its rank allocator (Zhang et al. 2023, as peft
-implements it) on a frozen NF4 + double-quant base (quant.py). `--method adalora` is the same adapter on a float
-base.
+implements it) on a frozen NF4 + double-quant base (quant.py). `--method adalora` is the same adapter on a
+float base.
 
-    ΔW_k = c·P_k·diag(λ_k)·Q_k,  c = α/(init_r + 1e-5)    P = lora_B (out, r), λ = lora_E (r, 1), Q = lora_A (r, in)
-    L    = CE + γ·R,   R = 1/(2n)·Σ_k (||Q_k Q_kᵀ − I||_F + ||P_kᵀ P_k − I||_F)        (peft's form, unsquared)
+    ΔW_k = c·P_k·diag(λ_k)·Q_k,  c = α/(init_r + 1e-5)    P = lora_B (out, r), λ = lora_E (r, 1),
+                                                          Q = lora_A (r, in)
+    L    = CE + γ·R,   R = 1/(2n)·Σ_k (||Q_k Q_kᵀ − I||_F + ||P_kᵀ P_k − I||_F)       (peft's form, unsquared)
     I(w) = |w ⊙ ∂L/∂w|,   Ī ← β1·Ī + (1 − β1)·I,   Ū ← β2·Ū + (1 − β2)·|I − Ī|,   s(w) = Ī ⊙ Ū
     S_k,i = s(λ_k,i) + mean_j s(Q_k,ij) + mean_j s(P_k,ji)                             (the triplet score)
-    b(t) = b0 for t ≤ tinit;  bT for t > T − tfinal;  else ⌊(b0 − bT)·(1 − (t − tinit)/(T − tfinal − tinit))³ + bT⌋
-    every ΔT steps: λ_k,i ← 0 for the b0 − b(t) lowest S over all matrices; from T − tfinal on the mask is frozen
+    b(t) = b0 for t ≤ tinit;  bT for t > T − tfinal;
+           else ⌊(b0 − bT)·(1 − (t − tinit)/(T − tfinal − tinit))³ + bT⌋
+    every ΔT steps: λ_k,i ← 0 for the b0 − b(t) lowest S over all matrices;
+                    from T − tfinal on the mask is frozen
 
-What differs from lora.py: the layer's three factors and init (create_factors), the regulariser (extra_loss), the
-allocator (after_step: after optimizer.step, before zero_grad, with t = completed steps), and peft's ADALORA file
-format (rank_pattern: the kept triplets; the file holds only those). Masked λ stay trainable and can recover
-until the mask freezes; masking frees no memory (SPEC §2.4), the ranks only shrink in the saved file.
+What differs from lora.py: the layer's three factors and init (create_factors), the regulariser (extra_loss),
+the allocator (after_step: after optimizer.step, before zero_grad, with t = completed steps), and peft's
+ADALORA file format (rank_pattern: the kept triplets; the file holds only those). Masked λ stay trainable
+and can recover until the mask freezes; masking frees no memory (SPEC §2.4), the ranks only shrink in the
+saved file.
 """
 import json
 import os
@@ -23,8 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
-from lora import (MODULES_TO_SAVE, LoRA, LoRALinear, MethodConfig, adapter_layers, peft_key, read_adapter_config,
-                  saved_method, write_atomic, write_text)
+from lora import (MODULES_TO_SAVE, LoRA, LoRALinear, MethodConfig, adapter_layers, peft_key,
+                  read_adapter_config, saved_method, write_atomic, write_text)
 from model import hf_name
 
 
@@ -85,7 +89,8 @@ class AdaLoRAConfig(MethodConfig):
 
 class RankAllocator:
     """peft's RankAllocator over {name: SVDLinear}: importance EMAs per entry of P, λ, Q, the triplet score,
-    the cubic budget and the global threshold. step(t) is the whole per-step protocol (SPEC §2.4 "allocate")."""
+    the cubic budget and the global threshold. step(t) is the whole per-step protocol
+    (SPEC §2.4 "allocate")."""
 
     def __init__(self, layers, cfg, total_step):
         self.layers, self.cfg, self.T = layers, cfg, total_step
@@ -161,7 +166,8 @@ class RankAllocator:
 
 class AdaLoRA(LoRA):
     """AdaLoRA (SPEC §3 baseline, §2.4 adapter): SVD adapters on every target, one lr for P, λ, Q, the
-    orthogonal regulariser, and the rank allocator after each step. Call schedule(T, warmup) before training."""
+    orthogonal regulariser, and the rank allocator after each step. Call schedule(T, warmup) before
+    training."""
     name = "adalora"
     Config = AdaLoRAConfig
 
@@ -199,12 +205,13 @@ class AdaLoRA(LoRA):
 
     def after_step(self, model, step):
         if self.allocator is None:
-            raise ValueError("AdaLoRA's budget needs the run's length: call schedule(total_steps, warmup_steps) "
-                             "before training")
+            raise ValueError("AdaLoRA's budget needs the run's length: call "
+                             "schedule(total_steps, warmup_steps) before training")
         self.allocator.step(step)
 
     def state_dict(self):
-        """The allocator's EMAs, masks and budgets, and R so far: a resumed run allocates as if never stopped."""
+        """The allocator's EMAs, masks and budgets, and R so far: a resumed run allocates as if never
+        stopped."""
         a = self.allocator
         key = lambda k: f"{k[0]}|{k[1]}"
         return {"ipt": {key(k): t for k, t in a.ipt.items()}, "unc": {key(k): t for k, t in a.unc.items()},
@@ -256,11 +263,13 @@ class AdaLoRA(LoRA):
             tensors[self.file_key(family, n)] = p.detach().contiguous()
         cfg = json.dumps(self.peft_config(model), indent=2)
         meta = {"format": "pt", "nanopeft_method": self.name}
-        write_atomic(folder, {"adapter_model.safetensors": lambda path: save_file(tensors, path, metadata=meta),
-                              "adapter_config.json": write_text(cfg)})
+        write_atomic(folder,
+                     {"adapter_model.safetensors": lambda path: save_file(tensors, path, metadata=meta),
+                      "adapter_config.json": write_text(cfg)})
 
     def load(self, model, folder):
-        """Fill each layer's kept triplets from the file and zero the rest (P, λ, Q) so ΔW is the saved one."""
+        """Fill each layer's kept triplets from the file and zero the rest (P, λ, Q) so ΔW is the
+        saved one."""
         cfg = read_adapter_config(folder)
         path = os.path.join(folder, "adapter_model.safetensors")
         saved = saved_method(path, str(cfg.get("peft_type")).lower())

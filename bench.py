@@ -63,8 +63,8 @@ def bnb_quantize(hf):
     for name, m in list(hf.named_modules()):
         if (".layer." in name or ".h." in name) and type(m).__name__ in ("Linear", "Conv1D"):
             W = m.weight.data.t() if type(m).__name__ == "Conv1D" else m.weight.data  # (out, in)
-            q = bnb.nn.Linear4bit(W.shape[1], W.shape[0], bias=m.bias is not None, compute_dtype=torch.float32,
-                                  compress_statistics=True, quant_type="nf4")
+            q = bnb.nn.Linear4bit(W.shape[1], W.shape[0], bias=m.bias is not None,
+                                  compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
             q.weight = bnb.nn.Params4bit(W.contiguous(), requires_grad=False, quant_type="nf4",
                                          compress_statistics=True, blocksize=64)
             if m.bias is not None:
@@ -324,8 +324,8 @@ def quant_bench(argv):
 
 
 # -----------------------------------------------------------------------------
-# memory: seed 003's claim (ADAQ-LoRA trains in less memory than QLoRA and LoRA), ours beside transformers + peft
-# + bitsandbytes, on random-init GPT-2-medium (issue 19)
+# memory: seed 003's claim (ADAQ-LoRA trains in less memory than QLoRA and LoRA), ours beside transformers
+# + peft + bitsandbytes, on random-init GPT-2-medium (issue 19)
 
 MEMORY_ROWS = {"lora": False, "qlora": True, "adalora": False, "adaq_lora": True}  # row -> 4-bit base
 SEED003_MB = {"lora": (40132, 59551), "qlora": (9231, 12626), "adaq_lora": (8446, 9072)}  # Alpaca_zh, math
@@ -343,8 +343,9 @@ def vm_hwm_mb():
 
 
 def reference_model(cfg, four_bit, row):
-    """transformers' GPT2ForSequenceClassification, its block Conv1Ds swapped for bitsandbytes NF4 + double-quant
-    Linear4bit when four_bit, wrapped by peft's LoRA (r 64, α 16) or AdaLoRA (init_r 12, target_r 8)."""
+    """transformers' GPT2ForSequenceClassification, its block Conv1Ds swapped for bitsandbytes
+    NF4 + double-quant Linear4bit when four_bit, wrapped by peft's LoRA (r 64, α 16) or AdaLoRA
+    (init_r 12, target_r 8)."""
     import transformers as T
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
     hf = T.GPT2ForSequenceClassification(T.GPT2Config(
@@ -375,7 +376,8 @@ def memory_row(c):
         bits = quant.bits_per_param(model) if four_bit else 32.0
         opt, sched = finetune.optimizer(method, model, 100, 0, "cpu")
         method.schedule(100, 0)
-        batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids), "labels": labels}
+        batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
+                 "labels": labels}
         step = lambda t: finetune.train_step(model, model, method, batch, opt, sched, t, 1.0, "cpu")
         named = model.named_parameters()
     else:
@@ -406,7 +408,8 @@ def memory_row(c):
 
 
 def memory_bench(argv):
-    p = argparse.ArgumentParser(prog="python bench.py memory", description="seed 003's memory claim (issue 19)")
+    p = argparse.ArgumentParser(prog="python bench.py memory",
+                                description="seed 003's memory claim (issue 19)")
     p.add_argument("--model", default="gpt2-medium", help=", ".join(RANDOM_MODELS))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=512)
@@ -439,10 +442,11 @@ def memory_bench(argv):
 def memory_table(rows, threads):
     ref = {r["row"]: r for r in rows if r["stack"] == "reference"}
     c = rows[0]
-    lines = [f"Peak RSS of {c['steps']} training steps (VmHWM reset after the build), {c['model']} random init, "
-             f"batch {c['batch']} x {c['seq']} tokens, one fresh process per row, {threads} thread(s). LoRA/QLoRA: "
-             f"r 64, α 16 on every block linear; AdaLoRA/ADAQ: init_r 12, target_r 8. Reference: transformers + "
-             f"peft (+ bitsandbytes NF4 + double quant for the 4-bit rows).", "",
+    lines = [f"Peak RSS of {c['steps']} training steps (VmHWM reset after the build), {c['model']} "
+             f"random init, batch {c['batch']} x {c['seq']} tokens, one fresh process per row, {threads} "
+             f"thread(s). LoRA/QLoRA: r 64, α 16 on every block linear; AdaLoRA/ADAQ: init_r 12, "
+             f"target_r 8. Reference: transformers + peft (+ bitsandbytes NF4 + double quant for the "
+             f"4-bit rows).", "",
              "| row | ours MB | reference MB | ours / ref | adapter params ours / ref | bits/param (4-bit) | "
              "paper MB (Alpaca_zh, School_math; ChatGLM2-6B, GPU) |", "|---" * 7 + "|"]
     for r in rows:

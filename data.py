@@ -86,7 +86,8 @@ def read_tsv(task, path):
     out = []
     for n, row in numbered:
         if len(row) < need:
-            raise ValueError(f"{path} line {n} has {len(row)} tab-separated fields, {task.folder} needs {need}")
+            raise ValueError(f"{path} line {n} has {len(row)} tab-separated fields, "
+                             f"{task.folder} needs {need}")
         value = row[label_col]
         if task.labels:
             if value not in task.labels:

@@ -176,7 +176,8 @@ class DynamicLoRA(LoRA):
             for name, layer in self.layers.items():
                 if layer.importance is not None:
                     I, prev = layer.importance.item(), self.ema.get(name)
-                    self.ema[name] = I if prev is None else c.importance_beta * prev + (1 - c.importance_beta) * I
+                    self.ema[name] = (I if prev is None
+                                      else c.importance_beta * prev + (1 - c.importance_beta) * I)
                     layer.importance = None
         if step >= self.omega_start and step % c.omega_every == 0 and len(self.ema) == len(self.layers):
             total = sum(self.ema.values())

@@ -40,7 +40,8 @@ def table(runs, columns=None, last=False):
     The label is train.py's method.label(): each TLoRA+ configuration and λ, and QLoRA, get their own rows.
     last=True reads the last epoch (with its train loss and accuracy) instead of the one --select kept."""
     if last:
-        runs = [{**r, "metrics": {k: v for k, v in r["last"].items() if k not in ("epoch", "step", "holdout")}}
+        runs = [{**r, "metrics": {k: v for k, v in r["last"].items()
+                                  if k not in ("epoch", "step", "holdout")}}
                 for r in runs]
     groups = defaultdict(list)
     for r in runs:
@@ -54,8 +55,8 @@ def table(runs, columns=None, last=False):
     epochs = "the last epoch" if last else \
         "the epoch each run kept (" + ", ".join(sorted({selected(r) for r in runs})) + ")"
     lines = [f"Dev metrics at {epochs}; mean ± std over seeds.", "",
-             "| task | method | model | " + ("config | " if differ else "") + "seeds | " + " | ".join(columns) +
-             " | trainable % |", "|---" * (len(columns) + 5 + bool(differ)) + "|"]
+             "| task | method | model | " + ("config | " if differ else "") + "seeds | " +
+             " | ".join(columns) + " | trainable % |", "|---" * (len(columns) + 5 + bool(differ)) + "|"]
     for (task, method, model, key), rs in sorted(groups.items()):
         cells = []
         for c in columns:
@@ -63,7 +64,8 @@ def table(runs, columns=None, last=False):
             cells.append(f"{np.mean(vals):.4f} ± {np.std(vals):.4f}" if len(vals) > 1 else
                          f"{vals[0]:.4f}" if vals else "–")
         cfg = json.loads(key)
-        differs = " ".join(f"{a}={cfg[a]}" for a in differ if cfg.get(a) is not None) + " | " if differ else ""
+        differs = (" ".join(f"{a}={cfg[a]}" for a in differ if cfg.get(a) is not None) + " | "
+                   if differ else "")
         lines.append(f"| {task} | {method} | {model} | {differs}{len(rs)} | " + " | ".join(cells) +
                      f" | {rs[0]['trainable_pct']:.3f} |")
     lines += ["", f"Rows differ in: {', '.join(differ)}." if differ else
@@ -211,7 +213,8 @@ def plot_ranks(runs, png):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", nargs="+", help="folders written by train.py: re-evaluate their saved tensors")
+    p.add_argument("--out_dir", nargs="+",
+                   help="folders written by train.py: re-evaluate their saved tensors")
     p.add_argument("--latency", type=int, default=0, metavar="N",
                    help="with --out_dir: also time N batch-1 passes, merged and not, and store them in each "
                         "metrics.json (SPEC 1.5: 200; run it with nothing else on the machine)")
@@ -225,7 +228,8 @@ if __name__ == "__main__":
     p.add_argument("--plot_dynamic", nargs="+", metavar="METRICS_JSON",
                    help="Dynamic LoRA runs: plot r_l and m_l")
     p.add_argument("--plot_ranks", nargs="+", metavar="METRICS_JSON",
-                   help="runs with per-matrix ranks (adalora, adaq_lora, dynamic_lora): a layer x matrix heat map")
+                   help="runs with per-matrix ranks (adalora, adaq_lora, dynamic_lora): a layer x matrix "
+                        "heat map")
     p.add_argument("--png", default="dynamic_lora.png",
                    help="where --plot_dynamic / --plot_ranks write (matplotlib optional)")
     a = p.parse_args()
@@ -235,7 +239,8 @@ if __name__ == "__main__":
                 metrics, saved = finetune.reevaluate(out_dir, latency_passes=a.latency)
             except (ValueError, OSError, FloatingPointError) as e:
                 sys.exit(f"error: {e}")
-            print(json.dumps({"out_dir": out_dir, "recomputed": metrics, "saved": saved["metrics"]}, indent=2))
+            print(json.dumps({"out_dir": out_dir, "recomputed": metrics, "saved": saved["metrics"]},
+                             indent=2))
             if a.latency:  # the run's own numbers stay; only the latency fields are replaced, atomically
                 saved.update(latency_ms=metrics["latency_ms"], latency_merged_ms=metrics["latency_merged_ms"],
                              latency_note=f"re-measured by eval.py --latency {a.latency}")

@@ -131,9 +131,9 @@ def parser(methods=METHODS):
 
 AT_LEAST_1 = ("batch_size", "eval_batch_size", "epochs", "log_every", "pad_multiple", "rank", "adapter_size",
               "max_len", "n_cal", "importance_every", "omega_every", "r_max", "init_r", "delta_t")
-AT_LEAST_0 = ("lr", "head_lr", "weight_decay", "max_train_samples", "max_steps", "save_every", "latency_passes",
-              "warmup_ratio", "lambda1", "lambda2", "beta", "omega_start", "target_r", "tinit", "tfinal",
-              "orth_reg_weight")
+AT_LEAST_0 = ("lr", "head_lr", "weight_decay", "max_train_samples", "max_steps", "save_every",
+              "latency_passes", "warmup_ratio", "lambda1", "lambda2", "beta", "omega_start", "target_r",
+              "tinit", "tfinal", "orth_reg_weight")
 
 
 def parse_args(argv=None, methods=METHODS):
@@ -148,7 +148,8 @@ def parse_args(argv=None, methods=METHODS):
                 raise ValueError(f"--{name} must be ≥ {low}, not {v}")
     for name, v, ok, want in (("warmup_ratio", args.warmup_ratio, args.warmup_ratio <= 1, "≤ 1"),
                               ("grad_clip", args.grad_clip, args.grad_clip > 0, "> 0"),
-                              ("dropout", args.dropout, args.dropout is None or 0 <= args.dropout < 1, "in [0, 1)"),
+                              ("dropout", args.dropout, args.dropout is None or 0 <= args.dropout < 1,
+                               "in [0, 1)"),
                               ("ratio", args.ratio, args.ratio is None or args.ratio > 0, "> 0")):
         if not ok:
             raise ValueError(f"--{name} must be {want}, not {v}")
@@ -199,8 +200,8 @@ def build(args, method):
                          f"{args.model}; pass --max_len {positions} or less")
     for flag in ("rank", "init_r"):  # every block linear has the hidden size d as its in or out side
         if (getattr(args, flag, None) or 0) > cfg.d:
-            raise ValueError(f"--{flag} {getattr(args, flag)} exceeds the hidden size {cfg.d} of {args.model}, "
-                             f"the smaller side of its layers; pass --{flag} {cfg.d} or less")
+            raise ValueError(f"--{flag} {getattr(args, flag)} exceeds the hidden size {cfg.d} of "
+                             f"{args.model}, the smaller side of its layers; pass --{flag} {cfg.d} or less")
     torch.manual_seed(args.seed)
     model = from_pretrained(folder, num_labels=task.num_labels)
     model.name_or_path = args.model
@@ -390,7 +391,8 @@ def run(args, methods=METHODS):
     loop = {"epoch": 0, "batch": 0, "epoch_rng": rng.getstate(), "step": 0, "train_seconds": 0.0,
             "sums": [0.0, 0.0], "n_steps": 0, "n_seen": 0, "since": 0,
             "history": [],  # one row per epoch
-            "log": [],      # (step, mean task loss over the steps since the previous row, lr) at every log step
+            # (step, mean task loss over the steps since the previous row, lr) at every log step
+            "log": [],
             "kept": None}   # (epoch, trained tensors) of the epoch --select keeps; None: the current weights
     window = torch.zeros(2, device=args.device)  # Σ task loss, Σ correct since the last read: on the device
     if args.resume:
@@ -398,8 +400,8 @@ def run(args, methods=METHODS):
         print(f"resumed at step {loop['step']} (epoch {loop['epoch'] + 1}, batch {loop['batch']})")
     stop = interrupt_flag()
     try:
-        train_loop(args, loop, window, rng, model, forward, method, opt, sched, train, dev, holdout, task, tok,
-                   steps_per_epoch, total, stop)
+        train_loop(args, loop, window, rng, model, forward, method, opt, sched, train, dev, holdout, task,
+                   tok, steps_per_epoch, total, stop)
     finally:
         stop["restore"]()
 
@@ -427,7 +429,8 @@ def run(args, methods=METHODS):
                       latency_ms(model, method, dev, args, tok.pad_id, args.latency_passes, True)}
                  if args.latency_passes else {}),
               "method_config": dataclasses.asdict(method.cfg), "method_report": method.report(model)}
-    print(f"reported: dev at epoch {selected} ({'the last' if args.select == 'last' else 'best on holdout'}): "
+    print(f"reported: dev at epoch {selected} "
+          f"({'the last' if args.select == 'last' else 'best on holdout'}): "
           + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if "ranks" in result["method_report"]:  # a method whose ranks differ per matrix (dynamic_lora, adalora)
         ranks = result["method_report"]["ranks"]
@@ -456,16 +459,18 @@ def train_loop(args, loop, window, rng, model, forward, method, opt, sched, trai
         rng.setstate(loop["epoch_rng"])
         batches = data.train_batches(train, args.batch_size, tok.pad_id, not classify, rng, args.pad_multiple)
         batches = itertools.islice(batches, loop["batch"], None)  # on resume: skip the batches already done
-        bar = tqdm(batches, total=steps_per_epoch, initial=loop["batch"], desc=f"epoch {epoch + 1}/{args.epochs}",
-                   file=sys.stdout, disable=not sys.stdout.isatty())
+        bar = tqdm(batches, total=steps_per_epoch, initial=loop["batch"],
+                   desc=f"epoch {epoch + 1}/{args.epochs}", file=sys.stdout, disable=not sys.stdout.isatty())
         for b in bar:
             loop["step"] = step = loop["step"] + 1
-            loss, logits = train_step(model, forward, method, b, opt, sched, step, args.grad_clip, args.device)
+            loss, logits = train_step(model, forward, method, b, opt, sched, step, args.grad_clip,
+                                      args.device)
             window[0] += loss
             if classify:
                 window[1] += (logits.argmax(-1) == b["labels"].to(args.device)).sum()
             loop["batch"] += 1
-            loop["n_steps"], loop["n_seen"], loop["since"] = (loop["n_steps"] + 1, loop["n_seen"] + len(b["labels"]),
+            loop["n_steps"], loop["n_seen"], loop["since"] = (loop["n_steps"] + 1,
+                                                              loop["n_seen"] + len(b["labels"]),
                                                               loop["since"] + 1)
             if step % args.log_every == 0 or step >= total or loop["batch"] == steps_per_epoch:
                 # the only host sync: every step's loss is in it
@@ -509,8 +514,8 @@ def log_step(loop, window, sched, method, bar, s_per_step):
     loop["log"].append((loop["step"], w_loss / loop["since"], lr))
     loop["since"] = 0
     if not math.isfinite(w_loss):
-        raise FloatingPointError(f"loss is {w_loss} by step {loop['step']}; lower --lr (now {method.cfg.lr:g})"
-                                 f"; the last checkpoint, if any, is kept")
+        raise FloatingPointError(f"loss is {w_loss} by step {loop['step']}; lower --lr "
+                                 f"(now {method.cfg.lr:g}); the last checkpoint, if any, is kept")
     bar.set_postfix(loss=f"{loop['log'][-1][1]:.4f}", lr=f"{lr:.2e}")
     if bar.disable:  # no terminal (a log file): one line per log step instead of the bar
         print(f"step {loop['step']}: loss {loop['log'][-1][1]:.4f}, lr {lr:.2e}, {s_per_step:.3f} s/step",
@@ -521,7 +526,8 @@ def log_step(loop, window, sched, method, bar, s_per_step):
 # the run's folder, checkpoints and resume
 
 CHECKPOINT = "checkpoint.pt"
-RUN_FILES = ("metrics.json", CHECKPOINT, "adapter_model.safetensors", "adapter_config.json", "trainable.safetensors")
+RUN_FILES = ("metrics.json", CHECKPOINT, "adapter_model.safetensors", "adapter_config.json",
+             "trainable.safetensors")
 # the flags a resumed run may change: where it logs and how often it saves, not what it trains
 RESUME_MAY_CHANGE = ("out_dir", "resume", "overwrite", "save_every", "log_every", "latency_passes")
 
@@ -554,8 +560,9 @@ def check_out_dir(args):
 
 
 def save_checkpoint(args, loop, window, model, method, opt, sched):
-    """Everything to continue bit for bit: the trained tensors (and adapter buffers), AdamW, the schedule, every
-    RNG, the loop's position and sums, the method's own state and the args; a temp file, then renamed."""
+    """Everything to continue bit for bit: the trained tensors (and adapter buffers), AdamW, the
+    schedule, every RNG, the loop's position and sums, the method's own state and the args; a temp
+    file, then renamed."""
     state = {"args": vars(args), "loop": loop, "window": window.cpu(), "opt": opt.state_dict(),
              "sched": sched.state_dict(), "method": method.state_dict(),
              "tensors": {n: t.detach() for n, t in trained_state(model).items()},
@@ -597,7 +604,8 @@ def load_checkpoint(args, model, method, opt, sched):
     if rng["cuda"]:
         torch.cuda.set_rng_state_all(rng["cuda"])
     loop = state["loop"]
-    loop["epoch_rng"] = tuple(loop["epoch_rng"][0:1]) + (tuple(loop["epoch_rng"][1]),) + tuple(loop["epoch_rng"][2:])
+    loop["epoch_rng"] = (tuple(loop["epoch_rng"][0:1]) + (tuple(loop["epoch_rng"][1]),)
+                         + tuple(loop["epoch_rng"][2:]))
     if loop["kept"] is not None:
         loop["kept"] = (loop["kept"][0], {n: t.to(args.device) for n, t in loop["kept"][1].items()})
     return loop, state["window"].to(args.device)

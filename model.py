@@ -302,7 +302,8 @@ def read_config(folder, num_labels=2):
     hf_keys = dict(vocab_size="vocab_size", n_positions="max_position_embeddings", d="hidden_size",
                    n_layer="num_hidden_layers", n_head="num_attention_heads", d_ff="intermediate_size")
     if cfg.family == "gpt2":
-        hf_keys.update(n_positions="n_positions", d="n_embd", n_layer="n_layer", n_head="n_head", d_ff="n_inner")
+        hf_keys.update(n_positions="n_positions", d="n_embd", n_layer="n_layer", n_head="n_head",
+                       d_ff="n_inner")
     for k, key in hf_keys.items():
         v = getattr(cfg, k)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:

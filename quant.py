@@ -146,8 +146,8 @@ def dequantize_nf4(state, dtype=None):
 
 def compile_dequantize():
     """--compile: Linear4bit dequantizes with dequantize_nf4 compiled by inductor, which fuses its table
-    lookups, the double-quant decode and the block scaling into a few loops (~2.5x faster on CPU here); the plain
-    function above stays the readable reference, and the two are tested equal bit for bit."""
+    lookups, the double-quant decode and the block scaling into a few loops (~2.5x faster on CPU here); the
+    plain function above stays the readable reference, and the two are tested equal bit for bit."""
     global dequantize
     dequantize = torch.compile(dequantize_nf4, dynamic=False)
 

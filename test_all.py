@@ -41,7 +41,8 @@ def reference(module):
     if os.environ.get("NANOPEFT_REQUIRE_REFERENCES") == "1":
         import importlib
         return importlib.import_module(module)
-    return pytest.importorskip(module, reason=f"{module} is a test reference: pip install -r requirements-dev.txt")
+    return pytest.importorskip(module,
+                               reason=f"{module} is a test reference: pip install -r requirements-dev.txt")
 
 
 def tiny_hf(family, num_labels=2, seed=0):
@@ -960,7 +961,7 @@ def test_houlsby_adapter_is_the_identity_at_init_and_counts_2dm_plus_m_plus_d(tm
 
 
 
-# ------------------------------------------------------------------------------------------------ adaq_lora.py
+# ----------------------------------------------------------------------------------------------- adaq_lora.py
 
 def adalora_pair(tmp_path, family="roberta", T=40, **cfg):
     """(our AdaLoRA, transformers + peft's AdaLoRA) on the same weights and the same P, Q (λ = 0 in both)."""
@@ -1101,7 +1102,8 @@ def test_adalora_adapter_loads_in_peft_with_the_same_logits_and_back(tmp_path):
         g["lr"] = 1e-2
     for t in range(1, 13):
         ids, mask, types = batch("roberta", seed=t)
-        b = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": torch.tensor([0, 1, 1])}
+        b = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types,
+             "labels": torch.tensor([0, 1, 1])}
         finetune.train_step(ours, ours, method, b, opt, sched, t, 1.0, "cpu")
     ranks = method.report(ours)["ranks"]
     assert sum(ranks.values()) == 2 * len(ranks) and len(set(ranks.values())) > 1, ranks
@@ -1109,14 +1111,16 @@ def test_adalora_adapter_loads_in_peft_with_the_same_logits_and_back(tmp_path):
     method.save(ours, out_dir)
     saved = json.load(open(os.path.join(out_dir, "adapter_config.json")))
     assert saved["peft_type"] == "ADALORA" and len(saved["rank_pattern"]) == len(ranks)
-    loaded = PeftModel.from_pretrained(T.RobertaForSequenceClassification.from_pretrained(folder), out_dir).eval()
+    loaded = PeftModel.from_pretrained(T.RobertaForSequenceClassification.from_pretrained(folder),
+                                       out_dir).eval()
     ids, mask, types = batch("roberta")
     with torch.no_grad():
         ref = ours(ids, mask, types)
         d = (loaded(input_ids=ids, attention_mask=mask).logits - ref).abs().max().item()
     assert d <= 1e-5, f"peft loads our AdaLoRA adapter but its logits differ by {d:.2e}"
     for n, layer in method.layers.items():  # the file holds the kept triplets only
-        assert loaded.base_model.model.get_submodule(M.hf_name("roberta", n)).lora_A["default"].shape[0] == ranks[n]
+        assert (loaded.base_model.model.get_submodule(M.hf_name("roberta", n)).lora_A["default"].shape[0]
+                == ranks[n])
     again = method_for("adalora", init_r=4, target_r=2, tinit=2, tfinal=3, delta_t=1, alpha=8, dropout=0.0)
     fresh = again.wrap(M.from_pretrained(folder)).eval()
     again.load(fresh, out_dir)
@@ -1587,18 +1591,19 @@ def seed001_run(method, seed, acc):
     trajectory = [{"step": s, "m": {n: 0.5 + k * s / 400 for k, n in enumerate(names)}} for s in (100, 200)]
     report = {"ranks": dict(zip(names, (8, 9, 8, 10))), "m": trajectory[-1]["m"], "m_trajectory": trajectory}
     return {"task": "mrpc", "method": method, "label": method, "model": "minilm", "trainable_pct": 2.0,
-            "metrics": {"accuracy": acc, "auc": 0.8, "f1": 0.85, "recall": 0.9}, "train_seconds": 100.0 + seed,
-            "latency_ms": 12.0, "latency_merged_ms": 10.0, "args": {"model": "minilm"},
-            "method_report": report if method == "dynamic_lora" else {}}
+            "metrics": {"accuracy": acc, "auc": 0.8, "f1": 0.85, "recall": 0.9},
+            "train_seconds": 100.0 + seed, "latency_ms": 12.0, "latency_merged_ms": 10.0,
+            "args": {"model": "minilm"}, "method_report": report if method == "dynamic_lora" else {}}
 
 
 def test_seed001_tables_put_the_papers_numbers_beside_ours_and_the_plot_is_optional(tmp_path, monkeypatch):
     runs = [seed001_run(m, s, a) for m, a in (("lora", 0.80), ("dynamic_lora", 0.82)) for s in (0, 1)]
     runs[1]["metrics"]["accuracy"] = 0.84  # lora: 0.80 and 0.84
     lines = ev.paper_tables(runs, "001").splitlines()
-    assert "| LoRA | 2 | 82.0 ± 2.0 | 87.4 | 80.0 ± 0.0 | 90.2 | 85.0 ± 0.0 | 86.5 | 90.0 ± 0.0 | 86.0 |" in lines
-    assert "| Ours (Dynamic LoRA) | 2 | 82.0 ± 0.0 | 88.1 | 80.0 ± 0.0 | 91.0 | 85.0 ± 0.0 | 87.3 | 90.0 ± 0.0 | 86.8 |" \
+    assert "| LoRA | 2 | 82.0 ± 2.0 | 87.4 | 80.0 ± 0.0 | 90.2 | 85.0 ± 0.0 | 86.5 | 90.0 ± 0.0 | 86.0 |" \
         in lines
+    assert "| Ours (Dynamic LoRA) | 2 | 82.0 ± 0.0 | 88.1 | 80.0 ± 0.0 | 91.0 | 85.0 ± 0.0 | 87.3 | " \
+        "90.0 ± 0.0 | 86.8 |" in lines
     assert "| LoRA | 100 ± 0 | 7.1 | 10.00 ± 0.00 | 12.00 ± 0.00 | 12.9 | 2.000 | 0.8 |" in lines
     assert not any(line.startswith("| Full") for line in lines), "rows without runs are left out"
     with pytest.raises(ValueError, match="--paper 001 has no row for --method tlora"):
@@ -1657,7 +1662,8 @@ E2E = [("lora", "none", "lora"), ("bitfit", "none", "bitfit"), ("tlora_plus", "n
        ("tlora", "nf4", "tlora+nf4"), ("bitfit", "nf4", "bitfit+nf4"), ("adalora", "none", "adalora"),
        ("adaq_lora", "nf4", "adaq_lora")]
 E2E_FLAGS = {"dynamic_lora": ["--n_cal", "3"],
-             "adalora": ["--init_r", "4", "--target_r", "2", "--tinit", "2", "--tfinal", "3", "--delta_t", "1"]}
+             "adalora": ["--init_r", "4", "--target_r", "2", "--tinit", "2", "--tfinal", "3",
+                         "--delta_t", "1"]}
 E2E_FLAGS["adaq_lora"] = E2E_FLAGS["adalora"]
 
 
@@ -1697,7 +1703,8 @@ def test_train_end_to_end(method, base, label, tmp_path):
     recomputed, _ = finetune.reevaluate(out, latency_passes=2 if method == "lora" else 0)
     assert recomputed["accuracy"] == saved["metrics"]["accuracy"]
     assert recomputed["loss"] == pytest.approx(saved["metrics"]["loss"], abs=1e-5)
-    if method in ("adalora", "adaq_lora"):  # the allocator's record: 10 budgets, ending at target_r per matrix
+    # the allocator's record: 10 budgets, ending at target_r per matrix
+    if method in ("adalora", "adaq_lora"):
         report = saved["method_report"]
         assert len(report["budget"]) == 10 == len(report["orth_loss"]) and report["budget"][-1] == 2 * 12
         assert sorted(report["ranks"].values()) != [2] * 12 and sum(report["ranks"].values()) == 24
@@ -1706,7 +1713,8 @@ def test_train_end_to_end(method, base, label, tmp_path):
 
 
 RESUME_FLAGS = {"lora": [], "tlora_plus": [], "dynamic_lora": ["--n_cal", "3", "--omega_every", "20"],
-                "adalora": ["--init_r", "4", "--target_r", "2", "--tinit", "10", "--tfinal", "30", "--delta_t", "5"]}
+                "adalora": ["--init_r", "4", "--target_r", "2", "--tinit", "10", "--tfinal", "30",
+                            "--delta_t", "5"]}
 
 
 class Killed(Exception):
@@ -1769,8 +1777,8 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     glue = str(tmp_path / "glue")
     folder = tiny_checkpoint(tmp_path, write_glue(glue, n=20))
     out = str(tmp_path / "out")
-    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--model", folder, "--data_dir", glue, "--epochs", "2",
-           "--batch_size", "1", "--log_every", "1", "--out_dir", out]
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--model", folder, "--data_dir", glue,
+           "--epochs", "2", "--batch_size", "1", "--log_every", "1", "--out_dir", out]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
     for line in p.stdout:
         if line.startswith("step 5:"):
@@ -1778,8 +1786,10 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
             break
     err = p.communicate(timeout=60)[1].strip()
     assert p.returncode != 0 and len(err.splitlines()) == 1, err
-    assert err.startswith("error: interrupted at step ") and err.endswith("resume with the same command and --resume")
-    assert os.path.exists(os.path.join(out, "checkpoint.pt")) and not os.path.exists(os.path.join(out, "metrics.json"))
+    assert (err.startswith("error: interrupted at step ")
+            and err.endswith("resume with the same command and --resume"))
+    assert (os.path.exists(os.path.join(out, "checkpoint.pt"))
+            and not os.path.exists(os.path.join(out, "metrics.json")))
     r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, cwd=HERE, timeout=120)
     assert r.returncode == 0 and os.path.exists(os.path.join(out, "metrics.json")), r.stderr[-1000:]
 
@@ -1824,7 +1834,8 @@ class SnapshotBitFit(baselines.BitFit):
 
 
 @pytest.mark.parametrize("select, epoch, dev_acc", [("last", 2, 0.7), ("holdout", 1, 0.1)])
-def test_select_never_looks_at_dev_and_saves_the_selected_epoch(select, epoch, dev_acc, tmp_path, monkeypatch):
+def test_select_never_looks_at_dev_and_saves_the_selected_epoch(select, epoch, dev_acc, tmp_path,
+                                                                 monkeypatch):
     """Dev scores best at epoch 2, the held-out slice at epoch 1: --select last reports and saves epoch 2,
     --select holdout epoch 1 (with dev's epoch-1 score), whatever dev says."""
     from safetensors.torch import load_file
@@ -1838,7 +1849,8 @@ def test_select_never_looks_at_dev_and_saves_the_selected_epoch(select, epoch, d
     argv = ["--method", "snapshot_bitfit", "--task", "mrpc", "--model", folder, "--data_dir", glue,
             "--epochs", "2", "--batch_size", "8", "--lr", "1e-2", "--out_dir", out, "--select", select]
     result = finetune.run(finetune.parse_args(argv, methods), methods)
-    assert (result["select"], result["selected_epoch"], result["metrics"]["accuracy"]) == (select, epoch, dev_acc)
+    assert ((result["select"], result["selected_epoch"], result["metrics"]["accuracy"])
+            == (select, epoch, dev_acc))
     assert ("holdout" in result["history"][0]) == (select == "holdout")
     saved = load_file(os.path.join(out, "trainable.safetensors"))
     assert all(torch.equal(saved[n], t) for n, t in SnapshotBitFit.snapshots[4 * epoch].items()), \
@@ -1921,7 +1933,8 @@ def test_flags_map_onto_each_methods_config():
              "importance_beta": ("0.5", 0.5), "omega_every": ("6", 6), "omega_start": ("2", 2),
              "lambda1": ("0.1", 0.1), "lambda2": ("0.2", 0.2), "tlora_init": ("official", "official"),
              "init_r": ("10", 10), "target_r": ("6", 6), "tinit": ("3", 3), "tfinal": ("4", 4),
-             "delta_t": ("2", 2), "beta1": ("0.8", 0.8), "beta2": ("0.7", 0.7), "orth_reg_weight": ("0.1", 0.1)}
+             "delta_t": ("2", 2), "beta1": ("0.8", 0.8), "beta2": ("0.7", 0.7),
+             "orth_reg_weight": ("0.1", 0.1)}
     assert set(given) - {"seed"} == set(finetune.METHOD_FLAGS), "this test must set every method flag"
     # --rank -> r, --tlora_train -> train
     field_of = {flag: field for field, flag in finetune.FLAG_OF.items()}
@@ -1973,7 +1986,8 @@ def test_train_bad_input_is_one_clear_line(argv, message):
 
 @pytest.fixture(scope="module")
 def broken(tmp_path_factory):
-    """A tiny checkpoint, a GLUE folder, and one broken copy of each per kind of bad file a user hands over."""
+    """A tiny checkpoint, a GLUE folder, and one broken copy of each per kind of bad file a user hands
+    over."""
     from safetensors.torch import load_file, save_file
     root = tmp_path_factory.mktemp("broken")
     glue = str(root / "glue")
@@ -2002,7 +2016,8 @@ def broken(tmp_path_factory):
     model_copy("truncated", lambda d: open(os.path.join(d, "model.safetensors"), "r+b").truncate(500))
     model_copy("no_weights", lambda d: os.remove(os.path.join(d, "model.safetensors")))
     model_copy("no_vocab", lambda d: os.remove(os.path.join(d, "vocab.txt")))
-    model_copy("no_unk", lambda d: open(os.path.join(d, "vocab.txt"), "w").write("[PAD]\n[CLS]\n[SEP]\ncat\n"))
+    model_copy("no_unk",
+               lambda d: open(os.path.join(d, "vocab.txt"), "w").write("[PAD]\n[CLS]\n[SEP]\ncat\n"))
 
     def glue_copy(name, split, content):
         d = str(root / name)
@@ -2101,15 +2116,16 @@ def test_bad_inputs_are_one_line_each_through_the_command_lines(broken):
         script, argv, message = c
         argv = argv.format(**broken).split()
         full = [*base, *argv] if script == "train.py" else argv
-        r = subprocess.run([sys.executable, os.path.join(HERE, script), *full], capture_output=True, text=True,
-                           cwd=HERE, timeout=300)
+        r = subprocess.run([sys.executable, os.path.join(HERE, script), *full], capture_output=True,
+                           text=True, cwd=HERE, timeout=300)
         return c, r
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(case, BAD_INPUTS))
     failures = []
     for (script, argv, message), r in results:
         lines = r.stderr.strip().splitlines()
-        if not (r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]):
+        if not (r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ")
+                and message in lines[0]):
             failures.append(f"{script} {argv}: rc {r.returncode}, stderr {r.stderr.strip()[-300:]!r}")
     assert not failures, f"{len(failures)} of {len(BAD_INPUTS)} cases:\n" + "\n".join(failures)
     assert not [p for p in glob.glob(broken["root"] + "/**/metrics.json", recursive=True)

@@ -133,7 +133,8 @@ class TLoRAPlus(LoRA):
     def variant(self):
         """The model-changing choices beyond the defaults, for the label."""
         c = self.cfg
-        return ("" if c.b_init == "zero" else f" b_init={c.b_init}") + ("" if c.init == "spec" else f" {c.init}-init")
+        return (("" if c.b_init == "zero" else f" b_init={c.b_init}")
+                + ("" if c.init == "spec" else f" {c.init}-init"))
 
     def label(self):
         return f"{self.name} {self.config()} λ={self.cfg.ratio:g}" + self.variant()
