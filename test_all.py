@@ -1858,6 +1858,30 @@ def test_select_never_looks_at_dev_and_saves_the_selected_epoch(select, epoch, d
     assert any(not torch.equal(saved[n], t) for n, t in SnapshotBitFit.snapshots[4 * (3 - epoch)].items())
 
 
+def test_train_loss_and_accuracy_are_every_steps_not_a_sample(tmp_path, monkeypatch):
+    """--log_every 4 over 2 epochs of 5 steps: each epoch's train loss and accuracy are the means over all its
+    steps and examples, and each log row is the mean of the steps since the previous row."""
+    glue = str(tmp_path / "glue")
+    folder = tiny_checkpoint(tmp_path, write_glue(glue, n=40))
+    steps, real = [], finetune.train_step
+
+    def record(model, fwd, method, b, *a):
+        loss, logits = real(model, fwd, method, b, *a)
+        steps.append((loss.item(), (logits.argmax(-1) == b["labels"]).sum().item(), len(b["labels"])))
+        return loss, logits
+    monkeypatch.setattr(finetune, "train_step", record)
+    r = finetune.run(finetune.parse_args(["--model", folder, "--data_dir", glue, "--epochs", "2",
+                                          "--batch_size", "8", "--log_every", "4", "--lr", "1e-2"]))
+    assert len(steps) == 10 and [row[0] for row in r["loss_log"]] == [4, 5, 8, 10]
+    for e, epoch in enumerate((steps[:5], steps[5:])):
+        assert r["history"][e]["train_loss"] == pytest.approx(np.mean([l for l, _, _ in epoch]), rel=1e-6)
+        correct, seen = sum(c for _, c, _ in epoch), sum(n for _, _, n in epoch)
+        assert r["history"][e]["train_accuracy"] == correct / seen
+    windows = [steps[0:4], steps[4:5], steps[5:8], steps[8:10]]
+    assert [row[1] for row in r["loss_log"]] == pytest.approx([np.mean([l for l, _, _ in w]) for w in windows],
+                                                              rel=1e-6)
+
+
 def test_holdout_rows_never_train(tmp_path, monkeypatch):
     rows = [((f"s{i}", None), i % 2) for i in range(57)]
     train, held = data.holdout_split(rows)
