@@ -1878,8 +1878,8 @@ def test_train_loss_and_accuracy_are_every_steps_not_a_sample(tmp_path, monkeypa
         correct, seen = sum(c for _, c, _ in epoch), sum(n for _, _, n in epoch)
         assert r["history"][e]["train_accuracy"] == correct / seen
     windows = [steps[0:4], steps[4:5], steps[5:8], steps[8:10]]
-    assert [row[1] for row in r["loss_log"]] == pytest.approx([np.mean([l for l, _, _ in w]) for w in windows],
-                                                              rel=1e-6)
+    means = [np.mean([l for l, _, _ in w]) for w in windows]
+    assert [row[1] for row in r["loss_log"]] == pytest.approx(means, rel=1e-6)
 
 
 def test_holdout_rows_never_train(tmp_path, monkeypatch):
