@@ -124,6 +124,8 @@ def parser(methods=METHODS):
                    help="after training, time N batch-1 dev passes, merged and not (SPEC 1.5: 200); "
                    "0 skips it")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA: with CUDA graphs)")
+    p.add_argument("--grad_checkpointing", action="store_true",
+                   help="recompute each block's activations in backward: less memory, ~1/3 more compute")
     p.add_argument("--pad_multiple", type=int, default=None, help="pad batches to a multiple of this "
                    "(default: 32 with --compile, so it compiles a handful of shapes; else 1)")
     return p
@@ -218,6 +220,7 @@ def build(args, method):
             raise ValueError(f"--quant nf4 stores the base weights in 4 bits, which cannot train, but "
                              f"--method {args.method} trains them; use an adapter method (lora = QLoRA), "
                              f"head or bitfit")
+    model.grad_checkpointing = args.grad_checkpointing
     model = method.wrap(model.to(args.device), first_epoch(args, task, tok))
     return model, tok, task
 

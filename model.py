@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 import torch.nn as nn
 from torch.nn import functional as F
 
@@ -141,6 +142,9 @@ class Transformer(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d, eps=cfg.eps) if cfg.family == "gpt2" else None
         self.head = Head(cfg)
         self.apply(self._init_weights)
+        # recompute each block's activations in backward instead of keeping them (torch.utils.checkpoint):
+        # memory for time, the same gradients
+        self.grad_checkpointing = False
 
     @staticmethod
     def _init_weights(m):  # HF's init (initializer_range 0.02), used for heads a checkpoint lacks
@@ -169,7 +173,11 @@ class Transformer(nn.Module):
         if cfg.family == "gpt2":
             mask = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (B, 1, T, T)
         for block in self.h:
-            x = block(x, mask)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                # replayed in backward with the same RNG state, so dropout masks match
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
         return self.ln_f(x) if self.ln_f is not None else x
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):

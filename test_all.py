@@ -109,6 +109,32 @@ def test_model_matches_transformers_hidden_states_and_logits(family, tmp_path):
     assert dl <= 1e-5, f"{family} logits differ from transformers by {dl:.2e}"
 
 
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_grad_checkpointing_gives_the_same_gradients(family, tmp_path):
+    """With dropout on: checkpoint() replays each block with the same RNG state, so loss and every LoRA
+    gradient equal those without checkpointing."""
+    folder = save_hf(tiny_hf(family), tmp_path)
+    ids, mask, types = batch(family)
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        m = method_for("lora", dropout=0.1)
+        model = m.wrap(M.from_pretrained(folder)).train()
+        randomize_b(model)
+        model.grad_checkpointing = ckpt
+        calls = []
+        model.h[0].mlp.register_forward_hook(lambda *a: calls.append(1))  # inside the checkpointed block
+        torch.manual_seed(1)
+        loss = torch.nn.functional.cross_entropy(model(ids, mask, types), torch.tensor([0, 1, 1]))
+        loss.backward()
+        assert len(calls) == (2 if ckpt else 1), "checkpointing recomputes each block once in backward"
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                    if p.grad is not None}))
+    assert grads[0][0] == grads[1][0] and grads[0][1].keys() == grads[1][1].keys()
+    for n, g in grads[0][1].items():
+        assert torch.allclose(g, grads[1][1][n], rtol=1e-5, atol=1e-7), f"{n}: checkpointing moved it"
+
+
 def test_model_loads_pytorch_model_bin_and_bare_backbones(tmp_path):
     hf = tiny_hf("bert")
     ours = M.from_pretrained(save_hf(hf, tmp_path, safe=False)).eval()
