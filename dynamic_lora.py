@@ -38,7 +38,7 @@ class DynamicLoRALinear(LoRALinear):
     def __init__(self, base, r, alpha=16, dropout=0.0, rslora=False):
         super().__init__(base, r, alpha, dropout, rslora)
         self.register_buffer("lora_m", torch.ones((), device=self.lora_A.device))  # m_l, ()
-        self.sample, self.importance = False, None
+        self.sample, self.importance, self.grad_w = False, None, None
 
     def gain(self):
         return self.lora_m * self.scaling
@@ -51,7 +51,9 @@ class DynamicLoRALinear(LoRALinear):
             def measure(G):  # G = ∂L/∂Y, (…, out): one extra (out, N) @ (N, in) product
                 G = G.reshape(-1, self.out_features)
                 gW = G.t().float() @ X.float()  # ∂L/∂W_l, (out, in)
-                self.importance = gW.norm() / math.sqrt(self.out_features * self.in_features)
+                # summed over a step's --grad_accum micro-batches; after_step frees it
+                self.grad_w = gW if self.grad_w is None else self.grad_w + gW
+                self.importance = self.grad_w.norm() / math.sqrt(self.out_features * self.in_features)
             y.register_hook(measure)
         return y
 
@@ -178,7 +180,7 @@ class DynamicLoRA(LoRA):
                     I, prev = layer.importance.item(), self.ema.get(name)
                     self.ema[name] = (I if prev is None
                                       else c.importance_beta * prev + (1 - c.importance_beta) * I)
-                    layer.importance = None
+                    layer.importance = layer.grad_w = None
         if step >= self.omega_start and step % c.omega_every == 0 and len(self.ema) == len(self.layers):
             total = sum(self.ema.values())
             for name, layer in self.layers.items():  # ω_l = Ī_l / ΣĪ, m_l = L_n·ω_l

@@ -107,6 +107,8 @@ def parser(methods=METHODS):
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: run all epochs)")
     p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--grad_accum", type=int, default=1, help="micro-batches of --batch_size per optimizer "
+                   "step: K of B train as one batch of K·B")
     p.add_argument("--eval_batch_size", type=int, default=64)
     p.add_argument("--max_len", type=int, default=None,
                    help="max tokens per example (default: the task's, SPEC 1.4)")
@@ -131,7 +133,8 @@ def parser(methods=METHODS):
     return p
 
 
-AT_LEAST_1 = ("batch_size", "eval_batch_size", "epochs", "log_every", "pad_multiple", "rank", "adapter_size",
+AT_LEAST_1 = ("batch_size", "grad_accum", "eval_batch_size", "epochs", "log_every", "pad_multiple", "rank",
+              "adapter_size",
               "max_len", "n_cal", "importance_every", "omega_every", "r_max", "init_r", "delta_t")
 AT_LEAST_0 = ("lr", "head_lr", "weight_decay", "max_train_samples", "max_steps", "save_every",
               "latency_passes", "warmup_ratio", "lambda1", "lambda2", "beta", "omega_start", "target_r",
@@ -285,25 +288,34 @@ def task_loss(logits, labels):
     return F.cross_entropy(logits.float(), labels)
 
 
-def train_step(model, forward, method, batch, opt, sched, step, grad_clip, device):
-    """The step-th optimizer step: forward (`forward` is the model or its compiled self), the task loss plus
-    the method's extra loss, backward, clip, AdamW, the schedule, then the method's after_step (before
-    zero_grad, so it can read this step's gradients). Returns the task loss (without the extra loss) and the
-    logits, detached and on the device: reading them is the caller's host sync."""
-    b = {k: v.to(device) for k, v in batch.items()}
-    with autocast(device):
-        logits = forward(b["input_ids"], b["attention_mask"], b["token_type_ids"])
-    task = loss = task_loss(logits, b["labels"])
-    extra = method.extra_loss(model)
-    if extra is not None:
-        loss = loss + extra
-    loss.backward()
+def train_step(model, forward, method, batches, opt, sched, step, grad_clip, device):
+    """The step-th optimizer step over one batch or a list of micro-batches (--grad_accum): forward (`forward`
+    is the model or its compiled self) and backward of each, its task loss weighted by its share of the
+    examples, so K micro-batches of B equal one batch of K·B; the method's extra loss once; clip, AdamW, the
+    schedule, then the method's after_step (before zero_grad, so it can read this step's gradients). Returns
+    the task loss (without the extra loss) and the logits, detached and on the device: reading them is the
+    caller's host sync."""
+    batches = [batches] if isinstance(batches, dict) else batches
+    n = sum(len(b["labels"]) for b in batches)
+    task, all_logits = 0.0, []
+    for i, batch in enumerate(batches):
+        b = {k: v.to(device) for k, v in batch.items()}
+        with autocast(device):
+            logits = forward(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+        loss = task_loss(logits, b["labels"]) * (len(b["labels"]) / n)
+        task = task + loss.detach()
+        if i == len(batches) - 1:
+            extra = method.extra_loss(model)
+            if extra is not None:
+                loss = loss + extra
+        loss.backward()
+        all_logits.append(logits.detach())
     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
     opt.step()
     sched.step()
     method.after_step(model, step)
     opt.zero_grad(set_to_none=True)
-    return task.detach(), logits.detach()
+    return task, torch.cat(all_logits)
 
 
 @torch.no_grad()
@@ -371,7 +383,7 @@ def run(args, methods=METHODS):
     train = load_examples(task, "train", args, tok)
     holdout = load_examples(task, "holdout", args, tok) if args.select == "holdout" else None
     dev = load_examples(task, "dev", args, tok)
-    steps_per_epoch = math.ceil(len(train) / args.batch_size)
+    steps_per_epoch = math.ceil(math.ceil(len(train) / args.batch_size) / args.grad_accum)
     total = args.epochs * steps_per_epoch
     if args.max_steps:
         total = min(args.max_steps, total)
@@ -461,7 +473,8 @@ def train_loop(args, loop, window, rng, model, forward, method, opt, sched, trai
         t0, started = time.time(), loop["batch"]
         rng.setstate(loop["epoch_rng"])
         batches = data.train_batches(train, args.batch_size, tok.pad_id, not classify, rng, args.pad_multiple)
-        batches = itertools.islice(batches, loop["batch"], None)  # on resume: skip the batches already done
+        micro = itertools.islice(batches, loop["batch"] * args.grad_accum, None)  # resume: skip the done ones
+        batches = iter(lambda: list(itertools.islice(micro, args.grad_accum)), [])  # K micro-batches a step
         bar = tqdm(batches, total=steps_per_epoch, initial=loop["batch"],
                    desc=f"epoch {epoch + 1}/{args.epochs}", file=sys.stdout, disable=not sys.stdout.isatty())
         for b in bar:
@@ -469,11 +482,11 @@ def train_loop(args, loop, window, rng, model, forward, method, opt, sched, trai
             loss, logits = train_step(model, forward, method, b, opt, sched, step, args.grad_clip,
                                       args.device)
             window[0] += loss
+            labels = torch.cat([m["labels"] for m in b])
             if classify:
-                window[1] += (logits.argmax(-1) == b["labels"].to(args.device)).sum()
+                window[1] += (logits.argmax(-1) == labels.to(args.device)).sum()
             loop["batch"] += 1
-            loop["n_steps"], loop["n_seen"], loop["since"] = (loop["n_steps"] + 1,
-                                                              loop["n_seen"] + len(b["labels"]),
+            loop["n_steps"], loop["n_seen"], loop["since"] = (loop["n_steps"] + 1, loop["n_seen"] + len(labels),
                                                               loop["since"] + 1)
             if step % args.log_every == 0 or step >= total or loop["batch"] == steps_per_epoch:
                 # the only host sync: every step's loss is in it

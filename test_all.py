@@ -1893,7 +1893,8 @@ def test_train_loss_and_accuracy_are_every_steps_not_a_sample(tmp_path, monkeypa
 
     def record(model, fwd, method, b, *a):
         loss, logits = real(model, fwd, method, b, *a)
-        steps.append((loss.item(), (logits.argmax(-1) == b["labels"]).sum().item(), len(b["labels"])))
+        labels = torch.cat([m["labels"] for m in b])
+        steps.append((loss.item(), (logits.argmax(-1) == labels).sum().item(), len(labels)))
         return loss, logits
     monkeypatch.setattr(finetune, "train_step", record)
     r = finetune.run(finetune.parse_args(["--model", folder, "--data_dir", glue, "--epochs", "2",
@@ -1906,6 +1907,33 @@ def test_train_loss_and_accuracy_are_every_steps_not_a_sample(tmp_path, monkeypa
     windows = [steps[0:4], steps[4:5], steps[5:8], steps[8:10]]
     means = [np.mean([l for l, _, _ in w]) for w in windows]
     assert [row[1] for row in r["loss_log"]] == pytest.approx(means, rel=1e-6)
+
+
+@pytest.mark.parametrize("method, flags", [
+    ("lora", []), ("dynamic_lora", ["--importance_every", "1", "--omega_every", "2"]),
+    ("adalora", ["--init_r", "4", "--target_r", "2", "--tinit", "1", "--tfinal", "2", "--delta_t", "1"])])
+def test_grad_accum_k_micro_batches_equal_one_batch_k_times_as_large(method, flags, tmp_path):
+    """--batch_size 4 --grad_accum 2 against --batch_size 8, dropout off: the same steps, losses, schedule,
+    method state (Dynamic LoRA's importance from all micro-batches, AdaLoRA's masks) and trained weights."""
+    from safetensors.torch import load_file
+    glue = str(tmp_path / "glue")
+    folder = tiny_checkpoint(tmp_path, write_glue(glue, n=40), dropout=0.0)
+    common = ["--method", method, "--model", folder, "--data_dir", glue, "--epochs", "2", "--log_every", "1",
+              "--lr", "1e-2", "--dropout", "0", *flags]
+    runs = {}
+    dyn = method == "dynamic_lora"  # calibrate on the same 8 examples
+    for name, argv in (("accum", ["--batch_size", "4", "--grad_accum", "2"] + dyn * ["--n_cal", "2"]),
+                       ("big", ["--batch_size", "8"] + dyn * ["--n_cal", "1"])):
+        runs[name] = finetune.run(finetune.parse_args(common + argv + ["--out_dir", str(tmp_path / name)]))
+    a, b = runs["accum"], runs["big"]
+    assert a["steps"] == b["steps"] == 10
+    assert [r[1] for r in a["loss_log"]] == pytest.approx([r[1] for r in b["loss_log"]], rel=1e-4)
+    assert [r[2] for r in a["loss_log"]] == [r[2] for r in b["loss_log"]], "the schedule counts optimizer steps"
+    if method != "lora":
+        assert a["method_report"]["ranks"] == b["method_report"]["ranks"]
+    wa, wb = (load_file(str(tmp_path / n / "adapter_model.safetensors")) for n in ("accum", "big"))
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6), f"{k} differs with --grad_accum"
 
 
 def test_holdout_rows_never_train(tmp_path, monkeypatch):
