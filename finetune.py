@@ -486,8 +486,9 @@ def train_loop(args, loop, window, rng, model, forward, method, opt, sched, trai
             if classify:
                 window[1] += (logits.argmax(-1) == labels.to(args.device)).sum()
             loop["batch"] += 1
-            loop["n_steps"], loop["n_seen"], loop["since"] = (loop["n_steps"] + 1, loop["n_seen"] + len(labels),
-                                                              loop["since"] + 1)
+            loop["n_steps"] += 1
+            loop["n_seen"] += len(labels)
+            loop["since"] += 1
             if step % args.log_every == 0 or step >= total or loop["batch"] == steps_per_epoch:
                 # the only host sync: every step's loss is in it
                 log_step(loop, window, sched, method, bar, (time.time() - t0) / (loop["batch"] - started))

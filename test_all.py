@@ -1928,7 +1928,7 @@ def test_grad_accum_k_micro_batches_equal_one_batch_k_times_as_large(method, fla
     a, b = runs["accum"], runs["big"]
     assert a["steps"] == b["steps"] == 10
     assert [r[1] for r in a["loss_log"]] == pytest.approx([r[1] for r in b["loss_log"]], rel=1e-4)
-    assert [r[2] for r in a["loss_log"]] == [r[2] for r in b["loss_log"]], "the schedule counts optimizer steps"
+    assert [r[2] for r in a["loss_log"]] == [r[2] for r in b["loss_log"]], "schedule in optimizer steps"
     if method != "lora":
         assert a["method_report"]["ranks"] == b["method_report"]["ranks"]
     wa, wb = (load_file(str(tmp_path / n / "adapter_model.safetensors")) for n in ("accum", "big"))
