@@ -176,6 +176,10 @@ class DynamicLoRA(LoRA):
         c = self.cfg
         if self.sample_next:  # this step measured I_l in backward: fold it into the EMA
             for name, layer in self.layers.items():
+                if layer.grad_w is not None and torch.distributed.is_initialized():  # every rank's rows
+                    torch.distributed.all_reduce(layer.grad_w)
+                    layer.grad_w /= torch.distributed.get_world_size()  # as DDP averages gradients
+                    layer.importance = layer.grad_w.norm() / math.sqrt(layer.out_features * layer.in_features)
                 if layer.importance is not None:
                     I, prev = layer.importance.item(), self.ema.get(name)
                     self.ema[name] = (I if prev is None

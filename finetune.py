@@ -7,6 +7,7 @@ after_step / merge / save / load / label): nothing here asks which method runs. 
 scripts print them.
 """
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -300,15 +301,17 @@ def train_step(model, forward, method, batches, opt, sched, step, grad_clip, dev
     task, all_logits = 0.0, []
     for i, batch in enumerate(batches):
         b = {k: v.to(device) for k, v in batch.items()}
-        with autocast(device):
-            logits = forward(b["input_ids"], b["attention_mask"], b["token_type_ids"])
-        loss = task_loss(logits, b["labels"]) * (len(b["labels"]) / n)
-        task = task + loss.detach()
-        if i == len(batches) - 1:
-            extra = method.extra_loss(model)
-            if extra is not None:
-                loss = loss + extra
-        loss.backward()
+        inner = i < len(batches) - 1 and hasattr(forward, "no_sync")  # DDP: all-reduce on the last one only
+        with forward.no_sync() if inner else contextlib.nullcontext():
+            with autocast(device):
+                logits = forward(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+            loss = task_loss(logits, b["labels"]) * (len(b["labels"]) / n)
+            task = task + loss.detach()
+            if i == len(batches) - 1:
+                extra = method.extra_loss(model)
+                if extra is not None:
+                    loss = loss + extra
+            loss.backward()
         all_logits.append(logits.detach())
     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
     opt.step()
@@ -375,15 +378,20 @@ def run(args, methods=METHODS):
     """Train args.method on args.task and save the selected epoch (--select: the last, or the best on the
     held-out slice of train) to args.out_dir. Returns metrics.json's dict. With --save_every, a checkpoint of
     the whole training state is written every N steps and at each epoch end; --resume continues from it and
-    ends with the same tensors and metrics as a run never stopped."""
-    check_out_dir(args)
+    ends with the same tensors and metrics as a run never stopped. Under torchrun, every rank trains on its
+    shard of each batch and rank 0 alone logs, evaluates and writes; the others return None."""
+    rank, world = distributed(args)
+    if rank == 0:
+        check_out_dir(args)
+    else:  # only rank 0 logs
+        sys.stdout = open(os.devnull, "w")
     random.seed(args.seed)
     method = method_from_args(args, methods)
     model, tok, task = build(args, method)
     train = load_examples(task, "train", args, tok)
     holdout = load_examples(task, "holdout", args, tok) if args.select == "holdout" else None
     dev = load_examples(task, "dev", args, tok)
-    steps_per_epoch = math.ceil(math.ceil(len(train) / args.batch_size) / args.grad_accum)
+    steps_per_epoch = math.ceil(math.ceil(len(train) / (args.batch_size * world)) / args.grad_accum)
     total = args.epochs * steps_per_epoch
     if args.max_steps:
         total = min(args.max_steps, total)
@@ -399,17 +407,19 @@ def run(args, methods=METHODS):
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     forward = compile_model(model, args.device) if args.compile else model
+    if world > 1:  # all-reduces the gradients of the trainable tensors only (frozen ones have none)
+        forward = torch.nn.parallel.DistributedDataParallel(forward, broadcast_buffers=False)
     classify = task.num_labels > 1
 
     rng = random.Random(args.seed)  # the data order of every epoch
     # everything the loop carries from step to step: a checkpoint saves it, --resume restores it
     loop = {"epoch": 0, "batch": 0, "epoch_rng": rng.getstate(), "step": 0, "train_seconds": 0.0,
-            "sums": [0.0, 0.0], "n_steps": 0, "n_seen": 0, "since": 0,
+            "sums": [0.0, 0.0, 0.0], "n_steps": 0, "since": 0,
             "history": [],  # one row per epoch
             # (step, mean task loss over the steps since the previous row, lr) at every log step
             "log": [],
             "kept": None}   # (epoch, trained tensors) of the epoch --select keeps; None: the current weights
-    window = torch.zeros(2, device=args.device)  # Σ task loss, Σ correct since the last read: on the device
+    window = torch.zeros(3, device=args.device)  # Σ task loss, Σ correct, Σ examples since the last read
     if args.resume:
         loop, window = load_checkpoint(args, model, method, opt, sched)
         print(f"resumed at step {loop['step']} (epoch {loop['epoch'] + 1}, batch {loop['batch']})")
@@ -419,6 +429,9 @@ def run(args, methods=METHODS):
                    tok, steps_per_epoch, total, stop)
     finally:
         stop["restore"]()
+    if rank:  # rank 0 writes; the others are done
+        torch.distributed.barrier()
+        return None
 
     history = loop["history"]
     selected = history[-1]["epoch"]
@@ -458,6 +471,8 @@ def run(args, methods=METHODS):
         if os.path.exists(os.path.join(args.out_dir, CHECKPOINT)):  # training state, not a result
             os.remove(os.path.join(args.out_dir, CHECKPOINT))
         print(f"wrote {args.out_dir}/metrics.json")
+    if world > 1:
+        torch.distributed.barrier()
     return result
 
 
@@ -472,7 +487,10 @@ def train_loop(args, loop, window, rng, model, forward, method, opt, sched, trai
         model.train()
         t0, started = time.time(), loop["batch"]
         rng.setstate(loop["epoch_rng"])
-        batches = data.train_batches(train, args.batch_size, tok.pad_id, not classify, rng, args.pad_multiple)
+        rank, world = rank_world()
+        batches = data.train_batches(train, args.batch_size * world, tok.pad_id, not classify, rng,
+                                     args.pad_multiple)
+        batches = (shard(b, rank, world) for b in batches)  # this rank's rows of each global batch
         micro = itertools.islice(batches, loop["batch"] * args.grad_accum, None)  # resume: skip the done ones
         batches = iter(lambda: list(itertools.islice(micro, args.grad_accum)), [])  # K micro-batches a step
         bar = tqdm(batches, total=steps_per_epoch, initial=loop["batch"],
@@ -485,9 +503,9 @@ def train_loop(args, loop, window, rng, model, forward, method, opt, sched, trai
             labels = torch.cat([m["labels"] for m in b])
             if classify:
                 window[1] += (logits.argmax(-1) == labels.to(args.device)).sum()
+            window[2] += len(labels)
             loop["batch"] += 1
             loop["n_steps"] += 1
-            loop["n_seen"] += len(labels)
             loop["since"] += 1
             if step % args.log_every == 0 or step >= total or loop["batch"] == steps_per_epoch:
                 # the only host sync: every step's loss is in it
@@ -502,8 +520,12 @@ def train_loop(args, loop, window, rng, model, forward, method, opt, sched, trai
                     raise InterruptedError(f"interrupted at step {step}; resume with the same command and "
                                            f"--resume")
         loop["train_seconds"] += time.time() - t0
+        if rank:  # rank 0 evaluates and keeps the epoch; the others go on with the next epoch
+            loop.update(epoch=epoch + 1, batch=0, epoch_rng=rng.getstate(), sums=[0.0, 0.0, 0.0], n_steps=0)
+            continue
         row = {"epoch": epoch + 1, "step": loop["step"], "train_loss": loop["sums"][0] / loop["n_steps"],
-               **({"train_accuracy": loop["sums"][1] / loop["n_seen"]} if classify else {})}
+               **({"train_accuracy": loop["sums"][1] / loop["sums"][2]} if classify else {}),
+               "train_examples": int(loop["sums"][2])}  # over all ranks
         row.update(evaluate(model, forward, method, dev, task, args, tok.pad_id))
         if holdout:
             row["holdout"] = evaluate(model, forward, method, holdout, task, args, tok.pad_id)
@@ -517,16 +539,55 @@ def train_loop(args, loop, window, rng, model, forward, method, opt, sched, trai
             if kept is None or row["holdout"][key] > loop["history"][kept[0] - 1]["holdout"][key]:
                 loop["kept"] = (epoch + 1, {n: p.detach().clone() for n, p in model.named_parameters()
                                             if p.requires_grad})
-        loop.update(epoch=epoch + 1, batch=0, epoch_rng=rng.getstate(), sums=[0.0, 0.0], n_steps=0, n_seen=0)
+        loop.update(epoch=epoch + 1, batch=0, epoch_rng=rng.getstate(), sums=[0.0, 0.0, 0.0], n_steps=0)
         if args.save_every and loop["epoch"] < args.epochs and loop["step"] < total:
             save_checkpoint(args, loop, window, model, method, opt, sched)
 
 
+def distributed(args):
+    """(rank, world size): torchrun sets RANK and WORLD_SIZE, as nanoGPT reads them; nccl on CUDA (one GPU per
+    process), gloo on CPU. Plain `python train.py` is (0, 1) and starts no process group."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if args.save_every or args.resume:
+        raise ValueError("--save_every and --resume are single-process for now; drop them under torchrun")
+    if args.device.startswith("cuda"):
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"torchrun started {world} processes on this node but torch sees "
+                             f"{torch.cuda.device_count()} GPUs; pass --nproc_per_node "
+                             f"{torch.cuda.device_count()} or fewer")
+        args.device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return rank, world
+
+
+def rank_world():
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def shard(batch, rank, world):
+    """This rank's rows of a global batch: rows rank·B … (rank+1)·B of B·world, so W processes of batch B see
+    what one process of batch W·B sees. A short last batch is split as evenly as it goes; a rank left with
+    no row gets the last one again (a repeat weighs one row twice in that one step)."""
+    n = len(batch["labels"])
+    bounds = [round(i * n / world) for i in range(world + 1)]
+    rows = slice(bounds[rank], bounds[rank + 1]) if bounds[rank + 1] > bounds[rank] else slice(n - 1, n)
+    return {k: v[rows] for k, v in batch.items()}
+
+
 def log_step(loop, window, sched, method, bar, s_per_step):
     """Read the device sums back (one host sync), log the mean loss since the last row, stop on NaN/inf."""
-    w_loss, w_correct = window.tolist()
+    if torch.distributed.is_initialized():  # every rank's steps: the mean loss, the summed counts
+        torch.distributed.all_reduce(window)
+        window[0] /= torch.distributed.get_world_size()
+    w_loss, w_correct, w_seen = window.tolist()
     window.zero_()
-    loop["sums"] = [loop["sums"][0] + w_loss, loop["sums"][1] + w_correct]
+    loop["sums"] = [loop["sums"][0] + w_loss, loop["sums"][1] + w_correct, loop["sums"][2] + w_seen]
     lr = sched.get_last_lr()[0]  # the first group's learning rate for the next step
     loop["log"].append((loop["step"], w_loss / loop["since"], lr))
     loop["since"] = 0

@@ -1936,6 +1936,48 @@ def test_grad_accum_k_micro_batches_equal_one_batch_k_times_as_large(method, fla
         assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6), f"{k} differs with --grad_accum"
 
 
+@pytest.mark.parametrize("method, flags", [
+    ("lora", []), ("dynamic_lora", ["--importance_every", "1", "--omega_every", "2"]),
+    ("adalora", ["--init_r", "4", "--target_r", "2", "--tinit", "1", "--tfinal", "2", "--delta_t", "1"])])
+def test_torchrun_two_processes_train_what_one_process_does(method, flags, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo, CPU) with --batch_size 4 against one process with --batch_size 8,
+    dropout off: the same losses and trained weights, and the method state (Dynamic LoRA's importance from
+    both ranks' rows, AdaLoRA's masks from all-reduced gradients) the same."""
+    from safetensors.torch import load_file
+    glue = str(tmp_path / "glue")
+    folder = tiny_checkpoint(tmp_path, write_glue(glue, n=40), dropout=0.0)
+    common = ["--method", method, "--model", folder, "--data_dir", glue, "--epochs", "2", "--log_every", "1",
+              "--lr", "1e-2", "--dropout", "0", *flags]
+    dyn = method == "dynamic_lora"  # calibrate on the same 8 examples
+    one_argv = common + ["--batch_size", "8", "--out_dir", str(tmp_path / "one")] + dyn * ["--n_cal", "1"]
+    one = finetune.run(finetune.parse_args(one_argv))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    r = subprocess.run([*torchrun, os.path.join(HERE, "train.py"), *common, "--batch_size", "4",
+                        *(dyn * ["--n_cal", "2"]), "--out_dir", str(tmp_path / "two")],
+                       capture_output=True, text=True, cwd=HERE,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = json.load(open(tmp_path / "two" / "metrics.json"))
+    assert two["steps"] == one["steps"] == 10
+    assert [l for _, l, _ in two["loss_log"]] == pytest.approx([l for _, l, _ in one["loss_log"]], rel=1e-4)
+    assert two["history"][-1]["train_accuracy"] == one["history"][-1]["train_accuracy"]
+    assert [h["train_examples"] for h in two["history"]] == [40, 40], "each rank trains on its shard only"
+    if method != "lora":
+        assert two["method_report"]["ranks"] == one["method_report"]["ranks"]
+    wa, wb = (load_file(str(tmp_path / n / "adapter_model.safetensors")) for n in ("two", "one"))
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6), f"{k} differs between 2 processes and 1"
+
+
+def test_shard_splits_a_global_batch_into_each_ranks_rows():
+    b = {"labels": torch.arange(8), "input_ids": torch.arange(16).view(8, 2)}
+    assert [finetune.shard(b, r, 2)["labels"].tolist() for r in (0, 1)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    short = {"labels": torch.arange(5)}
+    assert [finetune.shard(short, r, 2)["labels"].tolist() for r in (0, 1)] == [[0, 1], [2, 3, 4]]
+    one_row = {"labels": torch.arange(1)}
+    assert [finetune.shard(one_row, r, 2)["labels"].tolist() for r in (0, 1)] == [[0], [0]]
+
+
 def test_holdout_rows_never_train(tmp_path, monkeypatch):
     rows = [((f"s{i}", None), i % 2) for i in range(57)]
     train, held = data.holdout_split(rows)
