@@ -1798,6 +1798,24 @@ def test_a_killed_run_resumes_to_the_same_tensors_and_metrics(method, tmp_path, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "tensors differ after resume"
 
 
+def test_a_failed_write_leaves_no_temp_file_and_no_half_file(tmp_path, monkeypatch):
+    """A full disk while metrics.json or a checkpoint is written: the error names the file, the temp file is
+    gone, and the previous complete file (if any) is untouched."""
+    path = str(tmp_path / "metrics.json")
+    finetune.write_json(path, {"complete": True})
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device", a[1].name if len(a) > 1 and hasattr(a[1], "name") else "")
+    monkeypatch.setattr(json, "dump", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        finetune.write_json(path, {"complete": False})
+    assert os.listdir(tmp_path) == ["metrics.json"] and json.load(open(path)) == {"complete": True}
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        lora.write_atomic(str(tmp_path), {"checkpoint.pt": lambda p: torch.save({}, open(p, "wb"))})
+    assert os.listdir(tmp_path) == ["metrics.json"]
+
+
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     import signal
     glue = str(tmp_path / "glue")
