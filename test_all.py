@@ -1805,7 +1805,7 @@ def test_a_failed_write_leaves_no_temp_file_and_no_half_file(tmp_path, monkeypat
     finetune.write_json(path, {"complete": True})
 
     def full(*a, **k):
-        raise OSError(28, "No space left on device", a[1].name if len(a) > 1 and hasattr(a[1], "name") else "")
+        raise OSError(28, "No space left on device")
     monkeypatch.setattr(json, "dump", full)
     with pytest.raises(OSError, match="No space left on device"):
         finetune.write_json(path, {"complete": False})
