@@ -14,6 +14,9 @@ imported here and in test_all.py only, never by the product.
     python bench.py memory [--model gpt2-medium] [--out FILE.json]
         seed 003's memory claim: peak training RSS of LoRA (r 64), QLoRA, AdaLoRA and ADAQ-LoRA (init_r 12,
         target_r 8) on random-init GPT-2-medium, batch 1 x 512, ours and transformers + peft + bitsandbytes
+    python bench.py scale [--model gpt2-medium] [--minilm DIR --data_dir GLUE] [--out FILE.json]
+        peak training memory and step time with and without --grad_checkpointing (LoRA r 64, batch 1 x 512);
+        train.py's throughput on MiniLM MRPC, 1 process vs torchrun with 2, at the same global batch
     python bench.py quant [--minilm DIR] [--out FILE.json]
         stored bytes, bits/param and peak training RSS of fp32 LoRA vs QLoRA vs QLoRA + double quant (one
         fresh process each) on random-init GPT-2-small/medium and RoBERTa-base, and on MiniLM's real weights
@@ -373,6 +376,7 @@ def memory_row(c):
         method = lora.LoRA(lora.LoRAConfig(r=64, alpha=16, dropout=0.1)) if "ada" not in c["row"] else \
             adaq_lora.AdaLoRA(adaq_lora.AdaLoRAConfig(init_r=12, target_r=8, tinit=10, tfinal=10))
         model = method.wrap(model).train()
+        model.grad_checkpointing = c.get("grad_checkpointing", False)
         bits = quant.bits_per_param(model) if four_bit else 32.0
         opt, sched = finetune.optimizer(method, model, 100, 0, "cpu")
         method.schedule(100, 0)
@@ -460,6 +464,62 @@ def memory_table(rows, threads):
                      f"{'%.3f' % r['bits_per_param'] if r['bits_per_param'] != 32 else '–'} | "
                      f"{'%d, %d' % paper if paper else '–'} |")
     return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# scale: --grad_checkpointing's memory and time, and torchrun's throughput (issue 17)
+
+def scale_bench(argv):
+    p = argparse.ArgumentParser(prog="python bench.py scale",
+                                description="checkpointing and data parallelism")
+    p.add_argument("--model", default="gpt2-medium", help=", ".join(RANDOM_MODELS))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--minilm", default=None, help="MiniLM folder: also time train.py on MRPC, 1 process vs 2")
+    p.add_argument("--data_dir", default=None, help="GLUE folder, with --minilm")
+    p.add_argument("--train_steps", type=int, default=20, help="train.py steps per throughput run")
+    p.add_argument("--global_batch", type=int, default=16)
+    p.add_argument("--out", default=None, help="also write the rows to this JSON file")
+    a = p.parse_args(argv)
+    if a.model not in RANDOM_MODELS:
+        raise ValueError(f"unknown model {a.model!r}; --model takes {', '.join(RANDOM_MODELS)}")
+    c = {"stack": "ours", "row": "lora", "model": a.model, "batch": a.batch, "seq": a.seq, "steps": a.steps}
+    rows = [fresh(memory_row, {**c, "grad_checkpointing": g}, 1) for g in (False, True)]
+    lines = [f"LoRA r 64 on {a.model} (random init), batch {a.batch} x {a.seq}, {a.steps} steps, one fresh "
+             f"process and one thread per row", "",
+             "| --grad_checkpointing | training peak RSS MB | s/step |", "|---|---|---|"]
+    lines += [f"| {r['grad_checkpointing']} | {r['train_peak_mb']:.0f} | {r['s_per_step']:.2f} |"
+              for r in rows]
+    runs = []
+    if a.minilm and a.data_dir:  # train.py itself at one global batch: 1 process vs torchrun with 2
+        for nproc in (1, 2):
+            with tempfile.TemporaryDirectory() as out:
+                cmd = ["train.py", "--method", "lora", "--task", "mrpc", "--model", a.minilm, "--data_dir",
+                       a.data_dir, "--epochs", "1", "--max_steps", str(a.train_steps), "--log_every",
+                       str(a.train_steps), "--batch_size", str(a.global_batch // nproc), "--out_dir", out]
+                torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+                launch = [sys.executable] + (torchrun if nproc > 1 else [])
+                env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
+                r = subprocess.run(launch + cmd, capture_output=True, text=True, env=env,
+                                   cwd=os.path.dirname(os.path.abspath(__file__)))
+                if r.returncode != 0:
+                    raise RuntimeError(f"train.py with {nproc} process(es) failed: "
+                                       f"{(r.stderr.strip().splitlines() or ['?'])[-1]}")
+                with open(os.path.join(out, "metrics.json")) as f:
+                    m = json.load(f)
+            runs.append({"processes": nproc, "steps": m["steps"], "train_seconds": m["train_seconds"],
+                         "examples_per_s": m["steps"] * a.global_batch / m["train_seconds"]})
+        lines += ["", f"train.py on MiniLM MRPC, global batch {a.global_batch}, {a.train_steps} steps, "
+                  f"{os.cpu_count()} CPU threads shared by the processes", "",
+                  "| processes | examples/s | × 1 process |", "|---|---|---|"]
+        lines += [f"| {r['processes']} | {r['examples_per_s']:.1f} | "
+                  f"{r['examples_per_s'] / runs[0]['examples_per_s']:.2f} |" for r in runs]
+    print("\n".join(lines))
+    if a.out:
+        finetune.write_json(a.out, {"checkpointing": rows, "throughput": runs})
+        print(f"wrote {a.out}")
+    return rows, runs
 
 
 # -----------------------------------------------------------------------------
@@ -690,7 +750,8 @@ if __name__ == "__main__":
              "quant": (quant_bench,
                        "NF4 stored size, bits/param and training memory; NF4 speed vs bitsandbytes"),
              "memory": (memory_bench, "seed 003: peak training memory of LoRA, QLoRA, AdaLoRA, ADAQ-LoRA, "
-                                      "ours vs transformers + peft + bitsandbytes")}
+                                      "ours vs transformers + peft + bitsandbytes"),
+             "scale": (scale_bench, "--grad_checkpointing's memory and time; torchrun's throughput")}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="mode", required=True, metavar="{" + ",".join(modes) + "}")
     for name, (_, help) in modes.items():
