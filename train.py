@@ -4,6 +4,7 @@ Fine-tune a pretrained transformer on a GLUE task with one PEFT method and repor
     python train.py --method lora --task mrpc                                   # roberta-base from the hub
     python train.py --method lora --task mrpc --model DIR --data_dir ../shared/data/glue   # offline
     python train.py --help                                                      # every flag
+    torchrun --standalone --nproc_per_node 2 train.py ...                      # data parallel
 
 The run itself (flags -> the method's config, model, step, evaluation, epoch loop, files) is finetune.py,
 which bench.py shares; this script only turns a bad input into one line: "error: ..." and a non-zero exit.
@@ -18,8 +19,8 @@ def main(argv=None):
         return finetune.run(finetune.parse_args(argv))
     except (ValueError, OSError, FloatingPointError) as e:  # bad flags, files, data, or a diverged loss
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("error: interrupted; nothing was saved for this run")
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one saves a checkpoint, given --out_dir)
+        sys.exit("error: interrupted again: stopped at once, without saving")
 
 
 if __name__ == "__main__":
