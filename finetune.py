@@ -512,6 +512,8 @@ def train_loop(args, loop, window, rng, model, forward, method, opt, sched, trai
                 log_step(loop, window, sched, method, bar, (time.time() - t0) / (loop["batch"] - started))
             if step >= total:
                 break
+            if stop["now"] and not args.out_dir:
+                raise InterruptedError(f"interrupted at step {step}; nothing saved (no --out_dir)")
             if (args.save_every and step % args.save_every == 0) or stop["now"]:
                 loop["train_seconds"] += time.time() - t0
                 save_checkpoint(args, loop, window, model, method, opt, sched)
