@@ -19,16 +19,15 @@ ADALORA file format (rank_pattern: the kept triplets; the file holds only those)
 and can recover until the mask freezes; masking frees no memory (SPEC §2.4), the ranks only shrink in the
 saved file.
 """
-import json
 import os
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.nn import functional as F
 
 from lora import (MODULES_TO_SAVE, LoRA, LoRALinear, MethodConfig, adapter_layers, peft_key,
-                  read_adapter_config, saved_method, write_atomic, write_text)
+                  read_adapter_config, saved_method)
 from model import hf_name
 
 
@@ -252,20 +251,16 @@ class AdaLoRA(LoRA):
         return f"base_model.model.{hf_name(family, mod)}.{leaf}" if leaf.startswith("lora_") else \
             peft_key(family, name)
 
-    def save(self, model, folder):
-        family = model.cfg.family
+    def file_tensors(self, model):
+        """Only the kept triplets: rows of Q and λ, columns of P, under peft's AdaLoRA keys."""
         keep = self.allocator.keep if self.allocator else {}
         tensors = {}
         for n, p in self.adapter_tensors(model).items():
             mod, _, leaf = n.rpartition(".")
-            if mod in keep:  # only the kept triplets: rows of Q and λ, columns of P
+            if mod in keep:
                 p = p[:, keep[mod]] if leaf == "lora_B" else p[keep[mod]]
-            tensors[self.file_key(family, n)] = p.detach().contiguous()
-        cfg = json.dumps(self.peft_config(model), indent=2)
-        meta = {"format": "pt", "nanopeft_method": self.name}
-        write_atomic(folder,
-                     {"adapter_model.safetensors": lambda path: save_file(tensors, path, metadata=meta),
-                      "adapter_config.json": write_text(cfg)})
+            tensors[self.file_key(model.cfg.family, n)] = p.detach().contiguous()
+        return tensors
 
     def load(self, model, folder):
         """Fill each layer's kept triplets from the file and zero the rest (P, λ, Q) so ΔW is the

@@ -136,6 +136,16 @@ def paper_tables(runs, seed):
     return "\n".join(["Table 1 (%)", "", *t1, "", "Table 2", "", *t2])
 
 
+def save_png(fig, png):
+    """A temp file renamed into place, so a failed write leaves no half image."""
+    fig.tight_layout()
+    tmp = png + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, png)
+    print(f"wrote {png}")
+    return True
+
+
 def plot_dynamic(runs, png):
     """The calibrated r_l of every adapted module (layer x matrix) and the m_l trajectories of one run."""
     try:
@@ -172,12 +182,7 @@ def plot_dynamic(runs, png):
     b.set_xlabel("step")
     b.set_ylabel("m_l = L_n·ω_l")
     b.set_title(f"m_l per module, {len(runs)} seed(s), coloured by matrix")
-    fig.tight_layout()
-    tmp = png + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, png)
-    print(f"wrote {png}")
-    return True
+    return save_png(fig, png)
 
 
 def plot_ranks(runs, png):
@@ -203,12 +208,7 @@ def plot_ranks(runs, png):
         ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="w")
     ax.set_title(f"{runs[0]['label']} on {runs[0]['task']}: rank per matrix, mean of {len(runs)} run(s)")
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    tmp = png + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, png)
-    print(f"wrote {png}")
-    return True
+    return save_png(fig, png)
 
 
 if __name__ == "__main__":

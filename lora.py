@@ -373,10 +373,13 @@ class LoRA(Method):
                 "modules_to_save": MODULES_TO_SAVE[family], "init_lora_weights": True, "inference_mode": True,
                 "base_model_name_or_path": getattr(model, "name_or_path", "")}
 
+    def file_tensors(self, model):
+        """{key in the adapter file: tensor}: peft's keys for the adapter tensors (AdaLoRA: kept rows only)."""
+        return {peft_key(model.cfg.family, n): p.detach().contiguous()
+                for n, p in self.adapter_tensors(model).items()}
+
     def save(self, model, folder):
-        family = model.cfg.family
-        tensors = {peft_key(family, n): p.detach().contiguous()
-                   for n, p in self.adapter_tensors(model).items()}
+        tensors = self.file_tensors(model)
         cfg = json.dumps(self.peft_config(model), indent=2)
         # peft's own files have no method: read as lora
         meta = {"format": "pt", "nanopeft_method": self.name}
