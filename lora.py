@@ -374,7 +374,7 @@ class LoRA(Method):
                 "base_model_name_or_path": getattr(model, "name_or_path", "")}
 
     def file_tensors(self, model):
-        """{key in the adapter file: tensor}: peft's keys for the adapter tensors (AdaLoRA: kept rows only)."""
+        """{key in the adapter file: tensor}: peft's keys for the adapter tensors (AdaLoRA: kept ones)."""
         return {peft_key(model.cfg.family, n): p.detach().contiguous()
                 for n, p in self.adapter_tensors(model).items()}
 
