@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 from torch.nn import functional as F
 
-from lora import (MODULES_TO_SAVE, LoRA, LoRALinear, MethodConfig, adapter_layers, peft_key,
+from lora import (LoRA, LoRALinear, MethodConfig, adapter_layers, peft_key, peft_task,
                   read_adapter_config, saved_method)
 from model import hf_name
 
@@ -83,7 +83,8 @@ class AdaLoRAConfig(MethodConfig):
         if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1):
             raise ValueError(f"--beta1 and --beta2 must be in (0, 1), not {self.beta1}, {self.beta2}")
         if self.orth_reg_weight < 0 or not 0 <= self.dropout < 1:
-            raise ValueError(f"--orth_reg_weight must be ≥ 0 and --dropout in [0, 1)")
+            raise ValueError(f"--orth_reg_weight must be ≥ 0 and --dropout in [0, 1), not "
+                             f"{self.orth_reg_weight} and {self.dropout}")
 
 
 class RankAllocator:
@@ -235,13 +236,13 @@ class AdaLoRA(LoRA):
     def peft_config(self, model):
         c, family = self.cfg, model.cfg.family
         keep = self.allocator.keep if self.allocator else {}
-        return {"peft_type": "ADALORA", "task_type": "SEQ_CLS", "init_r": c.init_r, "target_r": c.target_r,
+        return {"peft_type": "ADALORA", **peft_task(model), "init_r": c.init_r, "target_r": c.target_r,
                 "tinit": c.tinit, "tfinal": c.tfinal, "deltaT": c.delta_t, "beta1": c.beta1, "beta2": c.beta2,
                 "orth_reg_weight": c.orth_reg_weight, "total_step": self.allocator.T if self.allocator else
                 c.tinit + c.tfinal + 1, "lora_alpha": c.alpha, "lora_dropout": c.dropout,
                 "fan_in_fan_out": family == "gpt2", "bias": "none", "inference_mode": True,
                 "target_modules": sorted(hf_name(family, n) for n in self.layers),
-                "modules_to_save": MODULES_TO_SAVE[family], "init_lora_weights": True,
+                "init_lora_weights": True,
                 "rank_pattern": {hf_name(family, n) + ".lora_E": k.tolist() for n, k in keep.items()} or None,
                 "base_model_name_or_path": getattr(model, "name_or_path", "")}
 

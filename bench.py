@@ -17,6 +17,9 @@ imported here and in test_all.py only, never by the product.
     python bench.py scale [--model gpt2-medium] [--minilm DIR --data_dir GLUE] [--out FILE.json]
         peak training memory and step time with and without --grad_checkpointing (LoRA r 64, batch 1 x 512);
         train.py's throughput on MiniLM MRPC, 1 process vs torchrun with 2, at the same global batch
+    python bench.py generate [--n_layer 12 --n_embd 768] [--batch 4 --prompt 32 --new 64] [--out FILE.json]
+        greedy decoding tokens/s on a random GPT-2 (gpt2-small's shapes by default): ours with the KV cache,
+        ours without it, and transformers' generate(do_sample=False), the same prompts; the tokens must agree
     python bench.py quant [--minilm DIR] [--out FILE.json]
         stored bytes, bits/param and peak training RSS of fp32 LoRA vs QLoRA vs QLoRA + double quant (one
         fresh process each) on random-init GPT-2-small/medium and RoBERTa-base, and on MiniLM's real weights
@@ -544,6 +547,61 @@ OURS = ("lora", "dynamic_lora", "dynamic_lora_sampled", "tlora_plus", "tlora", "
 BF16_PEAK_TFLOPS = 989.0  # H100/H200 dense bf16 (datasheet); CUDA rows report the fraction of it
 
 
+def generate_bench(argv):
+    """Decoding speed: the same random GPT-2 and left-padded prompts (lengths prompt/2 … prompt) through our
+    cached and uncached generate and transformers' (which keeps a DynamicCache); eos never ends a row, so
+    every row decodes --new tokens. Prints tokens/s and the ratios; the three must give the same tokens."""
+    import transformers as T
+    import model as M
+    p = argparse.ArgumentParser(prog="bench.py generate")
+    for k, v in (("n_layer", 12), ("n_embd", 768), ("n_head", 12), ("batch", 4), ("prompt", 32), ("new", 64),
+                 ("repeats", 3), ("threads", 0)):
+        p.add_argument(f"--{k}", type=int, default=v)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    hf = T.GPT2LMHeadModel(T.GPT2Config(n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head))
+    hf = hf.eval().to(a.device)
+    hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = None, 0
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        ours = M.from_pretrained(d, num_labels=0).eval().to(a.device)
+    lengths = [a.prompt // 2 + (a.prompt - a.prompt // 2) * i // max(1, a.batch - 1) for i in range(a.batch)]
+    ids = torch.zeros(a.batch, a.prompt, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):  # left padding
+        ids[i, a.prompt - n:] = torch.randint(1, hf.config.vocab_size, (n,))
+        mask[i, a.prompt - n:] = 1
+    ids, mask = ids.to(a.device), mask.to(a.device)
+    runs = {"ours (KV cache)": lambda: ours.generate(ids, mask, a.new, eos_id=-1),
+            "ours (no cache)": lambda: ours.generate(ids, mask, a.new, eos_id=-1, use_cache=False),
+            "transformers": lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=a.new,
+                                                do_sample=False)[:, a.prompt:]}
+    rows, tokens = {}, {}
+    with torch.no_grad():
+        for name, fn in runs.items():
+            tokens[name] = fn().tolist()  # warm-up, and the tokens to compare
+            s = median_seconds(fn, a.repeats)
+            rows[name] = {"seconds": s, "tokens_per_s": a.batch * a.new / s}
+    same = len({json.dumps(t) for t in tokens.values()}) == 1
+    ref = rows["transformers"]["tokens_per_s"]
+    print(f"greedy decoding, random GPT-2 {a.n_layer}x{a.n_embd}, batch {a.batch}, prompts {min(lengths)}-"
+          f"{a.prompt} tokens (left-padded), {a.new} new tokens, {a.device}, {torch.get_num_threads()} "
+          f"threads; "
+          f"the same tokens from all three: {same}\n")
+    print("| decoding | s | tokens/s | vs transformers |\n|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['seconds']:.3f} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / ref:.2f}x |")
+    if not same:
+        raise RuntimeError("the decoders gave different tokens: a bug in generate")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"config": vars(a), "lengths": lengths, "same_tokens": same, "rows": rows}, f, indent=2)
+
+
 def hf_config(cfg):
     """transformers' config for one of our configs: the same shapes, so the same work per step."""
     import transformers as T
@@ -762,7 +820,8 @@ if __name__ == "__main__":
                        "NF4 stored size, bits/param and training memory; NF4 speed vs bitsandbytes"),
              "memory": (memory_bench, "seed 003: peak training memory of LoRA, QLoRA, AdaLoRA, ADAQ-LoRA, "
                                       "ours vs transformers + peft + bitsandbytes"),
-             "scale": (scale_bench, "--grad_checkpointing's memory and time; torchrun's throughput")}
+             "scale": (scale_bench, "--grad_checkpointing's memory and time; torchrun's throughput"),
+             "generate": (generate_bench, "greedy decoding tokens/s: ours, cached and not, vs transformers")}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="mode", required=True, metavar="{" + ",".join(modes) + "}")
     for name, (_, help) in modes.items():

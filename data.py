@@ -3,7 +3,10 @@ The eight GLUE tasks: read from the hub through `datasets`, or from a folder in 
 (--data_dir, as written by GLUE's download_glue_data.py), tokenized once, then batched with dynamic padding;
 and their metrics (SPEC §1.5, through scikit-learn). Labels follow the HF `glue` configs (e.g. RTE/QNLI:
 entailment = 0). The GLUE dev split is the reported "test".
+Two causal-LM tasks (SPEC §2.4) train a GPT-2 on prompt -> response text and are scored on generated
+answers (eval.py's ROUGE/BLEU): alpaca (instruction/input/output) and gsm8k (question/answer).
 """
+import json
 import math
 import os
 import random
@@ -46,10 +49,29 @@ TASKS = {
 }
 
 
+@dataclass
+class GenTask:
+    """A prompt -> response task for a causal LM: the loss covers the response tokens only, and evaluation
+    generates on the held-out split."""
+    name: str
+    fields: tuple       # JSON keys of the instruction, the input (None: none) and the response
+    hub: tuple          # datasets.load_dataset(*hub)
+    test_file: str      # the evaluation split in --data_dir; "": a seeded 80/20 split of the one file
+    max_len: int = 512  # prompt + response tokens in training
+    num_labels = 0      # no task head: GPT-2's tied LM head scores the tokens
+    labels = ()
+
+
+GEN_TASKS = {
+    "alpaca": GenTask("alpaca", ("instruction", "input", "output"), ("tatsu-lab/alpaca",), ""),
+    "gsm8k": GenTask("gsm8k", ("question", None, "answer"), ("gsm8k", "main"), "test.jsonl"),
+}
+
+
 def get_task(name):
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
-    return TASKS[name]
+    if name not in TASKS and name not in GEN_TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join([*TASKS, *GEN_TASKS])}")
+    return TASKS.get(name) or GEN_TASKS[name]
 
 
 def read_tsv(task, path):
@@ -114,7 +136,9 @@ def read_hub(task, split):
 
 
 def load_split(task, split, data_dir=None):
-    """split: "train" or "dev"."""
+    """split: "train" or "dev". A GLUE task: (texts, label) rows; a causal-LM task: (prompt, response)."""
+    if isinstance(task, GenTask):
+        return load_gen_split(task, split, data_dir)
     if data_dir:
         return read_tsv(task, os.path.join(data_dir, task.folder,
                                            "train.tsv" if split == "train" else task.dev))
@@ -129,6 +153,119 @@ def holdout_split(rows, fraction=0.1, seed=0):
     random.Random(seed).shuffle(order)
     held = set(order[:max(1, round(fraction * len(rows)))])
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
+# -----------------------------------------------------------------------------
+# causal-LM tasks (SPEC §2.4)
+
+def read_records(task, path):
+    """-> list of (prompt, response) from a JSON list or a JSONL file of task.fields records; prompt =
+    instruction + "\n" + input (when there is one)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found; --data_dir must be {task.name}'s JSON/JSONL file or the "
+                                f"folder holding it")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        raise ValueError(f"{path} is empty; expected {task.name} records with the fields "
+                         f"{', '.join(k for k in task.fields if k)}")
+    try:
+        records = json.loads(text) if text.lstrip().startswith("[") else \
+            [json.loads(line) for line in text.split("\n") if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON or JSONL ({e.msg}); one record per line, or one list") from None
+    instruction, extra, output = task.fields
+    rows = []
+    for n, r in enumerate(records, 1):
+        missing = [k for k in (instruction, output) if not isinstance(r, dict) or k not in r]
+        if missing:
+            raise ValueError(f"{path} record {n} has no {missing[0]!r} field; {task.name} records need "
+                             f"{instruction!r} and {output!r}")
+        if not str(r[output]).strip():
+            raise ValueError(f"{path} record {n} has an empty {output!r}: nothing to learn; drop the record")
+        prompt = r[instruction] + (f"\n{r[extra]}" if extra and r.get(extra) else "")
+        rows.append((prompt, r[output]))
+    return rows
+
+
+def gen_files(task, data_dir):
+    """--data_dir: the task's file itself, or a folder holding train.jsonl (and the test file), or one
+    JSON/JSONL file."""
+    if os.path.isfile(data_dir):
+        return [data_dir]
+    if task.test_file:
+        return [os.path.join(data_dir, "train.jsonl"), os.path.join(data_dir, task.test_file)]
+    found = sorted(f for f in os.listdir(data_dir) if f.endswith((".json", ".jsonl"))) \
+        if os.path.isdir(data_dir) else []
+    if len(found) != 1:
+        raise FileNotFoundError(f"--data_dir {data_dir} must be a {task.name} JSON/JSONL file or a folder "
+                                f"with exactly one (found {len(found)})")
+    return [os.path.join(data_dir, found[0])]
+
+
+def load_gen_split(task, split, data_dir=None, seed=42, test_fraction=0.2):
+    """The task's train or evaluation ("dev") rows. A task without a test split (alpaca) is split 80/20 with
+    a seeded shuffle (seed 42, as seed 003)."""
+    if data_dir:
+        files = gen_files(task, data_dir)
+        if len(files) == 2:  # gsm8k: its own test split
+            return read_records(task, files[0 if split == "train" else 1])
+        rows = read_records(task, files[0])
+    else:
+        import datasets
+        try:
+            ds = datasets.load_dataset(*task.hub, split="test" if split == "dev" and task.test_file
+                                       else "train")
+        except Exception as e:
+            raise ConnectionError(f"cannot load {task.hub[0]!r} from the hub ({type(e).__name__}); offline, "
+                                  f"pass --data_dir with the task's JSON/JSONL files") from None
+        instruction, extra, output = task.fields
+        rows = [(r[instruction] + (f"\n{r[extra]}" if extra and r[extra] else ""), r[output]) for r in ds]
+        if task.test_file:
+            return rows
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_test = max(1, round(test_fraction * len(rows)))
+    keep = sorted(order[:n_test]) if split == "dev" else sorted(order[n_test:])
+    return [rows[i] for i in keep]
+
+
+def encode_lm(tok, rows, max_len, train=True):
+    """Causal-LM examples: input_ids = prompt "\n" response EOS, with label -100 on the prompt (the loss
+    covers the response). train=False keeps the prompt and "\n" alone, and the reference text. A response cut
+    to fit max_len loses its end (and EOS); returns (examples, how many were cut). A prompt that leaves no
+    room for a response is refused."""
+    out, cut, long = [], 0, []
+    for prompt, response in rows:
+        p = tok.tokenize(prompt + "\n")
+        if len(p) >= max_len:
+            long.append(len(p))
+            continue
+        r = (tok.tokenize(response) + [tok.eos]) if train else []
+        if len(p) + len(r) > max_len:
+            r, cut = r[:max_len - len(p)], cut + 1
+        ids = p + r
+        out.append(dict(input_ids=ids, token_type_ids=[0] * len(ids), label=[-100] * len(p) + r,
+                        prompt=prompt, reference=response))
+    if long:
+        raise ValueError(f"{len(long)} of {len(rows)} prompts have {max(long)} tokens or more, leaving no "
+                         f"room under --max_len {max_len}; pass --max_len {max(long) + 1} or more")
+    return out, cut
+
+
+def prompt_batches(examples, batch_size, pad_id):
+    """Length-sorted batches of prompts, padded on the left (generation appends on the right), with each
+    batch's original indices."""
+    order = sorted(range(len(examples)), key=lambda j: len(examples[j]["input_ids"]))
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        T = max(len(examples[j]["input_ids"]) for j in idx)
+        ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), T), dtype=torch.long)
+        for row, j in enumerate(idx):
+            n = len(examples[j]["input_ids"])
+            ids[row, T - n:], mask[row, T - n:] = torch.tensor(examples[j]["input_ids"]), 1
+        yield idx, dict(input_ids=ids, attention_mask=mask)
 
 
 def encode(tok, rows, max_len):
@@ -149,7 +286,12 @@ def collate(examples, pad_id, regression=False, multiple=1):
         n = len(e["input_ids"])
         ids[i, :n], types[i, :n], mask[i, :n] = (torch.tensor(e["input_ids"]),
                                                  torch.tensor(e["token_type_ids"]), 1)
-    labels = torch.tensor([e["label"] for e in examples], dtype=torch.float if regression else torch.long)
+    if isinstance(examples[0]["label"], list):  # a causal LM's per-token labels, -100 where no loss
+        labels = torch.full((len(examples), T), -100, dtype=torch.long)
+        for i, e in enumerate(examples):
+            labels[i, :len(e["label"])] = torch.tensor(e["label"])
+    else:
+        labels = torch.tensor([e["label"] for e in examples], dtype=torch.float if regression else torch.long)
     return dict(input_ids=ids, token_type_ids=types, attention_mask=mask, labels=labels)
 
 
@@ -174,7 +316,7 @@ def eval_batches(examples, batch_size, pad_id, regression, multiple=1):
 
 # SPEC §1.4: RTE/QNLI entailment = 0
 POSITIVE = {"mrpc": 1, "qqp": 1, "sst2": 1, "cola": 1, "qnli": 0, "rte": 0}
-MAIN_METRIC = {"cola": "mcc", "stsb": "pearson"}  # the rest: accuracy
+MAIN_METRIC = {"cola": "mcc", "stsb": "pearson", "alpaca": "avg"}  # the rest (gsm8k too): accuracy
 
 
 def main_metric(task):

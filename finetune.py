@@ -47,10 +47,12 @@ def parser(methods=METHODS):
     p = argparse.ArgumentParser(description="nanoPEFT: fine-tune on GLUE with one PEFT method")
     # what to train
     p.add_argument("--method", default="lora", help=f"one of {', '.join(methods)}")
-    p.add_argument("--task", default="mrpc", help=f"GLUE task: {', '.join(data.TASKS)}")
+    p.add_argument("--task", default="mrpc", help=f"GLUE task: {', '.join(data.TASKS)}; or a causal-LM task "
+                   f"(GPT-2 only, scored on generated text): {', '.join(data.GEN_TASKS)}")
     p.add_argument("--model", default="roberta-base", help="hub id or local folder (config.json + weights)")
     p.add_argument("--data_dir", default=None,
-                   help="GLUE TSV folder (e.g. ../shared/data/glue); default: the hub")
+                   help="GLUE TSV folder (e.g. ../shared/data/glue), gsm8k's folder (train.jsonl, "
+                   "test.jsonl) or alpaca's JSON/JSONL file; default: the hub")
     p.add_argument("--out_dir", default=None, help="where metrics.json and the trained tensors go")
     # the method's config: a flag left out keeps the default of the method's dataclass (lora.LoRAConfig, ...)
     p.add_argument("--rank", type=int, default=None, help="adapter rank r (default 8)")
@@ -105,12 +107,16 @@ def parser(methods=METHODS):
     p.add_argument("--select", default="last", choices=["last", "holdout"],
                    help="which epoch to keep and report: the last (default), or the best on a seeded 10%% of "
                    "train held out from training (SPEC 1.4); never the reported dev split")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=3, help="0: evaluate the model as loaded (zero-shot)")
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: run all epochs)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches of --batch_size per optimizer "
                    "step: K of B train as one batch of K·B")
     p.add_argument("--eval_batch_size", type=int, default=64)
+    p.add_argument("--eval_samples", type=int, default=0,
+                   help="causal-LM tasks: generate for the first N evaluation prompts (0: all)")
+    p.add_argument("--max_new_tokens", type=int, default=256,
+                   help="causal-LM tasks: greedy tokens per answer")
     p.add_argument("--max_len", type=int, default=None,
                    help="max tokens per example (default: the task's, SPEC 1.4)")
     p.add_argument("--max_train_samples", type=int, default=0, help="use only the first N training examples")
@@ -134,12 +140,12 @@ def parser(methods=METHODS):
     return p
 
 
-AT_LEAST_1 = ("batch_size", "grad_accum", "eval_batch_size", "epochs", "log_every", "pad_multiple", "rank",
-              "adapter_size",
-              "max_len", "n_cal", "importance_every", "omega_every", "r_max", "init_r", "delta_t")
-AT_LEAST_0 = ("lr", "head_lr", "weight_decay", "max_train_samples", "max_steps", "save_every",
-              "latency_passes", "warmup_ratio", "lambda1", "lambda2", "beta", "omega_start", "target_r",
-              "tinit", "tfinal", "orth_reg_weight")
+AT_LEAST_1 = ("batch_size", "grad_accum", "eval_batch_size", "max_new_tokens", "log_every", "pad_multiple",
+              "rank", "adapter_size", "max_len", "n_cal", "importance_every", "omega_every", "r_max",
+              "init_r", "delta_t")
+AT_LEAST_0 = ("epochs", "eval_samples", "lr", "head_lr", "weight_decay", "max_train_samples", "max_steps",
+              "save_every", "latency_passes", "warmup_ratio", "lambda1", "lambda2", "beta", "omega_start",
+              "target_r", "tinit", "tfinal", "orth_reg_weight")
 
 
 def parse_args(argv=None, methods=METHODS):
@@ -200,6 +206,9 @@ def build(args, method):
     task = data.get_task(args.task)
     folder = resolve(args.model)
     cfg = read_config(folder, task.num_labels)  # before the weights: a max_len the model cannot hold
+    if task.num_labels == 0 and cfg.family != "gpt2":
+        raise ValueError(f"--task {task.name} trains a causal LM, and {args.model} is a {cfg.family} "
+                         f"encoder, which cannot generate; pass a GPT-2 checkpoint (--model gpt2)")
     positions = cfg.n_positions - (cfg.pad_id + 1 if cfg.family == "roberta" else 0)  # RoBERTa's offset
     if (args.max_len or task.max_len) > positions:
         raise ValueError(f"--max_len {args.max_len or task.max_len} exceeds the {positions} positions of "
@@ -246,7 +255,15 @@ def load_examples(task, split, args, tok):
     if split != "dev" and args.select == "holdout":
         train, held = data.holdout_split(rows)
         rows = held if split == "holdout" else train
-    return data.encode(tok, rows, args.max_len or task.max_len)
+    if task.num_labels:
+        return data.encode(tok, rows, args.max_len or task.max_len)
+    if split != "train" and args.eval_samples:
+        rows = rows[:args.eval_samples]
+    examples, cut = data.encode_lm(tok, rows, args.max_len or task.max_len, train=split == "train")
+    if cut:
+        print(f"{cut} of {len(rows)} {split} responses were cut to fit --max_len "
+              f"{args.max_len or task.max_len}")
+    return examples
 
 
 def lr_lambda(warmup, total):
@@ -284,9 +301,18 @@ def autocast(device):
 # one step, evaluation
 
 def task_loss(logits, labels):
+    if logits.dim() == 3:  # a causal LM: token t predicts token t+1; -100 (prompt, padding) is no loss
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                               ignore_index=-100)
     if logits.size(-1) == 1:  # STS-B regression
         return F.mse_loss(logits.view(-1).float(), labels)
     return F.cross_entropy(logits.float(), labels)
+
+
+def weight(batch):
+    """What a batch's loss averages over: its examples, or a causal LM's response tokens."""
+    labels = batch["labels"]
+    return int((labels[:, 1:] != -100).sum()) if labels.dim() == 2 else len(labels)
 
 
 def train_step(model, forward, method, batches, opt, sched, step, grad_clip, device):
@@ -297,7 +323,7 @@ def train_step(model, forward, method, batches, opt, sched, step, grad_clip, dev
     the task loss (without the extra loss) and the logits, detached and on the device: reading them is the
     caller's host sync."""
     batches = [batches] if isinstance(batches, dict) else batches
-    n = sum(len(b["labels"]) for b in batches)
+    n = sum(weight(b) for b in batches)
     task, all_logits = 0.0, []
     for i, batch in enumerate(batches):
         b = {k: v.to(device) for k, v in batch.items()}
@@ -305,7 +331,7 @@ def train_step(model, forward, method, batches, opt, sched, step, grad_clip, dev
         with forward.no_sync() if inner else contextlib.nullcontext():
             with autocast(device):
                 logits = forward(b["input_ids"], b["attention_mask"], b["token_type_ids"])
-            loss = task_loss(logits, b["labels"]) * (len(b["labels"]) / n)
+            loss = task_loss(logits, b["labels"]) * (weight(batch) / n)
             task = task + loss.detach()
             if i == len(batches) - 1:
                 extra = method.extra_loss(model)
@@ -322,12 +348,15 @@ def train_step(model, forward, method, batches, opt, sched, step, grad_clip, dev
 
 
 @torch.no_grad()
-def evaluate(model, forward, method, examples, task, args, pad_id):
-    """Dev metrics, on merged weights: an adapted layer then costs what the frozen layer costs."""
+def evaluate(model, forward, method, examples, task, args, tok):
+    """Dev metrics, on merged weights: an adapted layer then costs what the frozen layer costs. A causal-LM
+    task generates instead (its metrics then hold the predictions too, under "predictions")."""
+    if task.num_labels == 0:
+        return generate_and_score(model, method, examples, task, args, tok)
     model.eval()
     method.merge(model, float_only=True)
     logits = [None] * len(examples)
-    for idx, b in data.eval_batches(examples, args.eval_batch_size, pad_id, task.num_labels == 1,
+    for idx, b in data.eval_batches(examples, args.eval_batch_size, tok.pad_id, task.num_labels == 1,
                                     args.pad_multiple):
         with autocast(args.device):
             out = forward(b["input_ids"].to(args.device), b["attention_mask"].to(args.device),
@@ -340,6 +369,29 @@ def evaluate(model, forward, method, examples, task, args, pad_id):
         raise FloatingPointError("the evaluation logits are NaN or inf: training diverged; lower --lr "
                                  f"(now {method.cfg.lr:g})")
     return data.glue_metrics(task.name, logits.numpy(), [e["label"] for e in examples])
+
+
+@torch.no_grad()
+def generate_and_score(model, method, examples, task, args, tok):
+    """Greedy answers to the evaluation prompts (KV cache, batches of --eval_batch_size, merged weights),
+    decoded up to EOS and scored against the references with eval.py's ROUGE-1/2/L, BLEU-4 and, for gsm8k,
+    the exact match of the final number."""
+    from eval import generation_metrics, per_sample_scores  # eval.py imports this file
+    model.eval()
+    method.merge(model, float_only=True)
+    texts = [None] * len(examples)
+    for idx, b in data.prompt_batches(examples, args.eval_batch_size, tok.pad_id):
+        with autocast(args.device):
+            out = model.generate(b["input_ids"].to(args.device), b["attention_mask"].to(args.device),
+                                 args.max_new_tokens, tok.eos).tolist()
+        for i, tokens in zip(idx, out):
+            texts[i] = tok.decode(tokens[:tokens.index(tok.eos)] if tok.eos in tokens else tokens)
+    method.unmerge(model)
+    refs = [e["reference"] for e in examples]
+    metrics = generation_metrics(texts, refs, gsm8k=task.name == "gsm8k")
+    metrics["predictions"] = [{"prompt": e["prompt"], "reference": e["reference"], "prediction": p,
+                               **per_sample_scores(p, e["reference"])} for e, p in zip(examples, texts)]
+    return metrics
 
 
 @torch.no_grad()
@@ -396,6 +448,16 @@ def run(args, methods=METHODS):
     if args.max_steps:
         total = min(args.max_steps, total)
     warmup = int(args.warmup_ratio * total)
+    if task.num_labels == 0:  # generation must fit the model's positions: say so before training
+        longest = max(len(e["input_ids"]) for e in dev)
+        if longest + args.max_new_tokens > model.cfg.n_positions:
+            raise ValueError(f"the longest evaluation prompt ({longest} tokens) and --max_new_tokens "
+                             f"{args.max_new_tokens} exceed the {model.cfg.n_positions} positions of "
+                             f"{args.model}; pass --max_new_tokens {model.cfg.n_positions - longest} or less")
+    if not method.param_groups(model):
+        raise ValueError(f"--method {args.method} trains nothing on --task {task.name} (a causal LM has no "
+                         f"task head); pick an adapter method (--method full --epochs 0 evaluates the model "
+                         f"as loaded)")
     opt, sched = optimizer(method, model, total, warmup, args.device)
     method.schedule(total, warmup)
     # SPEC §1.5: all parameters (a 4-bit weight counts out·in) plus adapter buffers (TLoRA's frozen factors)
@@ -409,7 +471,6 @@ def run(args, methods=METHODS):
     forward = compile_model(model, args.device) if args.compile else model
     if world > 1:  # all-reduces the gradients of the trainable tensors only (frozen ones have none)
         forward = torch.nn.parallel.DistributedDataParallel(forward, broadcast_buffers=False)
-    classify = task.num_labels > 1
 
     rng = random.Random(args.seed)  # the data order of every epoch
     # everything the loop carries from step to step: a checkpoint saves it, --resume restores it
@@ -418,7 +479,8 @@ def run(args, methods=METHODS):
             "history": [],  # one row per epoch
             # (step, mean task loss over the steps since the previous row, lr) at every log step
             "log": [],
-            "kept": None}   # (epoch, trained tensors) of the epoch --select keeps; None: the current weights
+            "kept": None,   # (epoch, trained tensors) of the epoch --select keeps; None: the current weights
+            "predictions": {}}  # epoch -> a causal-LM task's generated answers
     window = torch.zeros(3, device=args.device)  # Σ task loss, Σ correct, Σ examples since the last read
     if args.resume:
         loop, window = load_checkpoint(args, model, method, opt, sched)
@@ -429,6 +491,9 @@ def run(args, methods=METHODS):
                    tok, steps_per_epoch, total, stop)
     finally:
         stop["restore"]()
+    if args.epochs == 0:  # zero-shot: the model as loaded (with its adapters at their identity init)
+        loop["history"] = [{"epoch": 0, "step": 0, **evaluate(model, forward, method, dev, task, args, tok)}]
+        loop["predictions"][0] = loop["history"][0].pop("predictions", None)
     if rank:  # rank 0 writes; the others are done
         torch.distributed.barrier()
         return None
@@ -444,7 +509,8 @@ def run(args, methods=METHODS):
     metrics = {k: v for k, v in history[selected - 1].items() if k not in ("epoch", "step", "holdout") and
                not k.startswith("train_")}
     # eval.py's table rows: QLoRA apart from LoRA
-    label = method.label() + ("+nf4" if args.quant == "nf4" != method.quant else "")
+    label = method.label() + ("+nf4" if args.quant == "nf4" != method.quant else "") + \
+        (" zero-shot" if args.epochs == 0 else "")
     step, train_seconds = loop["step"], loop["train_seconds"]
     result = {"task": task.name, "method": args.method, "label": label, "model": args.model,
               "metrics": metrics, "select": args.select, "selected_epoch": selected, "last": history[-1],
@@ -466,6 +532,9 @@ def run(args, methods=METHODS):
               " ".join(f"{n}={r}" for n, r in ranks.items()))
     if args.out_dir:
         method.save(model, args.out_dir)
+        if loop["predictions"].get(selected):  # one JSON line per evaluation prompt: what was generated
+            write_text(os.path.join(args.out_dir, "predictions.jsonl"), "".join(
+                json.dumps(p, ensure_ascii=False) + "\n" for p in loop["predictions"][selected]))
         # last: its presence means the run is whole
         write_json(os.path.join(args.out_dir, "metrics.json"), result)
         if os.path.exists(os.path.join(args.out_dir, CHECKPOINT)):  # training state, not a result
@@ -500,10 +569,10 @@ def train_loop(args, loop, window, rng, model, forward, method, opt, sched, trai
             loss, logits = train_step(model, forward, method, b, opt, sched, step, args.grad_clip,
                                       args.device)
             window[0] += loss
-            labels = torch.cat([m["labels"] for m in b])
             if classify:
+                labels = torch.cat([m["labels"] for m in b])
                 window[1] += (logits.argmax(-1) == labels.to(args.device)).sum()
-            window[2] += len(labels)
+            window[2] += sum(len(m["labels"]) for m in b)
             loop["batch"] += 1
             loop["n_steps"] += 1
             loop["since"] += 1
@@ -528,9 +597,11 @@ def train_loop(args, loop, window, rng, model, forward, method, opt, sched, trai
         row = {"epoch": epoch + 1, "step": loop["step"], "train_loss": loop["sums"][0] / loop["n_steps"],
                **({"train_accuracy": loop["sums"][1] / loop["sums"][2]} if classify else {}),
                "train_examples": int(loop["sums"][2])}  # over all ranks
-        row.update(evaluate(model, forward, method, dev, task, args, tok.pad_id))
+        row.update(evaluate(model, forward, method, dev, task, args, tok))
+        loop["predictions"][epoch + 1] = row.pop("predictions", None)  # a causal-LM task's answers
         if holdout:
-            row["holdout"] = evaluate(model, forward, method, holdout, task, args, tok.pad_id)
+            row["holdout"] = evaluate(model, forward, method, holdout, task, args, tok)
+            row["holdout"].pop("predictions", None)
         loop["history"].append(row)
         print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
                                                    if k not in ("epoch", "step", "holdout")) +
@@ -607,7 +678,7 @@ def log_step(loop, window, sched, method, bar, s_per_step):
 
 CHECKPOINT = "checkpoint.pt"
 RUN_FILES = ("metrics.json", CHECKPOINT, "adapter_model.safetensors", "adapter_config.json",
-             "trainable.safetensors")
+             "trainable.safetensors", "predictions.jsonl")
 # the flags a resumed run may change: where it logs and how often it saves, not what it trains
 RESUME_MAY_CHANGE = ("out_dir", "resume", "overwrite", "save_every", "log_every", "latency_passes")
 
@@ -708,12 +779,16 @@ def interrupt_flag():
     return stop
 
 
-def write_json(path, obj):
+def write_text(path, text):
     """A temp file renamed into place: a full disk or a Ctrl-C leaves the old file or none, never half."""
     def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
     lora.write_atomic(os.path.dirname(path) or ".", {os.path.basename(path): write})
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2))
 
 
 def reevaluate(out_dir, methods=METHODS, latency_passes=0):
@@ -738,7 +813,8 @@ def reevaluate(out_dir, methods=METHODS, latency_passes=0):
     model, tok, task = build(args, method)
     method.load(model, out_dir)
     dev = load_examples(task, "dev", args, tok)
-    metrics = evaluate(model, model, method, dev, task, args, tok.pad_id)
+    metrics = evaluate(model, model, method, dev, task, args, tok)
+    metrics.pop("predictions", None)
     if latency_passes:
         metrics["latency_ms"] = latency_ms(model, method, dev, args, tok.pad_id, latency_passes, False)
         metrics["latency_merged_ms"] = latency_ms(model, method, dev, args, tok.pad_id, latency_passes, True)

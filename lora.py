@@ -367,10 +367,10 @@ class LoRA(Method):
 
     def peft_config(self, model):
         c, family = self.cfg, model.cfg.family
-        return {"peft_type": "LORA", "task_type": "SEQ_CLS", "r": c.r, "lora_alpha": c.alpha,
+        return {"peft_type": "LORA", **peft_task(model), "r": c.r, "lora_alpha": c.alpha,
                 "lora_dropout": c.dropout, "use_rslora": c.rslora, "fan_in_fan_out": family == "gpt2",
                 "target_modules": sorted(hf_name(family, n) for n in adapter_layers(model)), "bias": "none",
-                "modules_to_save": MODULES_TO_SAVE[family], "init_lora_weights": True, "inference_mode": True,
+                "init_lora_weights": True, "inference_mode": True,
                 "base_model_name_or_path": getattr(model, "name_or_path", "")}
 
     def file_tensors(self, model):
@@ -417,6 +417,13 @@ class LoRA(Method):
 # peft's file format
 
 MODULES_TO_SAVE = {"gpt2": ["score"], "roberta": ["classifier"], "bert": ["classifier", "pooler"]}
+
+
+def peft_task(model):
+    """peft's task_type and the trained head it saves whole: a classifier, or none for a causal LM."""
+    if model.head is None:
+        return {"task_type": "CAUSAL_LM", "modules_to_save": None}
+    return {"task_type": "SEQ_CLS", "modules_to_save": MODULES_TO_SAVE[model.cfg.family]}
 
 
 def peft_key(family, name):

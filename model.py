@@ -32,7 +32,7 @@ class Config:
     eps: float = 1e-12
     dropout: float = 0.1
     pad_id: int = 0              # RoBERTa: 1, and positions start at pad_id + 1
-    num_labels: int = 2          # 1 = regression (STS-B)
+    num_labels: int = 2          # 1 = regression (STS-B); 0 = a causal LM (GPT-2's tied LM head, no head)
 
 
 class Conv1D(nn.Module):
@@ -61,7 +61,9 @@ class Attention(nn.Module):
             self.out = nn.Linear(cfg.d, cfg.d)
         self.p = cfg.dropout
 
-    def forward(self, x, mask):
+    def forward(self, x, mask, kv=None):
+        """kv (decoding): this block's cache, [] or [k, v] of the earlier tokens, (B, nh, T_past, hs) each;
+        this call's keys and values are appended to it."""
         B, T, C = x.size()
         if hasattr(self, "c_attn"):
             q, k, v = self.c_attn(x).split(C, dim=2)
@@ -69,6 +71,10 @@ class Attention(nn.Module):
             q, k, v = self.query(x), self.key(x), self.value(x)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for t in (q, k, v))  # (B, nh, T, hs)
+        if kv is not None:
+            if kv:
+                k, v = torch.cat([kv[0], k], 2), torch.cat([kv[1], v], 2)  # (B, nh, T_past + T, hs)
+            kv[:] = [k, v]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.p if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, T, C))
@@ -95,9 +101,9 @@ class Block(nn.Module):
         self.ln_2, self.mlp = nn.LayerNorm(cfg.d, eps=cfg.eps), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask):
+    def forward(self, x, mask, kv=None):
         if self.pre_ln:  # GPT-2
-            x = x + self.drop(self.attn(self.ln_1(x), mask))
+            x = x + self.drop(self.attn(self.ln_1(x), mask, kv))
             return x + self.drop(self.mlp(self.ln_2(x)))
         x = self.ln_1(x + self.drop(self.attn(x, mask)))  # BERT / RoBERTa
         return self.ln_2(x + self.drop(self.mlp(x)))
@@ -140,7 +146,7 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d, eps=cfg.eps) if cfg.family == "gpt2" else None
-        self.head = Head(cfg)
+        self.head = Head(cfg) if cfg.num_labels else None  # a causal LM scores tokens with wte instead
         self.apply(self._init_weights)
         # recompute each block's activations in backward instead of keeping them (torch.utils.checkpoint):
         # memory for time, the same gradients
@@ -153,14 +159,19 @@ class Transformer(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def encode(self, input_ids, attention_mask=None, token_type_ids=None):
-        """Final hidden states (B, T, d): HF's last_hidden_state."""
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, cache=None):
+        """Final hidden states (B, T, d): HF's last_hidden_state. cache (GPT-2 decoding): one list per block
+        (see Attention), holding the earlier tokens' keys and values; attention_mask then covers the earlier
+        tokens and these, (B, T_past + T)."""
         cfg, (B, T) = self.cfg, input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        keep = attention_mask.bool()
+        keep = attention_mask.bool()  # (B, S): S = T_past + T keys
+        S = keep.size(1)
         if cfg.family == "roberta":  # positions count real tokens only, starting after the padding index
             pos = (torch.cumsum(keep, 1) * keep).long() + cfg.pad_id
+        elif cfg.family == "gpt2":  # count real tokens: a left-padded prompt starts at 0, as in HF's generate
+            pos = (torch.cumsum(keep, 1) - 1).clamp(min=0)[:, S - T:]
         else:
             pos = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.wte(input_ids) + self.wpe(pos)  # (B, T, d)
@@ -169,26 +180,57 @@ class Transformer(nn.Module):
         if self.ln_emb is not None:
             x = self.ln_emb(x)
         x = self.drop(x)
-        mask = keep[:, None, None, :]  # (B, 1, 1, T): True = attend to this key
-        if cfg.family == "gpt2":
-            mask = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (B, 1, T, T)
-        for block in self.h:
+        mask = keep[:, None, None, :]  # (B, 1, 1, S): True = attend to this key
+        if cfg.family == "gpt2":  # causal, and every token sees itself, so a left pad's row is never empty
+            causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            itself = torch.eye(T, S, dtype=torch.bool, device=x.device).roll(S - T, 1)
+            mask = mask & causal | itself  # (B, 1, T, S)
+        for i, block in enumerate(self.h):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 # replayed in backward with the same RNG state, so dropout masks match
                 x = torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=False)
             else:
-                x = block(x, mask)
+                x = block(x, mask, cache[i] if cache is not None else None)
         return self.ln_f(x) if self.ln_f is not None else x
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        """Task logits (B, num_labels)."""
+        """Task logits (B, num_labels), or a causal LM's next-token logits (B, T, vocab)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return self.head(self.encode(input_ids, attention_mask, token_type_ids), attention_mask)
+        h = self.encode(input_ids, attention_mask, token_type_ids)
+        return self.head(h, attention_mask) if self.head is not None else self.lm_head(h)
 
-    def lm_logits(self, input_ids, attention_mask=None):
-        """GPT-2's tied LM head: (B, T, vocab)."""
-        return self.encode(input_ids, attention_mask) @ self.wte.weight.t()
+    def lm_head(self, h):
+        """GPT-2's LM head, tied to the token embedding: (…, d) -> (…, vocab)."""
+        return h @ self.wte.weight.t()
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, max_new_tokens, eos_id, use_cache=True):
+        """Greedy decoding of a batch of left-padded prompts (B, T) -> new tokens (B, ≤ max_new_tokens);
+        a finished row continues with eos_id, and decoding stops when every row has ended (HF's
+        generate(do_sample=False) with pad = eos). With the KV cache each step feeds only the newest token;
+        use_cache=False runs the whole sequence again at every step (the plain reference)."""
+        if self.cfg.family != "gpt2":
+            raise ValueError(f"a {self.cfg.family} model is an encoder and cannot generate; "
+                             f"use a GPT-2 checkpoint")
+        B, T = input_ids.shape
+        if T + max_new_tokens > self.cfg.n_positions:
+            raise ValueError(f"a {T}-token prompt and {max_new_tokens} new tokens exceed the "
+                             f"{self.cfg.n_positions} positions; lower --max_new_tokens or --max_len")
+        cache = [[] for _ in self.h] if use_cache else None
+        ids, mask, new = input_ids, attention_mask, input_ids
+        done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+        out = []
+        for _ in range(max_new_tokens):
+            h = self.encode(new if use_cache else ids, mask, cache=cache)[:, -1]  # (B, d)
+            token = self.lm_head(h).argmax(-1).masked_fill(done, eos_id)       # (B,)
+            out.append(token)
+            done |= token == eos_id
+            if done.all():
+                break
+            new = token[:, None]
+            ids, mask = torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1)
+        return torch.stack(out, 1)
 
 
 # -----------------------------------------------------------------------------
@@ -351,3 +393,42 @@ def from_pretrained(name_or_dir, num_labels=2):
         raise ValueError(f"checkpoint {folder} has {len(unread)} backbone tensors this model does not read "
                          f"(e.g. {unread[0]}); is it a plain {cfg.family} checkpoint?")
     return model
+
+
+# -----------------------------------------------------------------------------
+# a random GPT-2 in HF's layout: the causal-LM pipeline end to end where no pretrained one can be fetched
+
+def save_random_gpt2(folder, vocab_dir, n_layer=4, n_embd=256, n_head=4, n_positions=1024, seed=0):
+    """config.json + model.safetensors of a randomly initialised GPT-2 (HF's init, N(0, 0.02)) with GPT-2's
+    vocabulary (vocab.json and merges.txt copied from vocab_dir): from_pretrained and transformers'
+    GPT2LMHeadModel both load it."""
+    import shutil
+    from safetensors.torch import save_file
+    with open(os.path.join(vocab_dir, "vocab.json"), encoding="utf-8") as f:
+        vocab_size = len(json.load(f))
+    hf = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": vocab_size,
+          "n_positions": n_positions, "n_embd": n_embd, "n_layer": n_layer, "n_head": n_head, "n_inner": None,
+          "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.1,
+          "embd_pdrop": 0.1, "attn_pdrop": 0.1, "tie_word_embeddings": True,
+          "bos_token_id": vocab_size - 1, "eos_token_id": vocab_size - 1}  # <|endoftext|>, the last id
+    torch.manual_seed(seed)
+    model = Transformer(config_from_hf(hf, num_labels=0))
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    save_file({hf_name("gpt2", n): t.contiguous() for n, t in model.state_dict().items()},
+              os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(os.path.join(vocab_dir, name), folder)
+    return folder
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="write a random GPT-2 checkpoint folder (HF layout)")
+    p.add_argument("folder")
+    p.add_argument("--vocab", required=True, help="folder with GPT-2's vocab.json and merges.txt")
+    for k, v in (("n_layer", 4), ("n_embd", 256), ("n_head", 4), ("n_positions", 1024), ("seed", 0)):
+        p.add_argument(f"--{k}", type=int, default=v)
+    a = p.parse_args()
+    print(save_random_gpt2(a.folder, a.vocab, a.n_layer, a.n_embd, a.n_head, a.n_positions, a.seed))

@@ -9,6 +9,7 @@ import glob
 import json
 import math
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -150,16 +151,360 @@ def test_model_loads_pytorch_model_bin_and_bare_backbones(tmp_path):
     assert d1 <= 1e-5 and d2 <= 1e-5, f"pytorch_model.bin diff {d1:.2e}, bare BertModel diff {d2:.2e}"
 
 
-def test_gpt2_lm_head_is_tied_and_matches_transformers(tmp_path):
+def tiny_gpt2_lm(tmp_path, seed=0):
+    """A tiny random transformers GPT2LMHeadModel saved to a folder, and ours loaded from it (causal LM)."""
     import transformers as T
-    hf = tiny_hf("gpt2")
-    folder = save_hf(hf, tmp_path)
-    lm = T.GPT2LMHeadModel.from_pretrained(folder).eval()
-    ours = M.from_pretrained(folder).eval()
+    torch.manual_seed(seed)
+    cfg = T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=120, n_positions=64, eos_token_id=7,
+                       bos_token_id=7, pad_token_id=7,
+                       initializer_range=0.3)  # not 0.02: a tiny model then just repeats its last token
+    hf = T.GPT2LMHeadModel(cfg).eval()
+    hf.save_pretrained(str(tmp_path / "gpt2lm"))
+    return hf, M.from_pretrained(str(tmp_path / "gpt2lm"), num_labels=0).eval()
+
+
+def left_padded(prompts, pad):
+    T = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def test_gpt2_causal_lm_logits_and_greedy_tokens_match_transformers(tmp_path):
+    hf, ours = tiny_gpt2_lm(tmp_path)
+    assert ours.head is None and ours.cfg.num_labels == 0, "a causal LM has no task head"
     ids, mask, _ = batch("gpt2")
     with torch.no_grad():
-        d = (ours.lm_logits(ids, mask) - lm(ids, attention_mask=mask).logits)[mask.bool()].abs().max().item()
-    assert d <= 1e-4, f"LM logits differ by {d:.2e}"
+        d = (ours(ids, mask) - hf(ids, attention_mask=mask).logits)[mask.bool()].abs().max().item()
+    assert d <= 1e-5, f"LM logits differ by {d:.2e}"
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(10, 120, (n,), generator=g).tolist() for n in (3, 9, 1, 6)]
+    ids, mask = left_padded(prompts, pad=7)
+    for eos in (7, 18):  # 18: rows end at steps 2 and 12, the others run to max_new_tokens
+        ref = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=eos,
+                          pad_token_id=eos)[:, ids.size(1):]
+        for cache in (True, False):
+            out = ours.generate(ids, mask, max_new_tokens=12, eos_id=eos, use_cache=cache)
+            assert out.tolist() == ref.tolist(), f"greedy tokens differ (eos {eos}, cache {cache})"
+
+
+def byte_bpe(folder):
+    """GPT-2's byte-level BPE with no merges: the 256 byte tokens, then <|endoftext|> (id 256)."""
+    from tokenizer import bytes_to_unicode
+    os.makedirs(folder, exist_ok=True)
+    vocab = {c: b for b, c in bytes_to_unicode().items()}  # a byte's id is its value
+    json.dump({**vocab, "<|endoftext|>": 256}, open(os.path.join(folder, "vocab.json"), "w"))
+    open(os.path.join(folder, "merges.txt"), "w").write("#version: 0.2\n")
+    return folder
+
+
+def tiny_lm(root):
+    """A random 2-layer GPT-2 on the byte vocabulary, in HF's layout (model.save_random_gpt2)."""
+    return M.save_random_gpt2(str(root / "lm"), byte_bpe(str(root / "bytes")), n_layer=2, n_embd=32,
+                              n_head=4, n_positions=256)
+
+
+def write_gsm8k(folder, n_train=24, n_test=6):
+    """GSM8K's layout and answer format ("... #### 72"), with sums as problems."""
+    os.makedirs(folder, exist_ok=True)
+    for name, n, start in (("train.jsonl", n_train, 0), ("test.jsonl", n_test, 100)):
+        with open(os.path.join(folder, name), "w") as f:
+            for i in range(start, start + n):
+                a, b = i % 7 + 1, i % 5 + 2
+                f.write(json.dumps({"question": f"Tom has {a} apples and buys {b}. How many now?",
+                                    "answer": f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"})
+                        + "\n")
+    return folder
+
+
+def test_random_gpt2_folder_loads_in_transformers_with_equal_logits(tmp_path):
+    import transformers as T
+    folder = tiny_lm(tmp_path)
+    hf = T.GPT2LMHeadModel.from_pretrained(folder).eval()
+    ours = M.from_pretrained(folder, num_labels=0).eval()
+    ids = torch.randint(0, 257, (2, 11))
+    with torch.no_grad():
+        d = (hf(ids).logits - ours(ids)).abs().max().item()
+    assert d <= 1e-5, f"logits differ by {d:.2e}"
+
+
+def test_lm_examples_mask_the_prompt_end_with_eos_and_count_cut_responses(tmp_path):
+    tok = load_tokenizer(byte_bpe(str(tmp_path)), "gpt2")
+    rows = [("Add 2 and 3", "5"), ("Say hi", "hello there, friend")]
+    ex, cut = data.encode_lm(tok, rows, max_len=16)
+    p0 = list(b"Add 2 and 3\n")
+    assert ex[0]["input_ids"] == p0 + [ord("5"), 256], "prompt, a newline, the response, then EOS"
+    assert ex[0]["label"] == [-100] * len(p0) + [ord("5"), 256], "no loss on the prompt"
+    assert cut == 1 and len(ex[1]["input_ids"]) == 16 and ex[1]["label"][-1] != 256, "cut to max_len, counted"
+    ev_ex, _ = data.encode_lm(tok, rows, max_len=16, train=False)
+    assert ev_ex[0]["input_ids"] == p0 and ev_ex[0]["reference"] == "5", "evaluation: the prompt alone"
+    with pytest.raises(ValueError, match="1 of 2 prompts have 12 tokens or more.*pass --max_len 13"):
+        data.encode_lm(tok, rows, max_len=12)
+    b = data.collate(ex, pad_id=256)
+    assert b["labels"].shape == b["input_ids"].shape and (b["labels"][0, len(ex[0]["label"]):] == -100).all()
+    rows = data.load_gen_split(data.get_task("alpaca"), "train", write_alpaca(tmp_path / "a.json", 10))
+    held = data.load_gen_split(data.get_task("alpaca"), "dev", str(tmp_path / "a.json"))
+    assert len(rows) == 8 and len(held) == 2 and not set(rows) & set(held), "a seeded 80/20 split"
+    assert held == data.load_gen_split(data.get_task("alpaca"), "dev", str(tmp_path / "a.json"))
+    assert rows[0][0] == "Task 0\nInput 0" and rows[1][0] == "Task 1", "instruction, newline, input if any"
+
+
+def write_alpaca(path, n):
+    recs = [{"instruction": f"Task {i}", "input": f"Input {i}" if i % 2 == 0 else "", "output": f"Out {i}"}
+            for i in range(n)]
+    open(path, "w").write(json.dumps(recs))
+    return str(path)
+
+
+def test_lm_loss_on_response_tokens_matches_transformers(tmp_path):
+    hf, ours = tiny_gpt2_lm(tmp_path)
+    ids = torch.randint(10, 120, (3, 10))
+    labels = ids.clone()
+    labels[:, :4] = -100   # the prompt
+    labels[2, 7:] = -100   # padding
+    with torch.no_grad():
+        ref = hf(ids, labels=labels).loss
+        got = finetune.task_loss(ours(ids), labels)
+    assert abs(got.item() - ref.item()) <= 1e-5, f"{got.item()} vs transformers' {ref.item()}"
+    assert finetune.weight({"labels": labels}) == 3 * 6 - 3, "a micro-batch weighs its response tokens"
+
+
+LM_METHODS = [("lora", []), ("lora", ["--quant", "nf4"]), ("tlora_plus", []),
+              ("dynamic_lora", ["--n_cal", "2"]),
+              ("adaq_lora", ["--tinit", "1", "--tfinal", "2", "--delta_t", "1"]),
+              ("bitfit", []), ("full", []), ("adapter", [])]
+
+
+@pytest.mark.parametrize("method, extra", LM_METHODS, ids=[m + "".join(e[:2]) for m, e in LM_METHODS])
+def test_every_method_trains_a_causal_lm_and_writes_its_predictions(method, extra, tmp_path):
+    folder, gsm = tiny_lm(tmp_path), write_gsm8k(str(tmp_path / "gsm8k"))
+    out = str(tmp_path / "out")
+    args = finetune.parse_args(["--method", method, "--task", "gsm8k", "--model", folder, "--data_dir", gsm,
+                                "--epochs", "1", "--batch_size", "4", "--max_len", "96",
+                                "--max_new_tokens", "6",
+                                "--lr", "1e-3", "--out_dir", out, *extra])
+    result = finetune.run(args)
+    m = result["metrics"]
+    assert set(m) == {"rouge-1", "rouge-2", "rouge-l", "bleu-4", "avg", "corpus_bleu", "accuracy"}
+    assert m["avg"] == pytest.approx((m["rouge-1"] + m["rouge-2"] + m["rouge-l"] + m["bleu-4"]) / 4)
+    preds = [json.loads(line) for line in open(os.path.join(out, "predictions.jsonl"))]
+    assert len(preds) == 6 and {"prompt", "reference", "prediction"} <= set(preds[0])
+    assert preds[0]["reference"].endswith("#### 5"), "test row 100: a = 3, b = 2"
+    assert preds[0]["prompt"].startswith("Tom has 3 apples and buys 2")
+    assert result["steps"] == 6 and math.isfinite(result["history"][0]["train_loss"])
+
+
+def test_zero_shot_answers_are_the_loaded_models_greedy_answers_one_prompt_at_a_time(tmp_path):
+    """--epochs 0 generates with the model as loaded; batched, left-padded decoding gives each prompt the
+    answer it gets alone."""
+    folder, gsm, out = tiny_lm(tmp_path), write_gsm8k(str(tmp_path / "gsm8k")), str(tmp_path / "out")
+    result = finetune.run(finetune.parse_args(
+        ["--method", "full", "--task", "gsm8k", "--model", folder, "--data_dir", gsm, "--epochs", "0",
+         "--max_len", "96",
+         "--max_new_tokens", "5", "--eval_samples", "4", "--eval_batch_size", "4", "--out_dir", out]))
+    assert result["steps"] == 0 and result["label"] == "full zero-shot" and result["selected_epoch"] == 0
+    model, tok = M.from_pretrained(folder, num_labels=0).eval(), load_tokenizer(folder, "gpt2")
+    preds = [json.loads(line) for line in open(os.path.join(out, "predictions.jsonl"))]
+    assert len(preds) == 4
+    for p in preds:
+        ids = torch.tensor([tok.tokenize(p["prompt"] + "\n")])
+        alone = [t for t in model.generate(ids, torch.ones_like(ids), 5, tok.eos)[0].tolist() if t != tok.eos]
+        assert p["prediction"] == tok.decode(alone), f"batched answer differs for {p['prompt']!r}"
+    scores = ev.generation_metrics([p["prediction"] for p in preds], [p["reference"] for p in preds],
+                                   gsm8k=True)
+    assert scores == pytest.approx(result["metrics"]), "metrics.json scores the predictions file"
+
+
+# --------------------------------------------------------------------------- eval.py: ROUGE, BLEU, GSM8K
+
+TOL = 1e-9  # eval.py's generation metrics against rouge-score, nltk and sacrebleu
+
+GEN_CORPUS = [  # (prediction, reference)
+    ("The cat sat on the mat near the door.", "The cat is sitting on the mat by the door."),  # some overlap
+    ("A quick brown fox jumps over the lazy dog", "The quick brown fox jumped over the lazy dog."),
+    ("the the the the the the the", "The cat is on the mat"),  # repeated word: clipped to ref's count
+    ("the cat the cat the cat", "the cat sat on the cat mat"),  # repeated bigram
+    ("", "Paris is the capital of France."),  # empty prediction
+    ("Paris is the capital", "Paris"),  # single-word reference
+    ("Paris", "Paris"),  # identical, shorter than 4 tokens
+    ("Yes it is", "Yes, it is true."),  # prediction shorter than 4 words
+    ("bananas and oranges", "The stock market fell sharply today."),  # no overlap at all
+    ("Machine learning models need data.", "Machine learning models need data."),  # identical
+    ("cat dog", "dog cat"),  # same words, other order: ROUGE-L < ROUGE-1
+    ("short", "A much longer reference sentence with many words in it"),  # brevity penalty
+    ("我爱自然语言处理", "我喜欢自然语言处理技术"),  # Chinese, no spaces
+    ("今天天气很好，我们去公园吧。", "今天天气不错，我们去公园散步。"),
+    ("LoRA 模型在 GLUE 上表现很好", "LoRA 在 GLUE 基准上的表现很好"),  # mixed
+    ("“引号”——和…省略号", "“引号”和…省略号"),  # zh tokenizer's typo ranges (U+2001..U+2A6D)
+    ("It costs $1,000. That's 3.5% more -- ok?", 'The cost is &quot;1,000&quot; dollars - 3.5% more.'),
+    ("The answer is 72 because 48 + 24 = 72.", "She sold 48/2 = 24 clips in May, 48+24 = 72 in all. #### 72"),
+]
+PREDS, REFS = [p for p, _ in GEN_CORPUS], [r for _, r in GEN_CORPUS]
+ENGLISH = [(p, r) for p, r in GEN_CORPUS if not ev.CJK.search(p + r) and not ev.ZH.search(p + r)]
+
+
+class Words:
+    """The tokenizer object rouge-score takes: ours, since its default one drops Chinese."""
+
+    def tokenize(self, text):
+        return ev.words(text)
+
+
+def nltk_bleu(pred, ref):
+    bleu = reference("nltk.translate.bleu_score")
+    return bleu.sentence_bleu([ev.words(ref)], ev.words(pred), weights=(0.25, 0.25, 0.25, 0.25),
+                              smoothing_function=bleu.SmoothingFunction().method3)
+
+
+def reference_scores(pred, ref):
+    rouge = reference("rouge_score.rouge_scorer")
+    scorer = rouge.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=Words())
+    s = scorer.score(ref, pred)
+    return {"rouge-1": s["rouge1"].fmeasure, "rouge-2": s["rouge2"].fmeasure, "rouge-l": s["rougeL"].fmeasure,
+            "bleu-4": nltk_bleu(pred, ref)}
+
+
+def random_pairs(n, vocab="a b c d . ,", max_len=8, seed=0):
+    rng = random.Random(seed)
+    vocab = vocab.split()
+    sent = lambda: " ".join(rng.choice(vocab) for _ in range(rng.randint(0, max_len)))  # noqa: E731
+    return [(sent(), sent()) for _ in range(n)]
+
+
+def test_words_splits_on_whitespace_and_each_cjk_character():
+    assert ev.words("我爱 NLP!  LoRA模型，好。") == ["我", "爱", "NLP!", "LoRA", "模", "型", "，", "好", "。"]
+    assert ev.words("") == [] and ev.words(" \n\t ") == []
+
+
+def test_words_keeps_case_and_punctuation():
+    assert ev.words("Paris. paris, PARIS") == ["Paris.", "paris,", "PARIS"]
+
+
+@pytest.mark.parametrize("pred,ref", GEN_CORPUS)
+def test_rouge_matches_rouge_score(pred, ref):
+    ours, theirs = ev.per_sample_scores(pred, ref), reference_scores(pred, ref)
+    for k in ("rouge-1", "rouge-2", "rouge-l"):
+        assert ours[k] == pytest.approx(theirs[k], abs=TOL), k
+
+
+def test_rouge_matches_rouge_score_on_random_token_sequences():
+    for pred, ref in random_pairs(300):
+        ours, theirs = ev.per_sample_scores(pred, ref), reference_scores(pred, ref)
+        for k in ("rouge-1", "rouge-2", "rouge-l"):
+            assert ours[k] == pytest.approx(theirs[k], abs=TOL), (pred, ref, k)
+
+
+def test_rouge_is_zero_for_empty_prediction_and_no_overlap():
+    for pred, ref in [("", "Paris is nice"), ("bananas and oranges", "The market fell"), ("", "")]:
+        s = ev.per_sample_scores(pred, ref)
+        assert s["rouge-1"] == s["rouge-2"] == s["rouge-l"] == 0.0
+
+
+def test_rouge_l_is_f_of_the_longest_common_subsequence():
+    s = ev.per_sample_scores("cat dog", "dog cat")  # LCS 1 of 2 and 2: F = 0.5; unigrams all match: F = 1
+    assert s["rouge-l"] == 0.5 and s["rouge-1"] == 1.0 and s["rouge-2"] == 0.0
+    assert ev.lcs_length("a b c b d a b".split(), "b d c a b a".split()) == 4
+
+
+@pytest.mark.parametrize("pred,ref", GEN_CORPUS)
+def test_sentence_bleu_matches_nltk_method3(pred, ref):
+    assert ev.per_sample_scores(pred, ref)["bleu-4"] == pytest.approx(nltk_bleu(pred, ref), abs=TOL)
+
+
+def test_sentence_bleu_matches_nltk_on_random_token_sequences():
+    for pred, ref in random_pairs(300) + random_pairs(300, vocab="a b", max_len=5, seed=1):
+        ours = ev.per_sample_scores(pred, ref)["bleu-4"]
+        assert ours == pytest.approx(nltk_bleu(pred, ref), abs=TOL), (pred, ref)
+
+
+def test_sentence_bleu_edge_cases_match_nltk():
+    # empty prediction, and no unigram match: 0 (nltk returns 0 before smoothing)
+    assert ev.sentence_bleu([], ["a"]) == nltk_bleu("", "a") == 0
+    assert ev.sentence_bleu(["x", "y", "z", "w"], ["a", "b"]) == nltk_bleu("x y z w", "a b") == 0
+    # one identical token: orders 2-4 count 0 matches of 1 and are smoothed to 1/2, 1/4, 1/8 (not 0)
+    assert ev.sentence_bleu(["Paris"], ["Paris"]) == pytest.approx((1 / 64) ** 0.25, abs=TOL)
+    assert nltk_bleu("Paris", "Paris") == pytest.approx((1 / 64) ** 0.25, abs=TOL)
+    # identical and >= 4 tokens: 1; shorter than the reference: brevity penalty exp(1 - r/c)
+    assert ev.sentence_bleu(list("abcdef"), list("abcdef")) == pytest.approx(1.0, abs=TOL)
+    assert ev.sentence_bleu(list("abcd"), list("abcdefgh")) == pytest.approx(np.exp(1 - 8 / 4), abs=TOL)
+    assert nltk_bleu("a b c d", "a b c d e f g h") == pytest.approx(np.exp(1 - 8 / 4), abs=TOL)
+
+
+def test_averages_match_the_references_and_avg_is_the_mean_of_four():
+    out = ev.generation_metrics(PREDS, REFS)
+    theirs = [reference_scores(p, r) for p, r in GEN_CORPUS]
+    for k in ("rouge-1", "rouge-2", "rouge-l", "bleu-4"):
+        assert out[k] == pytest.approx(np.mean([s[k] for s in theirs]), abs=TOL), k
+    four = [out[k] for k in ("rouge-1", "rouge-2", "rouge-l", "bleu-4")]
+    assert out["avg"] == pytest.approx(np.mean(four), abs=TOL)
+    assert set(out) == {"rouge-1", "rouge-2", "rouge-l", "bleu-4", "avg", "corpus_bleu"}
+    assert all(0 <= v <= 1 for v in out.values())
+
+
+def sacre(preds, refs, tokenize="13a"):
+    return reference("sacrebleu").corpus_bleu(preds, [refs], tokenize=tokenize).score / 100
+
+
+def test_corpus_bleu_matches_sacrebleu():
+    preds, refs = [p for p, _ in ENGLISH], [r for _, r in ENGLISH]
+    assert ev.corpus_bleu(preds, refs) == pytest.approx(sacre(preds, refs), abs=TOL)
+    assert ev.generation_metrics(preds, refs)["corpus_bleu"] == pytest.approx(sacre(preds, refs), abs=TOL)
+    assert ev.corpus_bleu(PREDS, REFS, "zh") == pytest.approx(sacre(PREDS, REFS, "zh"), abs=TOL)
+    assert ev.corpus_bleu(PREDS, REFS) == pytest.approx(sacre(PREDS, REFS), abs=TOL)
+    assert 0 < ev.corpus_bleu(PREDS, REFS, "zh") < 1
+
+
+def test_corpus_bleu_matches_sacrebleu_on_random_corpora():
+    for seed in range(40):
+        pairs = random_pairs(6, vocab="a b c d . , 3.5 - 我 爱", max_len=9, seed=seed)
+        preds, refs = [p for p, _ in pairs], [r for _, r in pairs]
+        for tok in ("13a", "zh"):
+            ours = ev.corpus_bleu(preds, refs, tok)
+            assert ours == pytest.approx(sacre(preds, refs, tok), abs=TOL), (seed, tok)
+
+
+def test_corpus_bleu_edge_cases_match_sacrebleu():
+    cases = [(["a b c", "d e"], ["a b c", "d e"]),  # no prediction has 4 tokens: 0 even though all match
+             (["x y z w v"], ["a b c d e"]),  # no match: 0
+             (["", ""], ["a b", "c d"]),  # empty predictions
+             (["a b c d", "e f g h"], ["a b c d e f", "e f g h i j"]),  # one brevity penalty on corpus totals
+             (["a b c d e"], ["a b x d e"])]  # no 3- or 4-gram match: smoothed 1/2, 1/4
+    for preds, refs in cases:
+        assert ev.corpus_bleu(preds, refs) == pytest.approx(sacre(preds, refs), abs=TOL), (preds, refs)
+    assert ev.corpus_bleu(*cases[0]) == 0.0
+    assert ev.corpus_bleu(*cases[3]) == pytest.approx(np.exp(1 - 12 / 8), abs=TOL)
+
+
+def test_tokenize_13a_matches_sacrebleu():
+    Tokenizer13a = reference("sacrebleu.tokenizers.tokenizer_13a").Tokenizer13a()
+    lines = ["Hello, world. It's 3.5 or 1,000 -- 5-3 a-b x.y .5 5. ,x", "foo-\nbar\nbaz  ", "",
+             "&quot;q&quot; &amp; &lt;t&gt; <skipped>", "(a) [b] {c} ~`!@#$%^&*_+=|\\:;'<>?/", "ü “q” — …"]
+    for line in lines + [p for p, _ in GEN_CORPUS] + [r for _, r in GEN_CORPUS]:
+        assert ev.tokenize_13a(line) == Tokenizer13a(line.rstrip()).split(), line
+
+
+def test_tokenize_zh_matches_sacrebleu_on_every_bmp_character():
+    TokenizerZh = reference("sacrebleu.tokenizers.tokenizer_zh").TokenizerZh()
+    chars = [chr(c) for c in range(0x20, 0x10000)] + [chr(0x20000), chr(0x2A6D6), chr(0x2F800)]
+    line = " ".join(f"a{c}b" for c in chars)  # a CJK character splits its word in three
+    assert ev.tokenize_zh(line) == TokenizerZh(line).split()
+    for line in [".5 x.y 1,000 &amp; 5-3 is 72.", " 我爱NLP。 ", "“引号”——和…省略号"]:
+        assert ev.tokenize_zh(line) == TokenizerZh(line.rstrip()).split(), line
+
+
+def test_gsm8k_final_number_exact_match():
+    ref = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nIn all 48+24 = <<48+24=72>>72 clips.\n#### 72"
+    assert ev.gsm8k_answer(ref) == "72"
+    assert ev.gsm8k_answer("She sold 72 clips in total.") == "72"  # no ####: the last number
+    assert ev.gsm8k_answer("#### 1,000\n\nQuestion: 5 apples? #### 5") == "1000"  # the first #### answer
+    assert ev.gsm8k_answer("It costs $1,234,567.50.") == "1234567.50"
+    assert ev.gsm8k_answer("The temperature is -3.") == "-3"
+    assert ev.gsm8k_answer("no number here") is None and ev.gsm8k_answer("####") is None
+    preds = ["So the answer is 72.", "#### 72.0", "It is $1,000", "I think 71", "#### 5 then 72", "none"]
+    refs = ["#### 72", "#### 72", "#### 1000", "#### 72", "#### 72", "#### 0"]
+    assert ev.gsm8k_accuracy(preds, refs) == pytest.approx(3 / 6)
+    out = ev.generation_metrics(preds, refs, gsm8k=True)
+    assert out["accuracy"] == pytest.approx(0.5) and "avg" in out
 
 
 def test_missing_model_folder_and_offline_hub_id_fail_with_one_line(tmp_path, monkeypatch):
@@ -205,6 +550,9 @@ def shared_asset(script, name):
 def check_tokenizer(ours, ref, family):
     for s in CORPUS:
         assert ours.encode(s)[0] == ref(s)["input_ids"], f"{family}: ids differ on {s!r}"
+        if family == "gpt2":  # decoding, for generation: back to the text, the end-of-text token left out
+            ids = ours.encode(s)[0] + [ours.eos]
+            assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True) == s, f"decode: {s!r}"
     for a, b in PAIRS:
         for max_len in (512, 12, 13, 14, 21):
             r = ref(a, b, truncation="longest_first", max_length=max_len)
@@ -2126,7 +2474,6 @@ def test_train_bad_input_is_one_clear_line(argv, message):
 def broken(tmp_path_factory):
     """A tiny checkpoint, a GLUE folder, and one broken copy of each per kind of bad file a user hands
     over."""
-    from safetensors.torch import load_file, save_file
     root = tmp_path_factory.mktemp("broken")
     glue = str(root / "glue")
     folder = tiny_checkpoint(root, write_glue(glue, n=16))
@@ -2185,6 +2532,12 @@ def broken(tmp_path_factory):
     (root / "keyless.json").write_text('{"task": "mrpc"}')
     paths.update(file=str(root / "a_file"), used=str(used), bad_metrics=str(root / "bad_metrics"),
                  bad_json=str(root / "bad.json"), keyless=str(root / "keyless.json"))
+    # causal-LM tasks: a tiny GPT-2, GSM8K's layout, and broken alpaca files
+    paths.update(lm=tiny_lm(root), gsm=write_gsm8k(str(root / "gsm8k")))
+    for name, text in (("no_fields", '[{"question": "q", "answer": "a"}]'), ("empty_json", ""),
+                       ("empty_response", '{"instruction": "Say hi", "input": "", "output": " "}\n')):
+        (root / f"{name}.json").write_text(text)
+        paths[name] = str(root / f"{name}.json")
     return paths
 
 
@@ -2225,6 +2578,18 @@ BAD_INPUTS = [  # (script, argv with {placeholders} from `broken`, the message's
     ("train.py", "--out_dir {used}", "holds another run (metrics.json); pass --overwrite"),
     ("train.py", "--out_dir {root}/fresh --resume", "has no checkpoint.pt to resume from"),
     ("train.py", "--save_every 5", "--resume and --save_every need --out_dir"),
+    ("train.py", "--task gsm8k", "is a bert encoder, which cannot generate; pass a GPT-2 checkpoint"),
+    ("train.py", "--task alpaca --model {lm} --data_dir {no_fields} --max_len 96",
+     "record 1 has no 'instruction' field"),
+    ("train.py", "--task alpaca --model {lm} --data_dir {empty_json} --max_len 96",
+     "empty_json.json is empty"),
+    ("train.py", "--task alpaca --model {lm} --data_dir {empty_response} --max_len 96",
+     "record 1 has an empty 'output'"),
+    ("train.py", "--task gsm8k --model {lm} --data_dir {gsm} --max_len 20", "prompts have 43 tokens or more"),
+    ("train.py", "--task gsm8k --model {lm} --data_dir {gsm} --max_len 96 --max_new_tokens 250",
+     "prompt (43 tokens) and --max_new_tokens 250 exceed the 256 positions"),
+    ("train.py", "--task gsm8k --model {lm} --data_dir {gsm} --max_len 96 --max_new_tokens 8 --method head",
+     "--method head trains nothing"),
     ("eval.py", "--out_dir {root}/nowhere", "metrics.json not found"),
     ("eval.py", "--out_dir {bad_metrics}", "is not a metrics.json written by train.py"),
     ("eval.py", "--table {bad_json}", "cannot read"),
@@ -2236,7 +2601,9 @@ BAD_INPUTS = [  # (script, argv with {placeholders} from `broken`, the message's
 
 FLAG_CASES = [  # parse_args' range checks, in-process; the command-line cases above show them as one line
     ("--eval_batch_size 0", "--eval_batch_size must be ≥ 1"),
-    ("--epochs 0", "--epochs must be ≥ 1"),
+    ("--epochs -1", "--epochs must be ≥ 0"),
+    ("--max_new_tokens 0", "--max_new_tokens must be ≥ 1"),
+    ("--eval_samples -1", "--eval_samples must be ≥ 0"),
     ("--log_every 0", "--log_every must be ≥ 1"),
     ("--pad_multiple 0", "--pad_multiple must be ≥ 1"),
     ("--max_train_samples -1", "--max_train_samples must be ≥ 0"),

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from lora import LoRA, LoRALinear, MethodConfig, adapter_layers
+from lora import LoRA, LoRALinear, MethodConfig, adapter_layers, peft_task
 from model import hf_name
 
 CONFIGS = ("B", "AB", "CB", "ABC")  # the trainable factors of T1, T2a, T2b, T3 (SPEC §2.3)
@@ -161,7 +161,7 @@ class TLoRAPlus(LoRA):
 
     def peft_config(self, model):  # adapter_config.json in peft's spirit; peft_type names our method
         c, family = self.cfg, model.cfg.family
-        return {"peft_type": self.name.upper(), "task_type": "SEQ_CLS", "r": c.r, "trainable": self.config(),
+        return {"peft_type": self.name.upper(), **peft_task(model), "r": c.r, "trainable": self.config(),
                 "b_init": c.b_init, "init": c.init, "scaling": 1.0,
                 "output_dropout": 0.5 if c.init == "official" else 0.0, "learnable_scalar": self.scalar,
                 "lr_multipliers": self.lr_multipliers(), "seed": c.seed,

@@ -63,6 +63,7 @@ class BPETokenizer:
                                      special_tokens={})
         to_str = lambda bs: "".join(b2u[b] for b in bs)
         self.rank_to_id = {r: vocab[to_str(tok)] for tok, r in ranks.items() if to_str(tok) in vocab}
+        self.id_to_rank = {i: r for r, i in self.rank_to_id.items()}
         self.family = family
         specials = ("<s>", "</s>", "<pad>") if family == "roberta" else ("<|endoftext|>",)
         missing = [s for s in specials if s not in vocab]
@@ -75,6 +76,10 @@ class BPETokenizer:
 
     def tokenize(self, text):
         return [self.rank_to_id[r] for r in self.enc.encode_ordinary(text)]
+
+    def decode(self, ids):
+        """Token ids -> text; the special tokens (no bytes of their own) are left out."""
+        return self.enc.decode([self.id_to_rank[i] for i in ids if i in self.id_to_rank], errors="replace")
 
     def encode(self, a, b=None, max_len=512):
         """-> (input_ids, token_type_ids) for one sentence or a pair, at most max_len tokens."""
