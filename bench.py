@@ -6,7 +6,8 @@ imported here and in test_all.py only, never by the product.
                               --out_dir out/peft0 [--quant nf4]
         the same training run as `train.py --method lora`, but on transformers + peft: same data, batches,
         seeds, optimizer groups (A at lr, B at lr x lr_ratio, head at head_lr), schedule and evaluation
-        (train.py's loop); --quant nf4 puts the base in bitsandbytes' NF4 + double quant (peft's QLoRA)
+        (train.py's loop); --quant nf4 puts the base in bitsandbytes' NF4 + double quant (peft's QLoRA),
+        evaluated like ours with the adapters beside the 4-bit base (peft's merge would requantize it)
     python bench.py speed [--minilm DIR] [--data_dir GLUE] [--device cuda] [--compile]
         ms/step, tokens/s, eval latency (merged and not), peak memory, adapter bytes and trainable parameters
         of every method, ours and transformers+peft LoRA, against the frozen base (forward + backward to the
@@ -122,6 +123,22 @@ class PeftLoRA(lora.LoRA):
                         key = f"base_model.model.{mod2}.modules_to_save.default.{last}.{leaf2}"
                 theirs[key].copy_(p)
         return HFClassifier(peft_model, model.cfg.family, model.cfg)
+
+    def merge(self, model, float_only=False):
+        """As ours: float_only leaves a 4-bit base unmerged. peft would merge into it by dequantizing, adding
+        ΔW and quantizing again, which rounds most of a small ΔW away, and unmerge then leaves a base that
+        drifted."""
+        for layer in self.peft_layers(model, float_only):
+            layer.merge()
+
+    def unmerge(self, model):
+        for layer in self.peft_layers(model, float_only=True):
+            layer.unmerge()
+
+    @staticmethod
+    def peft_layers(model, float_only):
+        return [m for m in lora.mergeable_layers(model).values() if not (
+            float_only and type(getattr(m, "base_layer", None)).__name__ == "Linear4bit")]
 
     def param_groups(self, model):
         c, named = self.cfg, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -580,12 +597,15 @@ def generate_bench(argv):
             "ours (no cache)": lambda: ours.generate(ids, mask, a.new, eos_id=-1, use_cache=False),
             "transformers": lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=a.new,
                                                 do_sample=False)[:, a.prompt:]}
-    rows, tokens = {}, {}
+    tokens, times = {}, {name: [] for name in runs}
     with torch.no_grad():
         for name, fn in runs.items():
             tokens[name] = fn().tolist()  # warm-up, and the tokens to compare
-            s = median_seconds(fn, a.repeats)
-            rows[name] = {"seconds": s, "tokens_per_s": a.batch * a.new / s}
+        for _ in range(a.repeats):  # interleaved, so a busy spell of the machine hits all three alike
+            for name, fn in runs.items():
+                times[name].append(median_seconds(fn, 1))
+    rows = {name: {"seconds": statistics.median(t), "tokens_per_s": a.batch * a.new / statistics.median(t),
+                   "runs": t} for name, t in times.items()}
     same = len({json.dumps(t) for t in tokens.values()}) == 1
     ref = rows["transformers"]["tokens_per_s"]
     print(f"greedy decoding, random GPT-2 {a.n_layer}x{a.n_embd}, batch {a.batch}, prompts {min(lengths)}-"

@@ -344,7 +344,7 @@ def train_step(model, forward, method, batches, opt, sched, step, grad_clip, dev
     sched.step()
     method.after_step(model, step)
     opt.zero_grad(set_to_none=True)
-    return task, torch.cat(all_logits)
+    return task, torch.cat(all_logits) if all_logits[0].dim() == 2 else None  # a causal LM's: not kept
 
 
 @torch.no_grad()
@@ -788,7 +788,11 @@ def write_text(path, text):
 
 
 def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2))
+    """The same, for a JSON file."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    lora.write_atomic(os.path.dirname(path) or ".", {os.path.basename(path): write})
 
 
 def reevaluate(out_dir, methods=METHODS, latency_passes=0):

@@ -269,7 +269,7 @@ def test_lm_loss_on_response_tokens_matches_transformers(tmp_path):
     assert finetune.weight({"labels": labels}) == 3 * 6 - 3, "a micro-batch weighs its response tokens"
 
 
-LM_METHODS = [("lora", []), ("lora", ["--quant", "nf4"]), ("tlora_plus", []),
+LM_METHODS = [("lora", []), ("lora", ["--quant", "nf4"]), ("lora", ["--grad_accum", "2"]), ("tlora_plus", []),
               ("dynamic_lora", ["--n_cal", "2"]),
               ("adaq_lora", ["--tinit", "1", "--tfinal", "2", "--delta_t", "1"]),
               ("bitfit", []), ("full", []), ("adapter", [])]
@@ -291,7 +291,8 @@ def test_every_method_trains_a_causal_lm_and_writes_its_predictions(method, extr
     assert len(preds) == 6 and {"prompt", "reference", "prediction"} <= set(preds[0])
     assert preds[0]["reference"].endswith("#### 5"), "test row 100: a = 3, b = 2"
     assert preds[0]["prompt"].startswith("Tom has 3 apples and buys 2")
-    assert result["steps"] == 6 and math.isfinite(result["history"][0]["train_loss"])
+    assert result["steps"] == (3 if "--grad_accum" in extra else 6)  # 24 examples, batches of 4
+    assert math.isfinite(result["history"][0]["train_loss"])
 
 
 def test_zero_shot_answers_are_the_loaded_models_greedy_answers_one_prompt_at_a_time(tmp_path):
@@ -1523,7 +1524,7 @@ def test_adalora_bad_input_is_one_clear_line(argv, message, tmp_path):
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--model", folder, "--data_dir", glue,
                         "--out_dir", str(out), "--epochs", "1", *argv], capture_output=True, text=True,
-                       cwd=HERE, timeout=120)
+                       cwd=HERE, timeout=600)
     assert r.returncode != 0 and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not out.exists() or not os.listdir(out), "a refused run left files"
@@ -1865,7 +1866,7 @@ def test_peft_glue_qlora_on_bitsandbytes_trains_like_ours(tmp_path):
     reference("bitsandbytes")
     glue = str(tmp_path / "glue")
     folder = tiny_checkpoint(tmp_path, write_glue(glue, n=48), dropout=0.0)
-    common = ["--task", "mrpc", "--model", folder, "--data_dir", glue, "--epochs", "1", "--batch_size", "8",
+    common = ["--task", "mrpc", "--model", folder, "--data_dir", glue, "--epochs", "2", "--batch_size", "8",
               "--lr", "1e-2", "--dropout", "0", "--log_every", "1", "--quant", "nf4"]
     ours = finetune.run(finetune.parse_args(common + ["--method", "lora", "--out_dir", str(tmp_path / "o")]))
     theirs = bench.peft_glue(common + ["--out_dir", str(tmp_path / "p")])
@@ -1873,8 +1874,10 @@ def test_peft_glue_qlora_on_bitsandbytes_trains_like_ours(tmp_path):
              for m in bench.PeftLoRA.last_hf.modules())
     assert n4 == 12, f"{n4} bitsandbytes Linear4bit layers in the reference, not 12"
     a, b = [l for _, l, _ in ours["loss_log"]], [l for _, l, _ in theirs["loss_log"]]
-    assert len(a) == 6 and a == pytest.approx(b, rel=2e-4), f"ours {a} vs peft+bnb {b}"
-    assert ours["metrics"]["loss"] == pytest.approx(theirs["metrics"]["loss"], rel=2e-4)
+    # epoch 2 follows an evaluation: the reference must not merge into (and requantize) its 4-bit base there
+    assert len(a) == 12 and a == pytest.approx(b, rel=2e-4), f"ours {a} vs peft+bnb {b}"
+    for h, g in zip(ours["history"], theirs["history"]):
+        assert h["loss"] == pytest.approx(g["loss"], rel=2e-4), f"dev loss after epoch {h['epoch']}"
 
 
 def test_trainable_pct_counts_quantized_weights_as_logical(tmp_path):
@@ -2112,7 +2115,7 @@ def test_a_killed_run_resumes_to_the_same_tensors_and_metrics(method, tmp_path, 
     whole, out = str(tmp_path / "whole"), str(tmp_path / "killed")
     cmd = [sys.executable, os.path.join(HERE, "train.py"), *argv, "--save_every", "6"]
     if method in ("lora", "tlora_plus"):
-        subprocess.run(cmd + ["--out_dir", whole], capture_output=True, cwd=HERE, timeout=120, check=True)
+        subprocess.run(cmd + ["--out_dir", whole], capture_output=True, cwd=HERE, timeout=600, check=True)
         p = subprocess.Popen(cmd + ["--out_dir", out], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                              text=True, cwd=HERE)
         for line in p.stdout:
@@ -2123,7 +2126,7 @@ def test_a_killed_run_resumes_to_the_same_tensors_and_metrics(method, tmp_path, 
         assert p.returncode == -signal.SIGKILL
         assert os.path.exists(os.path.join(out, "checkpoint.pt"))
         r = subprocess.run(cmd + ["--out_dir", out, "--resume"], capture_output=True, text=True, cwd=HERE,
-                           timeout=120)
+                           timeout=600)
         assert r.returncode == 0 and "resumed at step 24" in r.stdout, r.stderr[-2000:]
     else:
         finetune.run(finetune.parse_args(argv + ["--save_every", "6", "--out_dir", whole]))
@@ -2446,7 +2449,7 @@ def test_a_method_is_usable_without_the_scripts(tmp_path):
             "opt = torch.optim.AdamW(method.param_groups(model))\n"
             "assert not {'train', 'finetune', 'eval', 'bench'} & set(sys.modules), sorted(sys.modules)\n"
             "print(sum(p.numel() for g in opt.param_groups for p in g['params']))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=600)
     assert r.returncode == 0, r.stderr
     # r(in + out) + the head
     assert int(r.stdout) == 2 * 8 * (4 * 64 + 96 + 96) + (32 * 32 + 32) + (32 * 2 + 2)
@@ -2465,7 +2468,7 @@ def test_a_method_is_usable_without_the_scripts(tmp_path):
 ])
 def test_train_bad_input_is_one_clear_line(argv, message):
     r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv], capture_output=True,
-                       text=True, cwd=HERE, timeout=120)
+                       text=True, cwd=HERE, timeout=600)
     assert r.returncode != 0 and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 3, r.stderr
 
@@ -2662,11 +2665,11 @@ def test_scripts_turn_library_errors_into_one_line(tmp_path):
     assert not os.path.exists(tmp_path / "out" / "metrics.json")
     for argv, message in ((["eval.py", "--out_dir", str(tmp_path / "none")], "metrics.json not found"),
                           (["bench.py", "speed", "--models", "gpt3"], "unknown model 'gpt3'")):
-        r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=HERE, timeout=120)
+        r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=HERE, timeout=600)
         assert r.returncode != 0 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = subprocess.run([sys.executable, "bench.py", "--help"], capture_output=True, text=True, cwd=HERE,
-                       timeout=120)
+                       timeout=600)
     assert r.returncode == 0 and all(m in r.stdout for m in ("peft_glue", "speed", "quant")), \
         r.stdout + r.stderr
 
