@@ -508,6 +508,19 @@ def test_gsm8k_final_number_exact_match():
     assert out["accuracy"] == pytest.approx(0.5) and "avg" in out
 
 
+def test_offline_hub_datasets_fail_with_one_line(monkeypatch):
+    """No --data_dir and no network: GLUE, gsm8k and alpaca each say to pass --data_dir."""
+    import datasets
+    import huggingface_hub.constants
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    for task in ("mrpc", "gsm8k", "alpaca"):
+        with pytest.raises(ConnectionError, match="offline, pass --data_dir"):
+            data.load_split(data.get_task(task), "train")
+
+
 def test_missing_model_folder_and_offline_hub_id_fail_with_one_line(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="does not exist; pass --model DIR"):
         M.from_pretrained(str(tmp_path / "nowhere") + "/")
@@ -1878,6 +1891,12 @@ def test_peft_glue_qlora_on_bitsandbytes_trains_like_ours(tmp_path):
     assert len(a) == 12 and a == pytest.approx(b, rel=2e-4), f"ours {a} vs peft+bnb {b}"
     for h, g in zip(ours["history"], theirs["history"]):
         assert h["loss"] == pytest.approx(g["loss"], rel=2e-4), f"dev loss after epoch {h['epoch']}"
+    import transformers as T  # evaluation left bnb's 4-bit base as it was quantized (peft's merge requantizes)
+    fresh = bench.bnb_quantize(T.AutoModelForSequenceClassification.from_pretrained(folder))
+    before = {n: m.weight.data for n, m in fresh.named_modules() if type(m).__name__ == "Linear4bit"}
+    after = {n.replace(".base_layer", ""): m.weight.data for n, m in bench.PeftLoRA.last_hf.named_modules()
+             if type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")}
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
 
 
 def test_trainable_pct_counts_quantized_weights_as_logical(tmp_path):
