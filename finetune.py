@@ -44,7 +44,8 @@ METHODS = {"full": baselines.FullFineTuning, "head": baselines.HeadOnly, "bitfit
 # flags, and the one place they become a method's config
 
 def parser(methods=METHODS):
-    p = argparse.ArgumentParser(description="nanoPEFT: fine-tune on GLUE with one PEFT method")
+    p = argparse.ArgumentParser(description="nanoPEFT: fine-tune on GLUE (or alpaca/gsm8k) with one PEFT "
+                                "method")
     # what to train
     p.add_argument("--method", default="lora", help=f"one of {', '.join(methods)}")
     p.add_argument("--task", default="mrpc", help=f"GLUE task: {', '.join(data.TASKS)}; or a causal-LM task "

@@ -1,8 +1,10 @@
 """
-Fine-tune a pretrained transformer on a GLUE task with one PEFT method and report the task's metrics.
+Fine-tune a pretrained transformer on a GLUE task (or a GPT-2 on alpaca/gsm8k) with one PEFT method and report
+the task's metrics.
 
     python train.py --method lora --task mrpc                                   # roberta-base from the hub
     python train.py --method lora --task mrpc --model DIR --data_dir ../shared/data/glue   # offline
+    python train.py --method lora --task gsm8k --model gpt2 --data_dir ../shared/data/gsm8k  # generation
     python train.py --help                                                      # every flag
     torchrun --standalone --nproc_per_node 2 train.py ...                      # data parallel
 
