@@ -438,12 +438,17 @@ def memory_row(c):
             "s_per_step": (time.time() - t0) / c["steps"]}
 
 
-def memory_bench(argv):
-    p = argparse.ArgumentParser(prog="python bench.py memory",
-                                description="seed 003's memory claim (issue 19)")
+def random_model_flags(p):
+    """The flags memory and scale share: which random-init model, and the batch shape."""
     p.add_argument("--model", default="gpt2-medium", help=", ".join(RANDOM_MODELS))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=512)
+
+
+def memory_bench(argv):
+    p = argparse.ArgumentParser(prog="python bench.py memory",
+                                description="seed 003's memory claim (issue 19)")
+    random_model_flags(p)
     p.add_argument("--steps", type=int, default=2, help="training steps (the 2nd has AdamW's state)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="also write the rows to this JSON file")
@@ -499,9 +504,7 @@ def memory_table(rows, threads):
 def scale_bench(argv):
     p = argparse.ArgumentParser(prog="python bench.py scale",
                                 description="checkpointing and data parallelism")
-    p.add_argument("--model", default="gpt2-medium", help=", ".join(RANDOM_MODELS))
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=512)
+    random_model_flags(p)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cuda: the checkpointing rows report max_memory_allocated")
     p.add_argument("--minilm", default=None, help="MiniLM folder: also time train.py on MRPC, 1 process vs 2")
