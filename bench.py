@@ -518,13 +518,6 @@ def scale_bench(argv):
     c = {"stack": "ours", "row": "lora", "model": a.model, "batch": a.batch, "seq": a.seq, "steps": a.steps,
          "device": a.device}
     rows = [fresh(memory_row, {**c, "grad_checkpointing": g}, 1) for g in (False, True)]
-    lines = [f"LoRA r 64 on {a.model} (random init), batch {a.batch} x {a.seq}, {a.steps} steps, one fresh "
-             f"process and one thread per row", "",
-             f"| --grad_checkpointing | training peak {'RSS' if a.device == 'cpu' else 'allocated'} MB "
-             f"| s/step |",
-             "|---|---|---|"]
-    lines += [f"| {r['grad_checkpointing']} | {r['train_peak_mb']:.0f} | {r['s_per_step']:.2f} |"
-              for r in rows]
     runs = []
     if a.minilm and a.data_dir:  # train.py itself at one global batch: 1 process vs torchrun with 2
         for nproc in (1, 2):
@@ -544,16 +537,29 @@ def scale_bench(argv):
                     m = json.load(f)
             runs.append({"processes": nproc, "steps": m["steps"], "train_seconds": m["train_seconds"],
                          "examples_per_s": m["steps"] * a.global_batch / m["train_seconds"]})
-        lines += ["", f"train.py on MiniLM MRPC, global batch {a.global_batch}, {a.train_steps} steps, "
-                  f"{os.cpu_count()} CPU threads shared by the processes", "",
+    print("\n".join(scale_table(rows, runs, a.global_batch, os.cpu_count())))
+    if a.out:
+        finetune.write_json(a.out, {"checkpointing": rows, "throughput": runs, "global_batch": a.global_batch,
+                                    "cpus": os.cpu_count()})
+        print(f"wrote {a.out}")
+    return rows, runs
+
+
+def scale_table(rows, runs, global_batch, cpus):
+    """bench.py scale's tables, from its rows (printed here and by report.py)."""
+    r0 = rows[0]
+    lines = [f"LoRA r 64 on {r0['model']} (random init), batch {r0['batch']} x {r0['seq']}, {r0['steps']} steps, "
+             f"one fresh process and one thread per row", "",
+             f"| --grad_checkpointing | training peak {'RSS' if r0.get('device', 'cpu') == 'cpu' else 'allocated'}"
+             f" MB | s/step |", "|---|---|---|"]
+    lines += [f"| {r['grad_checkpointing']} | {r['train_peak_mb']:.0f} | {r['s_per_step']:.2f} |" for r in rows]
+    if runs:
+        lines += ["", f"train.py on MiniLM MRPC, global batch {global_batch}, {runs[0]['steps']} steps, "
+                  f"{cpus} CPU threads shared by the processes", "",
                   "| processes | examples/s | × 1 process |", "|---|---|---|"]
         lines += [f"| {r['processes']} | {r['examples_per_s']:.1f} | "
                   f"{r['examples_per_s'] / runs[0]['examples_per_s']:.2f} |" for r in runs]
-    print("\n".join(lines))
-    if a.out:
-        finetune.write_json(a.out, {"checkpointing": rows, "throughput": runs})
-        print(f"wrote {a.out}")
-    return rows, runs
+    return lines
 
 
 # -----------------------------------------------------------------------------
@@ -610,19 +616,25 @@ def generate_bench(argv):
     rows = {name: {"seconds": statistics.median(t), "tokens_per_s": a.batch * a.new / statistics.median(t),
                    "runs": t} for name, t in times.items()}
     same = len({json.dumps(t) for t in tokens.values()}) == 1
-    ref = rows["transformers"]["tokens_per_s"]
-    print(f"greedy decoding, random GPT-2 {a.n_layer}x{a.n_embd}, batch {a.batch}, prompts {min(lengths)}-"
-          f"{a.prompt} tokens (left-padded), {a.new} new tokens, {a.device}, {torch.get_num_threads()} "
-          f"threads; "
-          f"the same tokens from all three: {same}\n")
-    print("| decoding | s | tokens/s | vs transformers |\n|---|---|---|---|")
-    for name, r in rows.items():
-        print(f"| {name} | {r['seconds']:.3f} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / ref:.2f}x |")
+    result = {"config": {**vars(a), "threads": torch.get_num_threads()}, "lengths": lengths,
+              "same_tokens": same, "rows": rows}
+    print("\n".join(generate_table(result)))
     if not same:
         raise RuntimeError("the decoders gave different tokens: a bug in generate")
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"config": vars(a), "lengths": lengths, "same_tokens": same, "rows": rows}, f, indent=2)
+        finetune.write_json(a.out, result)
+
+
+def generate_table(result):
+    """bench.py generate's table, from its json (printed here and by report.py)."""
+    a, rows = result["config"], result["rows"]
+    ref = rows["transformers"]["tokens_per_s"]
+    return [f"greedy decoding, random GPT-2 {a['n_layer']}x{a['n_embd']}, batch {a['batch']}, prompts "
+            f"{min(result['lengths'])}-{a['prompt']} tokens (left-padded), {a['new']} new tokens, {a['device']}, "
+            f"{a['threads']} thread(s); the same tokens from all three: {result['same_tokens']}", "",
+            "| decoding | s | tokens/s | vs transformers |", "|---|---|---|---|"] + [
+        f"| {name} | {r['seconds']:.3f} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / ref:.2f}x |"
+        for name, r in rows.items()]
 
 
 def hf_config(cfg):

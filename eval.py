@@ -185,12 +185,17 @@ def generation_metrics(preds, refs, gsm8k=False, tokenize="13a"):
 # -----------------------------------------------------------------------------
 # tables and plots of runs
 
-SEED_ARGS = ("seed", "out_dir")  # the only arguments runs may differ in and still be averaged as seeds
+# the only arguments runs may differ in and still be averaged as seeds: the seed, and where and how often a run
+# logs and saves (the flags a resumed run may change)
+SEED_ARGS = ("seed",) + finetune.RESUME_MAY_CHANGE
 
 
 def config(run):
-    """A run's arguments except --seed and --out_dir: runs with different configs are never averaged."""
-    return {k: v for k, v in run.get("args", {}).items() if k not in SEED_ARGS}
+    """A run's arguments except SEED_ARGS: runs with different configs are never averaged. A flag added to
+    train.py after a run was made counts at its default, which is what that run did."""
+    defaults = vars(finetune.parser().parse_args([]))
+    args = {**{k: v for k, v in defaults.items() if k not in run.get("args", {})}, **run.get("args", {})}
+    return {k: v for k, v in args.items() if k not in SEED_ARGS}
 
 
 def selected(run):
@@ -200,7 +205,7 @@ def selected(run):
 
 def table(runs, columns=None, last=False):
     """Markdown table of metrics.json dicts, mean ± std over seeds. One row per (task, label, model, every
-    argument but --seed and --out_dir); a line under the table names the arguments that differ between rows.
+    argument but SEED_ARGS); a line under the table names the arguments that differ between rows.
     The label is train.py's method.label(): each TLoRA+ configuration and λ, and QLoRA, get their own rows.
     last=True reads the last epoch (with its train loss and accuracy) instead of the one --select kept."""
     if last:
@@ -233,7 +238,7 @@ def table(runs, columns=None, last=False):
         lines.append(f"| {task} | {method} | {model} | {differs}{len(rs)} | " + " | ".join(cells) +
                      f" | {rs[0]['trainable_pct']:.3f} |")
     lines += ["", f"Rows differ in: {', '.join(differ)}." if differ else
-              "Rows share every argument except --method, --seed and --out_dir."]
+              "Rows share every argument except --method, --seed and where they log and save."]
     return "\n".join(lines)
 
 
@@ -310,15 +315,30 @@ def save_png(fig, png):
     return True
 
 
-def plot_dynamic(runs, png):
-    """The calibrated r_l of every adapted module (layer x matrix) and the m_l trajectories of one run."""
+def pyplot():
+    """matplotlib.pyplot, or None (with a note) when matplotlib is not installed: plots are optional."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        return plt
     except ImportError:
         print("matplotlib is not installed: plot skipped (pip install matplotlib)")
-        return False
+        return None
+
+
+def plot_dynamic(runs, png):
+    plt = pyplot()
+    return plt is not None and save_png(dynamic_figure(plt, runs), png)
+
+
+def plot_ranks(runs, png):
+    plt = pyplot()
+    return plt is not None and save_png(ranks_figure(plt, runs), png)
+
+
+def dynamic_figure(plt, runs):
+    """The calibrated r_l of every adapted module (layer x matrix) and the m_l trajectories of one run."""
     report = runs[0]["method_report"]
     names = list(report["ranks"])
     layers = sorted({int(n.split(".")[1]) for n in names})
@@ -346,19 +366,12 @@ def plot_dynamic(runs, png):
     b.set_xlabel("step")
     b.set_ylabel("m_l = L_n·ω_l")
     b.set_title(f"m_l per module, {len(runs)} seed(s), coloured by matrix")
-    return save_png(fig, png)
+    return fig
 
 
-def plot_ranks(runs, png):
+def ranks_figure(plt, runs):
     """The kept (AdaLoRA, ADAQ-LoRA) or calibrated (Dynamic LoRA) rank of every adapted matrix, layer x
     matrix, averaged over the runs given (their seeds)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: plot skipped (pip install matplotlib)")
-        return False
     names = list(runs[0]["method_report"]["ranks"])
     layers = sorted({int(n.split(".")[1]) for n in names})
     kinds = list(dict.fromkeys(n.split(".", 2)[2] for n in names))
@@ -372,7 +385,7 @@ def plot_ranks(runs, png):
         ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="w")
     ax.set_title(f"{runs[0]['label']} on {runs[0]['task']}: rank per matrix, mean of {len(runs)} run(s)")
     fig.colorbar(im, ax=ax)
-    return save_png(fig, png)
+    return fig
 
 
 if __name__ == "__main__":

@@ -1993,6 +1993,114 @@ def seed001_run(method, seed, acc):
             "args": {"model": "minilm"}, "method_report": report if method == "dynamic_lora" else {}}
 
 
+def report_run(root, name, seed=0, lr=1e-4, ratio=1.0, targets="all-linear", dev=0.7, holdout=None):
+    """A small metrics.json as train.py writes it (the keys the report reads), in root/name/."""
+    folder = os.path.join(root, name)
+    os.makedirs(folder, exist_ok=True)
+    last = {"epoch": 1, "step": 10, "accuracy": dev, "f1": dev + 0.1, "mcc": dev - 0.4, "loss": 0.6,
+            "train_loss": 0.65}
+    if holdout is not None:
+        last["holdout"] = {"accuracy": holdout, "loss": 0.5}
+    run = {"task": "mrpc", "method": "lora", "label": "lora", "model": "minilm", "selected_epoch": 1,
+           "metrics": {k: v for k, v in last.items() if k not in ("epoch", "step", "holdout")},
+           "last": last, "history": [last], "loss_log": [[5, 0.7, lr], [10, 0.6, 0.0]],
+           "trainable_params": 1000 if targets == "all-linear" else 400, "trainable_pct": 1.0,
+           "method_config": {"targets": targets},
+           "args": {"method": "lora", "task": "mrpc", "model": "minilm", "lr": lr, "lr_ratio": ratio,
+                    "targets": None if targets == "all-linear" else targets, "seed": seed, "epochs": 1,
+                    "select": "holdout" if holdout is not None else "last", "out_dir": folder}}
+    with open(os.path.join(folder, "metrics.json"), "w") as f:
+        json.dump(run, f)
+    return folder
+
+
+def seed000_fixture(root):
+    """The α × λ grid (seed 0) and the 2 × 2 ablation. Held-out scores make (2e-4, λ 4) the best cell and
+    1e-4 the best tied rate; dev scores are planted to point elsewhere ((4e-4, 16) and 5e-5), so a choice
+    that read dev would pick other cells."""
+    d = os.path.join(root, "seed000", "mrpc")
+    for i, a in enumerate((5e-5, 1e-4, 2e-4, 4e-4)):
+        for j, lam in enumerate((1, 2, 4, 8, 16)):
+            held = {(2e-4, 4): 0.80, (1e-4, 1): 0.75}.get((a, lam), 0.60 + 0.005 * (i + j))
+            dev = {(2e-4, 4): 0.78, (1e-4, 1): 0.70, (4e-4, 16): 0.95, (5e-5, 1): 0.90}.get((a, lam), 0.65)
+            report_run(d, f"grid-a{a}-l{lam}", 0, a, float(lam), dev=dev, holdout=held)
+    for s, ours, tied, qv, qv_tied in ((1, 0.80, 0.72, 0.78, 0.61), (2, 0.79, 0.71, 0.785, 0.62)):
+        report_run(d, f"ours-s{s}", s, 2e-4, 4.0, dev=ours, holdout=0.7)
+        report_run(d, f"tied-s{s}", s, 1e-4, 1.0, dev=tied, holdout=0.7)
+        report_run(d, f"qv-s{s}", s, 2e-4, 4.0, "query,value", dev=qv, holdout=0.7)
+        report_run(d, f"qv_tied-s{s}", s, 1e-4, 1.0, "query,value", dev=qv_tied, holdout=0.7)
+    report_run(d, "qv-s0", 0, 2e-4, 4.0, "query,value", dev=0.79, holdout=0.7)
+    report_run(d, "qv_tied-s0", 0, 1e-4, 1.0, "query,value", dev=0.60, holdout=0.7)
+    return d
+
+
+def test_seed000_grid_choice_reads_only_the_held_out_slice(tmp_path):
+    import report
+    runs = report.runs_under(seed000_fixture(str(tmp_path)))
+    assert report.seed000_best(runs) == (2e-4, 4.0, 1e-4)
+    rows, found = report.ablation_rows(runs, 2e-4, 4.0, 1e-4)
+    assert {row: [report.arg(r, "seed") for r in rs] for row, rs in found.items()} == dict.fromkeys(rows, [0, 1, 2])
+    assert [r["last"]["accuracy"] for r in found["Ours"]] == [0.78, 0.80, 0.79]  # seed 0 is the grid's own cell
+
+
+def test_report_renders_every_table_from_metrics_json_with_and_without_matplotlib(tmp_path, monkeypatch):
+    import report
+    res = str(tmp_path / "results")
+    seed000_fixture(res)
+    for s, acc in ((0, 0.70), (1, 0.72)):  # a second section: eval.table over seeds
+        report_run(os.path.join(res, "tlora_init"), f"spec-s{s}", s, dev=acc)
+    os.makedirs(os.path.join(res, "notes"))
+    with open(os.path.join(res, "notes", "seed000.md"), "w") as f:
+        f.write("A hand-written note.")
+    out = str(tmp_path / "RESULTS.md")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    text = report.report(res, out)
+    assert "A hand-written note." in text
+    assert "| 2e-4 | 0.6100 | 0.6150 | 0.8000 | 0.6250 | 0.6300 |" in text  # held-out row of α = 2e-4
+    assert "**α\\* = 2e-4, λ\\* = 4** (held-out accuracy 0.8000)" in text and "**η\\* = 1e-4** (0.7500)" in text
+    lines = text.splitlines()
+    # dev accuracy mean ± population std over seeds 0, 1, 2, by hand: Ours 0.78, 0.80, 0.79
+    assert "| Ours | all-linear | 2e-4 | 8e-4 | 3 | 0.790 ± 0.008 | 0.890 ± 0.008 | 0.390 ± 0.008 | 0.91 | " \
+           "0.913 | 0.8 | 1.000 |" in lines
+    assert "| LoRA | query,value | 1e-4 | 1e-4 | 3 | 0.610 ± 0.008 | 0.710 ± 0.008 | 0.210 ± 0.008 | 0.882 | " \
+           "0.887 | 0.73 | 1.000 |" in lines
+    assert "(tied η\\*): **reproduced**: +8.00 points (paper +1.0); per seed +8.00, +8.00, +8.00." in text
+    assert "SPEC's substitute): **not reproduced**: +0.50 points (paper +0.7); per seed -1.00, +2.00, " \
+           "+0.50." in text
+    assert "| mrpc | lora | minilm | 2 | 0.7100 ± 0.0100 |" in text  # tlora_init's table, by eval.table
+    assert "Plots skipped (matplotlib is not installed): seed000_mrpc_grid.png, seed000_mrpc_loss.png, " \
+           "mrpc_accuracy_vs_params.png." in text
+    assert not glob.glob(os.path.join(res, "*.png"))
+    monkeypatch.delitem(sys.modules, "matplotlib")
+    reference("matplotlib")
+    text = report.report(res, out)
+    assert "Plots skipped" not in text
+    for png in ("seed000_mrpc_grid.png", "seed000_mrpc_loss.png", "mrpc_accuracy_vs_params.png"):
+        assert f"](results/{png})" in text and os.path.getsize(os.path.join(res, png)) > 1000
+
+
+def test_report_refuses_a_missing_or_malformed_metrics_json_in_one_line(tmp_path):
+    cases = {"not valid JSON": lambda d: open(os.path.join(d, "metrics.json"), "w").write("{oops"),
+             "lacks metrics, last": lambda d: json.dump({"task": "mrpc", "method": "lora", "history": [],
+                                                         "args": {}, "trainable_params": 1,
+                                                         "trainable_pct": 1.0},
+                                                        open(os.path.join(d, "metrics.json"), "w")),
+             "has no metrics.json": lambda d: open(os.path.join(d, "checkpoint.pt"), "w").write("x")}
+    for i, (says, make) in enumerate(cases.items()):
+        res = tmp_path / f"r{i}"
+        seed000_fixture(str(res))
+        run = str(res / "seed000" / "mrpc" / "broken")
+        os.makedirs(run)
+        make(run)
+        out = tmp_path / f"R{i}.md"
+        r = subprocess.run([sys.executable, os.path.join(HERE, "report.py"), "--results", str(res), "--out",
+                            str(out)], capture_output=True, text=True, cwd=HERE, timeout=300)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and says in errors[0] and run in errors[0], r.stderr
+        assert not out.exists(), "a refused report writes nothing"
+
+
 def test_seed001_tables_put_the_papers_numbers_beside_ours_and_the_plot_is_optional(tmp_path, monkeypatch):
     runs = [seed001_run(m, s, a) for m, a in (("lora", 0.80), ("dynamic_lora", 0.82)) for s in (0, 1)]
     runs[1]["metrics"]["accuracy"] = 0.84  # lora: 0.80 and 0.84
@@ -2355,6 +2463,27 @@ def test_torchrun_two_processes_train_what_one_process_does(method, flags, tmp_p
     wa, wb = (load_file(str(tmp_path / n / "adapter_model.safetensors")) for n in ("two", "one"))
     for k in wa:
         assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6), f"{k} differs between 2 processes and 1"
+
+
+def test_torchrun_launches_it_cannot_serve_are_refused_in_one_line(monkeypatch):
+    """More CUDA processes on a node than GPUs, and checkpoints under torchrun: a ValueError naming the fix,
+    before any process group starts (train.py turns it into one line, printed by rank 0 only)."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: pytest.fail("started a group"))
+    args = finetune.parse_args(["--device", "cpu"])
+    args.device = "cuda"
+    with pytest.raises(ValueError, match="torchrun started 2 processes on this node but torch sees 1 GPUs; "
+                                         "pass --nproc_per_node 1 or fewer"):
+        finetune.distributed(args)
+    args = finetune.parse_args(["--device", "cpu", "--save_every", "5"])
+    with pytest.raises(ValueError, match="--save_every and --resume are single-process for now"):
+        finetune.distributed(args)
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--grad_accum", "0"], capture_output=True,
+                       text=True, cwd=HERE, timeout=300, env={**os.environ, "RANK": "1"})
+    assert r.returncode == 1 and r.stderr == "", "a rank other than 0 exits quietly; rank 0 says why"
 
 
 def test_shard_splits_a_global_batch_into_each_ranks_rows():

@@ -11,6 +11,7 @@ the task's metrics.
 The run itself (flags -> the method's config, model, step, evaluation, epoch loop, files) is finetune.py,
 which bench.py shares; this script only turns a bad input into one line: "error: ..." and a non-zero exit.
 """
+import os
 import sys
 
 import finetune
@@ -20,7 +21,8 @@ def main(argv=None):
     try:
         return finetune.run(finetune.parse_args(argv))
     except (ValueError, OSError, FloatingPointError) as e:  # bad flags, files, data, or a diverged loss
-        sys.exit(f"error: {e}")
+        # under torchrun every rank meets the same error: rank 0 says it once (torchrun then adds its summary)
+        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)
     except KeyboardInterrupt:  # a second Ctrl-C (the first one saves a checkpoint, given --out_dir)
         sys.exit("error: interrupted again: stopped at once, without saving")
 
