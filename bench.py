@@ -76,6 +76,9 @@ def bnb_quantize(hf):
                                          compress_statistics=True, blocksize=64)
             if m.bias is not None:
                 q.bias = nn.Parameter(m.bias.data.clone(), requires_grad=False)
+            # on a CPU with AVX512-BF16, bnb's eval forward repacks the weight and computes in bf16 (and breaks
+            # on in_features < 64): the reference stays on its exact fp32 dequantize, as ours does
+            q.support_avx512bf16_for_cpu = False
             parent, _, attr = name.rpartition(".")
             setattr(hf.get_submodule(parent), attr, q.to(W.device))  # .to() quantizes
     hf.is_loaded_in_4bit = True  # peft then wraps bnb's Linear4bit with its 4-bit LoRA / AdaLoRA layers

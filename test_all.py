@@ -1993,6 +1993,13 @@ def seed001_run(method, seed, acc):
             "args": {"model": "minilm"}, "method_report": report if method == "dynamic_lora" else {}}
 
 
+def hide_matplotlib(monkeypatch):
+    """As if matplotlib were not installed: every import of it (or of a submodule already loaded) fails until
+    monkeypatch.undo() puts the modules back as they were."""
+    for name in [n for n in sys.modules if n.split(".")[0] == "matplotlib"] or ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
 def report_run(root, name, seed=0, lr=1e-4, ratio=1.0, targets="all-linear", dev=0.7, holdout=None):
     """A small metrics.json as train.py writes it (the keys the report reads), in root/name/."""
     folder = os.path.join(root, name)
@@ -2053,7 +2060,7 @@ def test_report_renders_every_table_from_metrics_json_with_and_without_matplotli
     with open(os.path.join(res, "notes", "seed000.md"), "w") as f:
         f.write("A hand-written note.")
     out = str(tmp_path / "RESULTS.md")
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    hide_matplotlib(monkeypatch)
     text = report.report(res, out)
     assert "A hand-written note." in text
     assert "| 2e-4 | 0.6100 | 0.6150 | 0.8000 | 0.6250 | 0.6300 |" in text  # held-out row of α = 2e-4
@@ -2071,7 +2078,7 @@ def test_report_renders_every_table_from_metrics_json_with_and_without_matplotli
     assert "Plots skipped (matplotlib is not installed): seed000_mrpc_grid.png, seed000_mrpc_loss.png, " \
            "mrpc_accuracy_vs_params.png." in text
     assert not glob.glob(os.path.join(res, "*.png"))
-    monkeypatch.delitem(sys.modules, "matplotlib")
+    monkeypatch.undo()
     reference("matplotlib")
     text = report.report(res, out)
     assert "Plots skipped" not in text
@@ -2115,10 +2122,10 @@ def test_seed001_tables_put_the_papers_numbers_beside_ours_and_the_plot_is_optio
         ev.paper_tables(runs + [seed001_run("tlora", 0, 0.7)], "001")
     png = str(tmp_path / "dyn.png")
     dyn = [r for r in runs if r["method"] == "dynamic_lora"]
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: the plot is skipped, no error
+    hide_matplotlib(monkeypatch)  # the plot is skipped, no error
     assert ev.plot_dynamic(dyn, png) is False and not os.path.exists(png)
     assert ev.plot_ranks(dyn, png) is False and not os.path.exists(png)
-    monkeypatch.delitem(sys.modules, "matplotlib")
+    monkeypatch.undo()
     reference("matplotlib")
     assert ev.plot_dynamic(dyn, png) is True and os.path.getsize(png) > 1000
     ranks_png = str(tmp_path / "ranks.png")
