@@ -76,8 +76,8 @@ def bnb_quantize(hf):
                                          compress_statistics=True, blocksize=64)
             if m.bias is not None:
                 q.bias = nn.Parameter(m.bias.data.clone(), requires_grad=False)
-            # on a CPU with AVX512-BF16, bnb's eval forward repacks the weight and computes in bf16 (and breaks
-            # on in_features < 64): the reference stays on its exact fp32 dequantize, as ours does
+            # on a CPU with AVX512-BF16, bnb's eval forward repacks the weight and computes in bf16 (and
+            # breaks on in_features < 64): the reference stays on its exact fp32 dequantize, as ours does
             q.support_avx512bf16_for_cpu = False
             parent, _, attr = name.rpartition(".")
             setattr(hf.get_submodule(parent), attr, q.to(W.device))  # .to() quantizes
@@ -551,11 +551,12 @@ def scale_bench(argv):
 def scale_table(rows, runs, global_batch, cpus):
     """bench.py scale's tables, from its rows (printed here and by report.py)."""
     r0 = rows[0]
-    lines = [f"LoRA r 64 on {r0['model']} (random init), batch {r0['batch']} x {r0['seq']}, {r0['steps']} steps, "
-             f"one fresh process and one thread per row", "",
-             f"| --grad_checkpointing | training peak {'RSS' if r0.get('device', 'cpu') == 'cpu' else 'allocated'}"
-             f" MB | s/step |", "|---|---|---|"]
-    lines += [f"| {r['grad_checkpointing']} | {r['train_peak_mb']:.0f} | {r['s_per_step']:.2f} |" for r in rows]
+    peak = "RSS" if r0.get("device", "cpu") == "cpu" else "allocated"
+    lines = [f"LoRA r 64 on {r0['model']} (random init), batch {r0['batch']} x {r0['seq']}, {r0['steps']} "
+             f"steps, one fresh process and one thread per row", "",
+             f"| --grad_checkpointing | training peak {peak} MB | s/step |", "|---|---|---|"]
+    lines += [f"| {r['grad_checkpointing']} | {r['train_peak_mb']:.0f} | {r['s_per_step']:.2f} |"
+              for r in rows]
     if runs:
         lines += ["", f"train.py on MiniLM MRPC, global batch {global_batch}, {runs[0]['steps']} steps, "
                   f"{cpus} CPU threads shared by the processes", "",
@@ -633,8 +634,10 @@ def generate_table(result):
     a, rows = result["config"], result["rows"]
     ref = rows["transformers"]["tokens_per_s"]
     return [f"greedy decoding, random GPT-2 {a['n_layer']}x{a['n_embd']}, batch {a['batch']}, prompts "
-            f"{min(result['lengths'])}-{a['prompt']} tokens (left-padded), {a['new']} new tokens, {a['device']}, "
-            f"{a['threads']} thread(s); the same tokens from all three: {result['same_tokens']}", "",
+            f"{min(result['lengths'])}-{a['prompt']} tokens (left-padded), {a['new']} new tokens, "
+            f"{a['device']}, {a['threads']} thread(s); the same tokens from all three: "
+            f"{result['same_tokens']}",
+            "",
             "| decoding | s | tokens/s | vs transformers |", "|---|---|---|---|"] + [
         f"| {name} | {r['seconds']:.3f} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / ref:.2f}x |"
         for name, r in rows.items()]

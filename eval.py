@@ -185,8 +185,8 @@ def generation_metrics(preds, refs, gsm8k=False, tokenize="13a"):
 # -----------------------------------------------------------------------------
 # tables and plots of runs
 
-# the only arguments runs may differ in and still be averaged as seeds: the seed, and where and how often a run
-# logs and saves (the flags a resumed run may change)
+# the only arguments runs may differ in and still be averaged as seeds: the seed, and where and how often a
+# run logs and saves (the flags a resumed run may change)
 SEED_ARGS = ("seed",) + finetune.RESUME_MAY_CHANGE
 
 

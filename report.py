@@ -1,7 +1,8 @@
 """
-RESULTS.md, regenerated from the runs themselves (issue 18). Every table and plot comes out of the metrics.json
-files under results/ (and the json files bench.py wrote there); the papers' numbers beside ours come from the
-PAPER tables in eval.py; the text between the tables is results/notes/*.md, written by hand about those runs.
+RESULTS.md, regenerated from the runs themselves (issue 18). Every table and plot comes out of the
+metrics.json files under results/ (and the json files bench.py wrote there); the papers' numbers beside ours
+come from one table per seed in the code; the text between the tables is results/notes/*.md, written by hand
+about those runs.
 
     python report.py --out RESULTS.md                      # the report, and its PNGs in results/
     python report.py --seed000_best results/seed000/mrpc   # prints "α* λ* η*", chosen on the held-out slice
@@ -161,7 +162,8 @@ def metric_vs_params(plt, runs, task, metric, res):
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log)")
     ax.set_ylabel(f"dev {metric}, last epoch (mean ± std over seeds)")
-    ax.set_title(f"{task}: every configuration with 2 or more seeds under results/ ({len(groups)})", fontsize=9)
+    ax.set_title(f"{task}: every configuration with 2 or more seeds under results/ ({len(groups)})",
+                 fontsize=9)
     return fig
 
 
@@ -203,9 +205,9 @@ def seed000_best(runs):
     grid = grid_runs(runs)
     tied = {c: r for c, r in grid.items() if c[1] == 1}
     if len(grid) < len(ALPHAS) * len(LAMBDAS):
-        raise ValueError(f"the grid has {len(grid)} of {len(ALPHAS) * len(LAMBDAS)} seed-0 cells (--method lora, "
-                         f"all linear, --lr in {ALPHAS}, --lr_ratio in {LAMBDAS}); finish it (bash experiments.sh) "
-                         f"before choosing")
+        raise ValueError(f"the grid has {len(grid)} of {len(ALPHAS) * len(LAMBDAS)} seed-0 cells (--method "
+                         f"lora, all linear, --lr in {ALPHAS}, --lr_ratio in {LAMBDAS}); finish it (bash "
+                         f"experiments.sh) before choosing")
     a, l = max(grid, key=lambda c: holdout_score(grid[c]))
     e, _ = max(tied, key=lambda c: holdout_score(tied[c]))
     return a, l, e
@@ -260,8 +262,8 @@ def seed000_section(folder, task, plots):
         return out + ["", "The grid is incomplete: no choice and no ablation yet.", ""]
     a, l, e = seed000_best(runs)
     sa, sl = holdout_score(grid[(a, l)]), holdout_score(grid[(e, 1.0)])
-    out += ["", f"Chosen on the held-out slice: **α\\* = {lr(a)}, λ\\* = {l:g}** (held-out {metric} {sa[0]:.4f}); "
-            f"the best tied rate (λ = 1) **η\\* = {lr(e)}** ({sl[0]:.4f}).", ""]
+    out += ["", f"Chosen on the held-out slice: **α\\* = {lr(a)}, λ\\* = {l:g}** (held-out {metric} "
+            f"{sa[0]:.4f}); the best tied rate (λ = 1) **η\\* = {lr(e)}** ({sl[0]:.4f}).", ""]
     rows, found = ablation_rows(runs, a, l, e)
     out += ["The 2 × 2 ablation (SPEC §2.1) on GLUE dev at the last (only) epoch, mean ± std over seeds; the "
             "paper's Table 2 (QQP) beside:", "",
@@ -273,10 +275,10 @@ def seed000_section(folder, task, plots):
         cells = " | ".join(mean_std([r["last"][c] for r in rs]) if rs else "–"
                            for c in ("accuracy", "f1", "mcc"))
         pct = f"{rs[0]['trainable_pct']:.3f}" if rs else "–"
-        out.append(f"| {row} | {tgt} | {lr(a_lr)} | {lr(a_lr * ratio)} | {len(rs)} | {cells} | {p[0]} | {p[1]} | "
-                   f"{p[2]} | {pct} |")
-    out += ["", "Verdicts (dev accuracy, paired by seed; *reproduced* means the paper's direction on every seed):",
-            "",
+        out.append(f"| {row} | {tgt} | {lr(a_lr)} | {lr(a_lr * ratio)} | {len(rs)} | {cells} | {p[0]} | "
+                   f"{p[1]} | {p[2]} | {pct} |")
+    out += ["", "Verdicts (dev accuracy, paired by seed; *reproduced* means the paper's direction on every "
+            "seed):", "",
             f"- Tuned per-matrix rates beat tied ones on the grid: the best cell has λ\\* = {l:g}" +
             (f", held-out {metric} {sa[0]:.4f} against {sl[0]:.4f} at the best λ = 1 cell: **reproduced** "
              f"(on the selection split, one seed)." if l > 1 and sa[0] > sl[0] else
@@ -286,9 +288,9 @@ def seed000_section(folder, task, plots):
             f"- Ours > Remove low-rank matrix updates (q, v only, SPEC's substitute): "
             f"{verdict(found, 'Ours', 'Remove low-rank matrix updates')}.",
             f"- Ours > LoRA (q, v only, tied η\\*): {verdict(found, 'Ours', 'LoRA')}.",
-            "- The absolute QQP numbers (0.910 ACC) and Table 1 (a closed GPT-4 fine-tune, full fine-tuning of "
-            "BERT/RoBERTa-base for 25 epochs): **not testable here** (no QQP data in ../shared, a 2-core CPU, "
-            "MiniLM for 1 epoch).", ""]
+            "- The absolute QQP numbers (0.910 ACC) and Table 1 (a closed GPT-4 fine-tune, full fine-tuning "
+            "of BERT/RoBERTa-base for 25 epochs): **not testable here** (no QQP data in ../shared, a 2-core "
+            "CPU, MiniLM for 1 epoch).", ""]
     curves = {row: rs for row, rs in found.items() if rs and "loss_log" in rs[0]}
     if curves:
         out.append(plots.add(f"seed000_{task}_loss.png", f"seed 000 ablation train loss, {task}",
@@ -344,7 +346,8 @@ def seed002(res, plots):
     if sweep:
         sweep.sort(key=lambda r: arg(r, "ratio"))
         out += ["### The λ sweep", "", *note(res, "seed002_lambda"),
-                "| λ | η_B / η | η_C / η | seeds | dev accuracy | dev MCC | dev loss | train loss (last epoch) |",
+                "| λ | η_B / η | η_C / η | seeds | dev accuracy | dev MCC | dev loss "
+                "| train loss (last epoch) |",
                 "|---" * 8 + "|"]
         by = defaultdict(list)
         for r in sweep:
@@ -353,8 +356,9 @@ def seed002(res, plots):
             out.append(f"| {lam:g} | {lam ** 1.5:.2f} | {lam ** 0.5:.2f} | {len(rs)} | "
                        + " | ".join(mean_std([r['last'][c] for r in rs], 4)
                                     for c in ("accuracy", "mcc", "loss", "train_loss")) + " |")
+        curves = {f"λ = {lam:g}": rs for lam, rs in by.items()}
         out += ["", plots.add("seed002_lambda.png", "TLoRA+ λ sweep: train loss", lambda plt: loss_curves(
-            plt, {f"λ = {lam:g}": rs for lam, rs in by.items()}, "MRPC, TLoRA+ (ABC) λ sweep: train loss")), ""]
+            plt, curves, "MRPC, TLoRA+ (ABC) λ sweep: train loss")), ""]
     return out
 
 
@@ -368,7 +372,8 @@ def seed003(res, plots):
                 *note(res, "seed003_memory_verdict")]
     if os.path.exists(os.path.join(s3, "qlora_speed.json")):
         q = read_bench(os.path.join(s3, "qlora_speed.json"))
-        out += ["### QLoRA step time with the fused dequantize (`--compile`)", "", *note(res, "seed003_speed"),
+        out += ["### QLoRA step time with the fused dequantize (`--compile`)", "",
+                *note(res, "seed003_speed"),
                 q["header"], "", *bench.speed_table(q["rows"], q["rows"][0].get("device", "cpu")),
                 *note(res, "seed003_speed_verdict")]
     cols = "accuracy,f1,mcc,auc,loss,train_loss,train_accuracy"
@@ -381,8 +386,9 @@ def seed003(res, plots):
                 *note(res, f"seed003_{task}"), *run_table(rows, cols), *note(res, f"seed003_{task}_verdict")]
         sel = [r for r in runs if os.path.basename(os.path.dirname(r["path"])).startswith("sel_")]
         if sel:  # a learning-rate choice made on the held-out slice: the numbers it was made on
-            out += [f"The {sel[0]['label']} learning-rate choice (seed 0, `--select holdout`): held-out scores, "
-                    f"the only numbers the choice read.", "", "| lr | held-out accuracy | held-out loss |",
+            out += [f"The {sel[0]['label']} learning-rate choice (seed 0, `--select holdout`): held-out "
+                    f"scores, the only numbers the choice read.", "",
+                    "| lr | held-out accuracy | held-out loss |",
                     "|---|---|---|"]
             for r in sorted(sel, key=lambda r: arg(r, "lr")):
                 h = r["history"][-1]["holdout"]
@@ -398,11 +404,13 @@ def seed003(res, plots):
         if peft:  # the reference QLoRA (bench.py peft_glue) beside ours
             ours = [r for r in rows if r["method"] == "lora"]
             out += ["### QLoRA's gap to LoRA: peft + bitsandbytes QLoRA on the same protocol", "",
-                    *note(res, "seed003_peft_qlora"), *run_table(ours + peft, "accuracy,f1,mcc,auc,loss,train_loss"),
+                    *note(res, "seed003_peft_qlora"),
+                    *run_table(ours + peft, "accuracy,f1,mcc,auc,loss,train_loss"),
                     *note(res, "seed003_peft_qlora_verdict")]
     gen = runs_under(os.path.join(s3, "gsm8k"))
     if gen:
-        out += ["### Instruction tuning on GSM8K: the pipeline on a random GPT-2", "", *note(res, "seed003_gsm8k"),
+        out += ["### Instruction tuning on GSM8K: the pipeline on a random GPT-2", "",
+                *note(res, "seed003_gsm8k"),
                 *run_table(gen, "rouge-1,rouge-2,rouge-l,bleu-4,avg,corpus_bleu,accuracy", last=False),
                 *note(res, "seed003_gsm8k_verdict")]
     if os.path.exists(os.path.join(s3, "generate.json")):
@@ -418,7 +426,8 @@ def scale(res):
         return []
     s = read_bench(path)
     return ["## Past one process: checkpointing and torchrun", "", *note(res, "scale"),
-            *bench.scale_table(s["checkpointing"], s["throughput"], s.get("global_batch", 16), s.get("cpus", 2)), "",
+            *bench.scale_table(s["checkpointing"], s["throughput"], s.get("global_batch", 16),
+                               s.get("cpus", 2)), "",
             *note(res, "scale_verdict")]
 
 
@@ -426,7 +435,8 @@ def overview(res, plots):
     runs = [r for r in runs_under(res) if r["task"] == "mrpc"]
     if not runs:
         return []
-    return ["## Every MRPC configuration: dev accuracy against trainable parameters", "", *note(res, "overview"),
+    return ["## Every MRPC configuration: dev accuracy against trainable parameters", "",
+            *note(res, "overview"),
             plots.add("mrpc_accuracy_vs_params.png", "MRPC dev accuracy vs trainable parameters",
                       lambda plt: metric_vs_params(plt, runs, "mrpc", "accuracy", res)), ""]
 

@@ -649,6 +649,35 @@ def test_glue_tsv_reader_parses_mrpc_and_headerless_cola(tmp_path):
     assert all(len(t) == 1 and lab in (0, 1) for t, lab in cola)
 
 
+def test_qqp_reads_glue_tsvs_and_trains(tmp_path):
+    """Seed 000's own task, for users who have QQP (../shared/data has none): GLUE's QQP layout is read as the
+    csv module reads it, and a run reports seed 000's ACC, F1 and MCC."""
+    import csv
+    glue = tmp_path / "glue"
+    words = write_glue(str(glue))
+    rng = np.random.default_rng(1)
+    os.makedirs(glue / "QQP")
+    for split, n in (("train", 24), ("dev", 12)):
+        rows = [["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]]
+        for i in range(n):
+            q1 = " ".join(rng.choice(words, 4)) + " ?"
+            dup = int(rng.integers(2))
+            q2 = q1 if dup else " ".join(rng.choice(words, 3))
+            rows.append([str(i), str(2 * i), str(2 * i + 1), q1, q2, str(dup)])
+        (glue / "QQP" / f"{split}.tsv").write_text("\n".join("\t".join(r) for r in rows) + "\n")
+    with open(glue / "QQP" / "train.tsv", newline="") as f:
+        want = [((r["question1"], r["question2"]), int(r["is_duplicate"]))
+                for r in csv.DictReader(f, delimiter="\t")]
+    assert data.load_split(data.get_task("qqp"), "train", str(glue)) == want
+    out = str(tmp_path / "out")
+    model = tiny_checkpoint(tmp_path, words)
+    finetune.run(finetune.parse_args(["--method", "lora", "--task", "qqp", "--model", model, "--data_dir",
+                                      str(glue), "--epochs", "1", "--batch_size", "8", "--out_dir", out]))
+    saved = json.load(open(os.path.join(out, "metrics.json")))
+    assert saved["task"] == "qqp" and saved["steps"] == 3
+    assert {"accuracy", "f1", "mcc"} <= set(saved["metrics"])
+
+
 def test_glue_bad_input_gives_one_clear_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="MRPC/train.tsv not found"):
         data.load_split(data.get_task("mrpc"), "train", str(tmp_path))
@@ -1891,7 +1920,7 @@ def test_peft_glue_qlora_on_bitsandbytes_trains_like_ours(tmp_path):
     assert len(a) == 12 and a == pytest.approx(b, rel=2e-4), f"ours {a} vs peft+bnb {b}"
     for h, g in zip(ours["history"], theirs["history"]):
         assert h["loss"] == pytest.approx(g["loss"], rel=2e-4), f"dev loss after epoch {h['epoch']}"
-    import transformers as T  # evaluation left bnb's 4-bit base as it was quantized (peft's merge requantizes)
+    import transformers as T  # evaluation left bnb's 4-bit base as quantized (peft's merge requantizes)
     fresh = bench.bnb_quantize(T.AutoModelForSequenceClassification.from_pretrained(folder))
     before = {n: m.weight.data for n, m in fresh.named_modules() if type(m).__name__ == "Linear4bit"}
     after = {n.replace(".base_layer", ""): m.weight.data for n, m in bench.PeftLoRA.last_hf.named_modules()
@@ -2046,8 +2075,9 @@ def test_seed000_grid_choice_reads_only_the_held_out_slice(tmp_path):
     runs = report.runs_under(seed000_fixture(str(tmp_path)))
     assert report.seed000_best(runs) == (2e-4, 4.0, 1e-4)
     rows, found = report.ablation_rows(runs, 2e-4, 4.0, 1e-4)
-    assert {row: [report.arg(r, "seed") for r in rs] for row, rs in found.items()} == dict.fromkeys(rows, [0, 1, 2])
-    assert [r["last"]["accuracy"] for r in found["Ours"]] == [0.78, 0.80, 0.79]  # seed 0 is the grid's own cell
+    seeds = {row: [report.arg(r, "seed") for r in rs] for row, rs in found.items()}
+    assert seeds == dict.fromkeys(rows, [0, 1, 2])
+    assert [r["last"]["accuracy"] for r in found["Ours"]] == [0.78, 0.80, 0.79]  # seed 0: the grid's own cell
 
 
 def test_report_renders_every_table_from_metrics_json_with_and_without_matplotlib(tmp_path, monkeypatch):
@@ -2064,13 +2094,14 @@ def test_report_renders_every_table_from_metrics_json_with_and_without_matplotli
     text = report.report(res, out)
     assert "A hand-written note." in text
     assert "| 2e-4 | 0.6100 | 0.6150 | 0.8000 | 0.6250 | 0.6300 |" in text  # held-out row of α = 2e-4
-    assert "**α\\* = 2e-4, λ\\* = 4** (held-out accuracy 0.8000)" in text and "**η\\* = 1e-4** (0.7500)" in text
+    assert "**α\\* = 2e-4, λ\\* = 4** (held-out accuracy 0.8000)" in text
+    assert "**η\\* = 1e-4** (0.7500)" in text
     lines = text.splitlines()
     # dev accuracy mean ± population std over seeds 0, 1, 2, by hand: Ours 0.78, 0.80, 0.79
     assert "| Ours | all-linear | 2e-4 | 8e-4 | 3 | 0.790 ± 0.008 | 0.890 ± 0.008 | 0.390 ± 0.008 | 0.91 | " \
            "0.913 | 0.8 | 1.000 |" in lines
-    assert "| LoRA | query,value | 1e-4 | 1e-4 | 3 | 0.610 ± 0.008 | 0.710 ± 0.008 | 0.210 ± 0.008 | 0.882 | " \
-           "0.887 | 0.73 | 1.000 |" in lines
+    assert "| LoRA | query,value | 1e-4 | 1e-4 | 3 | 0.610 ± 0.008 | 0.710 ± 0.008 | 0.210 ± 0.008 | " \
+           "0.882 | 0.887 | 0.73 | 1.000 |" in lines
     assert "(tied η\\*): **reproduced**: +8.00 points (paper +1.0); per seed +8.00, +8.00, +8.00." in text
     assert "SPEC's substitute): **not reproduced**: +0.50 points (paper +0.7); per seed -1.00, +2.00, " \
            "+0.50." in text
@@ -2479,7 +2510,8 @@ def test_torchrun_launches_it_cannot_serve_are_refused_in_one_line(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: pytest.fail("started a group"))
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda *a, **k: pytest.fail("started a process group"))
     args = finetune.parse_args(["--device", "cpu"])
     args.device = "cuda"
     with pytest.raises(ValueError, match="torchrun started 2 processes on this node but torch sees 1 GPUs; "
@@ -2488,8 +2520,8 @@ def test_torchrun_launches_it_cannot_serve_are_refused_in_one_line(monkeypatch):
     args = finetune.parse_args(["--device", "cpu", "--save_every", "5"])
     with pytest.raises(ValueError, match="--save_every and --resume are single-process for now"):
         finetune.distributed(args)
-    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--grad_accum", "0"], capture_output=True,
-                       text=True, cwd=HERE, timeout=300, env={**os.environ, "RANK": "1"})
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--grad_accum", "0"],
+                       capture_output=True, text=True, cwd=HERE, timeout=300, env={**os.environ, "RANK": "1"})
     assert r.returncode == 1 and r.stderr == "", "a rank other than 0 exits quietly; rank 0 says why"
 
 
