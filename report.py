@@ -74,19 +74,9 @@ def targets(run):
     return run.get("method_config", {}).get("targets") or arg(run, "targets") or "all-linear"
 
 
-def last_metrics(run):
-    return {k: v for k, v in run["last"].items() if k not in ("epoch", "step", "holdout")}
-
-
 def lr(x):
     """A learning rate as the commands write it: 5e-5, 1e-4, 2e-3."""
     return f"{x:.0e}".replace("e-0", "e-") if x else "0"
-
-
-def mean_std(values, digits=3):
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
 
 
 # -----------------------------------------------------------------------------
@@ -272,7 +262,7 @@ def seed000_section(folder, task, plots):
     for row, (a_lr, ratio, tgt) in rows.items():
         rs = found[row]
         p = SEED000_TABLE2[row]
-        cells = " | ".join(mean_std([r["last"][c] for r in rs]) if rs else "–"
+        cells = " | ".join(ev.mean_std([r["last"][c] for r in rs], digits=3) if rs else "–"
                            for c in ("accuracy", "f1", "mcc"))
         pct = f"{rs[0]['trainable_pct']:.3f}" if rs else "–"
         out.append(f"| {row} | {tgt} | {lr(a_lr)} | {lr(a_lr * ratio)} | {len(rs)} | {cells} | {p[0]} | "
@@ -354,7 +344,7 @@ def seed002(res, plots):
             by[arg(r, "ratio")].append(r)
         for lam, rs in by.items():
             out.append(f"| {lam:g} | {lam ** 1.5:.2f} | {lam ** 0.5:.2f} | {len(rs)} | "
-                       + " | ".join(mean_std([r['last'][c] for r in rs], 4)
+                       + " | ".join(ev.mean_std([r['last'][c] for r in rs], digits=4)
                                     for c in ("accuracy", "mcc", "loss", "train_loss")) + " |")
         curves = {f"λ = {lam:g}": rs for lam, rs in by.items()}
         out += ["", plots.add("seed002_lambda.png", "TLoRA+ λ sweep: train loss", lambda plt: loss_curves(
