@@ -71,7 +71,9 @@ def arg(run, name):
 
 
 def targets(run):
-    return run.get("method_config", {}).get("targets") or arg(run, "targets") or "all-linear"
+    """The adapted matrices as --targets spells them: "all-linear" or "query,value"."""
+    t = run.get("method_config", {}).get("targets") or arg(run, "targets") or "all-linear"
+    return t if isinstance(t, str) else ",".join(t)
 
 
 def lr(x):

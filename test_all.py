@@ -2041,7 +2041,7 @@ def report_run(root, name, seed=0, lr=1e-4, ratio=1.0, targets="all-linear", dev
            "metrics": {k: v for k, v in last.items() if k not in ("epoch", "step", "holdout")},
            "last": last, "history": [last], "loss_log": [[5, 0.7, lr], [10, 0.6, 0.0]],
            "trainable_params": 1000 if targets == "all-linear" else 400, "trainable_pct": 1.0,
-           "method_config": {"targets": targets},
+           "method_config": {"targets": targets if targets == "all-linear" else targets.split(",")},
            "args": {"method": "lora", "task": "mrpc", "model": "minilm", "lr": lr, "lr_ratio": ratio,
                     "targets": None if targets == "all-linear" else targets, "seed": seed, "epochs": 1,
                     "select": "holdout" if holdout is not None else "last", "out_dir": folder}}
