@@ -77,8 +77,9 @@ def targets(run):
 
 
 def lr(x):
-    """A learning rate as the commands write it: 5e-5, 1e-4, 2e-3."""
-    return f"{x:.0e}".replace("e-0", "e-") if x else "0"
+    """A learning rate as the commands write it: 5e-5, 1e-4, 3.2e-3."""
+    mantissa, exponent = f"{x:.3e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}" if x else "0"
 
 
 # -----------------------------------------------------------------------------
@@ -238,14 +239,17 @@ def seed000_section(folder, task, plots):
     metric = data.main_metric(task)
     out = [f"### {task.upper()}", ""]
     hold = np.full((len(ALPHAS), len(LAMBDAS)), np.nan)
+    loss = hold.copy()
     for (a_lr, ratio), r in grid.items():
-        hold[ALPHAS.index(a_lr), LAMBDAS.index(ratio)] = holdout_score(r)[0]
+        hold[ALPHAS.index(a_lr), LAMBDAS.index(ratio)], loss[ALPHAS.index(a_lr), LAMBDAS.index(ratio)] = \
+            holdout_score(r)
     sub = arg(next(iter(grid.values()), runs[0]), "max_train_samples")
-    out += [f"The α × λ grid, seed 0 ({len(grid)} of {hold.size} cells): held-out {metric} (10% of the "
+    out += [f"The α × λ grid, seed 0 ({len(grid)} of {hold.size} cells): held-out {metric} / loss (10% of the "
             f"{f'first {sub} ' if sub else ''}train rows, never trained on); B learns at λ·α.", "",
             "| α \\ λ | " + " | ".join(str(l) for l in LAMBDAS) + " |", "|---" * (len(LAMBDAS) + 1) + "|"]
     for i, a in enumerate(ALPHAS):
-        out.append(f"| {lr(a)} | " + " | ".join("–" if np.isnan(v) else f"{v:.4f}" for v in hold[i]) + " |")
+        out.append(f"| {lr(a)} | " + " | ".join("–" if np.isnan(v) else f"{v:.4f} / {-n:.3f}"
+                                                for v, n in zip(hold[i], loss[i])) + " |")
     out.append("")
     out.append(plots.add(f"seed000_{task}_grid.png", f"seed 000 grid, {task}", lambda plt: heat_map(
         plt, hold, [str(l) for l in LAMBDAS], [f"α {lr(a)}" for a in ALPHAS],
