@@ -105,10 +105,11 @@ class Plots:
         return f"![{title}]({os.path.relpath(png, self.out_dir)})"
 
 
-def heat_map(plt, grid, xlabels, ylabels, title, fmt="{:.3f}"):
+def heat_map(plt, grid, xlabels, ylabels, title, xname="", fmt="{:.3f}"):
     fig, ax = plt.subplots(figsize=(1.2 * len(xlabels) + 2, 0.6 * len(ylabels) + 1.6))
     im = ax.imshow(grid, cmap="viridis")
     ax.set_xticks(range(len(xlabels)), xlabels)
+    ax.set_xlabel(xname)
     ax.set_yticks(range(len(ylabels)), ylabels)
     for (i, j), v in np.ndenumerate(grid):
         if not np.isnan(v):
@@ -253,7 +254,7 @@ def seed000_section(folder, task, plots):
     out.append("")
     out.append(plots.add(f"seed000_{task}_grid.png", f"seed 000 grid, {task}", lambda plt: heat_map(
         plt, hold, [str(l) for l in LAMBDAS], [f"α {lr(a)}" for a in ALPHAS],
-        f"{task}: held-out {metric}, seed 0 (B at λ·α)")))
+        f"{task}: held-out {metric}, seed 0 (B at λ·α)", "λ")))
     if len(grid) < hold.size:
         return out + ["", "The grid is incomplete: no choice and no ablation yet.", ""]
     a, l, e = seed000_best(runs)
@@ -340,21 +341,23 @@ def seed002(res, plots):
                 *note(res, "tlora_init_verdict")]
     sweep = runs_under(os.path.join(res, "seed002", "lambda"))
     if sweep:
-        sweep.sort(key=lambda r: arg(r, "ratio"))
-        out += ["### The λ sweep", "", *note(res, "seed002_lambda"),
-                "| λ | η_B / η | η_C / η | seeds | dev accuracy | dev MCC | dev loss "
-                "| train loss (last epoch) |",
-                "|---" * 8 + "|"]
         by = defaultdict(list)
-        for r in sweep:
+        for r in sorted(sweep, key=lambda r: arg(r, "ratio")):
             by[arg(r, "ratio")].append(r)
+        epochs = max(len(r["history"]) for r in sweep)
+        out += ["### The λ sweep", "", *note(res, "seed002_lambda"),
+                "Dev accuracy / MCC at each epoch (mean over seeds), and the last epoch's dev and train loss:", "",
+                "| λ | η_B / η | η_C / η | seeds | " + " | ".join(f"epoch {e + 1}" for e in range(epochs)) +
+                " | dev loss | train loss |", "|---" * (6 + epochs) + "|"]
         for lam, rs in by.items():
-            out.append(f"| {lam:g} | {lam ** 1.5:.2f} | {lam ** 0.5:.2f} | {len(rs)} | "
-                       + " | ".join(ev.mean_std([r['last'][c] for r in rs], digits=4)
-                                    for c in ("accuracy", "mcc", "loss", "train_loss")) + " |")
+            cells = [f"{np.mean([r['history'][e]['accuracy'] for r in rs]):.4f} / "
+                     f"{np.mean([r['history'][e]['mcc'] for r in rs]):.4f}" for e in range(len(rs[0]["history"]))]
+            out.append(f"| {lam:g} | {lam ** 1.5:.2f} | {lam ** 0.5:.2f} | {len(rs)} | " + " | ".join(cells) +
+                       f" | {np.mean([r['last']['loss'] for r in rs]):.4f} | "
+                       f"{np.mean([r['last']['train_loss'] for r in rs]):.4f} |")
         curves = {f"λ = {lam:g}": rs for lam, rs in by.items()}
         out += ["", plots.add("seed002_lambda.png", "TLoRA+ λ sweep: train loss", lambda plt: loss_curves(
-            plt, curves, "MRPC, TLoRA+ (ABC) λ sweep: train loss")), ""]
+            plt, curves, "MRPC, TLoRA+ (ABC) λ sweep: train loss")), "", *note(res, "seed002_lambda_verdict")]
     return out
 
 

@@ -2029,7 +2029,8 @@ def hide_matplotlib(monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)
 
 
-def report_run(root, name, seed=0, lr=1e-4, ratio=1.0, targets="all-linear", dev=0.7, holdout=None):
+def report_run(root, name, seed=0, lr=1e-4, lr_ratio=1.0, targets="all-linear", dev=0.7, holdout=None,
+               method="lora", **args):
     """A small metrics.json as train.py writes it (the keys the report reads), in root/name/."""
     folder = os.path.join(root, name)
     os.makedirs(folder, exist_ok=True)
@@ -2037,14 +2038,14 @@ def report_run(root, name, seed=0, lr=1e-4, ratio=1.0, targets="all-linear", dev
             "train_loss": 0.65}
     if holdout is not None:
         last["holdout"] = {"accuracy": holdout, "loss": 0.5}
-    run = {"task": "mrpc", "method": "lora", "label": "lora", "model": "minilm", "selected_epoch": 1,
+    run = {"task": "mrpc", "method": method, "label": method, "model": "minilm", "selected_epoch": 1,
            "metrics": {k: v for k, v in last.items() if k not in ("epoch", "step", "holdout")},
            "last": last, "history": [last], "loss_log": [[5, 0.7, lr], [10, 0.6, 0.0]],
            "trainable_params": 1000 if targets == "all-linear" else 400, "trainable_pct": 1.0,
            "method_config": {"targets": targets if targets == "all-linear" else targets.split(",")},
-           "args": {"method": "lora", "task": "mrpc", "model": "minilm", "lr": lr, "lr_ratio": ratio,
+           "args": {"method": method, "task": "mrpc", "model": "minilm", "lr": lr, "lr_ratio": lr_ratio,
                     "targets": None if targets == "all-linear" else targets, "seed": seed, "epochs": 1,
-                    "select": "holdout" if holdout is not None else "last", "out_dir": folder}}
+                    "select": "holdout" if holdout is not None else "last", "out_dir": folder, **args}}
     with open(os.path.join(folder, "metrics.json"), "w") as f:
         json.dump(run, f)
     return folder
@@ -2086,6 +2087,9 @@ def test_report_renders_every_table_from_metrics_json_with_and_without_matplotli
     seed000_fixture(res)
     for s, acc in ((0, 0.70), (1, 0.72)):  # a second section: eval.table over seeds
         report_run(os.path.join(res, "tlora_init"), f"spec-s{s}", s, dev=acc)
+    for lam, acc in ((4.0, 0.72), (1.0, 0.69)):  # the TLoRA+ λ sweep, one seed
+        report_run(os.path.join(res, "seed002", "lambda"), f"abc-l{lam}", dev=acc, method="tlora_plus",
+                   ratio=lam)
     os.makedirs(os.path.join(res, "notes"))
     with open(os.path.join(res, "notes", "seed000.md"), "w") as f:
         f.write("A hand-written note.")
@@ -2093,7 +2097,8 @@ def test_report_renders_every_table_from_metrics_json_with_and_without_matplotli
     hide_matplotlib(monkeypatch)
     text = report.report(res, out)
     assert "A hand-written note." in text
-    assert "| 2e-4 | 0.6100 | 0.6150 | 0.8000 | 0.6250 | 0.6300 |" in text  # held-out row of α = 2e-4
+    assert "| 2e-4 | 0.6100 / 0.500 | 0.6150 / 0.500 | 0.8000 / 0.500 | 0.6250 / 0.500 | 0.6300 / 0.500 |" \
+        in text  # the held-out row of α = 2e-4
     assert "**α\\* = 2e-4, λ\\* = 4** (held-out accuracy 0.8000)" in text
     assert "**η\\* = 1e-4** (0.7500)" in text
     lines = text.splitlines()
@@ -2106,14 +2111,17 @@ def test_report_renders_every_table_from_metrics_json_with_and_without_matplotli
     assert "SPEC's substitute): **not reproduced**: +0.50 points (paper +0.7); per seed -1.00, +2.00, " \
            "+0.50." in text
     assert "| mrpc | lora | minilm | 2 | 0.7100 ± 0.0100 |" in text  # tlora_init's table, by eval.table
+    assert "| 1 | 1.00 | 1.00 | 1 | 0.6900 / 0.2900 | 0.6000 | 0.6500 |\n| 4 | 8.00 | 2.00 | 1 | 0.7200 / " \
+           "0.3200 | 0.6000 | 0.6500 |" in text  # λ sweep rows in λ order, B at λ^1.5, C at λ^0.5
     assert "Plots skipped (matplotlib is not installed): seed000_mrpc_grid.png, seed000_mrpc_loss.png, " \
-           "mrpc_accuracy_vs_params.png." in text
+           "seed002_lambda.png, mrpc_accuracy_vs_params.png." in text
     assert not glob.glob(os.path.join(res, "*.png"))
     monkeypatch.undo()
     reference("matplotlib")
     text = report.report(res, out)
     assert "Plots skipped" not in text
-    for png in ("seed000_mrpc_grid.png", "seed000_mrpc_loss.png", "mrpc_accuracy_vs_params.png"):
+    for png in ("seed000_mrpc_grid.png", "seed000_mrpc_loss.png", "seed002_lambda.png",
+                "mrpc_accuracy_vs_params.png"):
         assert f"](results/{png})" in text and os.path.getsize(os.path.join(res, png)) > 1000
 
 
