@@ -239,7 +239,7 @@ def seed000_section(folder, task, plots):
         return [f"No runs in `{folder}`: `bash experiments.sh MINILM_DIR` makes them.", ""]
     grid = grid_runs(runs)
     metric = data.main_metric(task)
-    out = [f"### {task.upper()}", ""]
+    out = [f"### {data.get_task(task).folder}", ""]
     hold = np.full((len(ALPHAS), len(LAMBDAS)), np.nan)
     loss = hold.copy()
     for (a_lr, ratio), r in grid.items():
