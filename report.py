@@ -228,7 +228,8 @@ def verdict(found, better, worse):
         return f"**not testable yet**: {len(seeds)} paired seed(s)"
     d = [100 * (a[s] - b[s]) for s in seeds]
     word = ("reproduced" if min(d) > 0 else  # the paper's direction on every seed
-            "not shown (the mean goes the paper's way, not every seed)" if np.mean(d) > 0 else "not reproduced")
+            "not shown (the mean goes the paper's way, not every seed)" if np.mean(d) > 0 else
+            "not reproduced")
     return (f"**{word}**: {np.mean(d):+.2f} points (paper {paper_gap:+.1f}); per seed " +
             ", ".join(f"{x:+.2f}" for x in d))
 
@@ -246,8 +247,8 @@ def seed000_section(folder, task, plots):
         hold[ALPHAS.index(a_lr), LAMBDAS.index(ratio)], loss[ALPHAS.index(a_lr), LAMBDAS.index(ratio)] = \
             holdout_score(r)
     sub = arg(next(iter(grid.values()), runs[0]), "max_train_samples")
-    out += [f"The α × λ grid, seed 0 ({len(grid)} of {hold.size} cells): held-out {metric} / loss (10% of the "
-            f"{f'first {sub} ' if sub else ''}train rows, never trained on); B learns at λ·α.", "",
+    out += [f"The α × λ grid, seed 0 ({len(grid)} of {hold.size} cells): held-out {metric} / loss (10% of "
+            f"the {f'first {sub} ' if sub else ''}train rows, never trained on); B learns at λ·α.", "",
             "| α \\ λ | " + " | ".join(str(l) for l in LAMBDAS) + " |", "|---" * (len(LAMBDAS) + 1) + "|"]
     for i, a in enumerate(ALPHAS):
         out.append(f"| {lr(a)} | " + " | ".join("–" if np.isnan(v) else f"{v:.4f} / {-n:.3f}"
@@ -347,12 +348,14 @@ def seed002(res, plots):
             by[arg(r, "ratio")].append(r)
         epochs = max(len(r["history"]) for r in sweep)
         out += ["### The λ sweep", "", *note(res, "seed002_lambda"),
-                "Dev accuracy / MCC at each epoch (mean over seeds), and the last epoch's dev and train loss:", "",
+                "Dev accuracy / MCC at each epoch (mean over seeds), and the last epoch's dev and train "
+                "loss:", "",
                 "| λ | η_B / η | η_C / η | seeds | " + " | ".join(f"epoch {e + 1}" for e in range(epochs)) +
                 " | dev loss | train loss |", "|---" * (6 + epochs) + "|"]
         for lam, rs in by.items():
             cells = [f"{np.mean([r['history'][e]['accuracy'] for r in rs]):.4f} / "
-                     f"{np.mean([r['history'][e]['mcc'] for r in rs]):.4f}" for e in range(len(rs[0]["history"]))]
+                     f"{np.mean([r['history'][e]['mcc'] for r in rs]):.4f}"
+                     for e in range(len(rs[0]["history"]))]
             out.append(f"| {lam:g} | {lam ** 1.5:.2f} | {lam ** 0.5:.2f} | {len(rs)} | " + " | ".join(cells) +
                        f" | {np.mean([r['last']['loss'] for r in rs]):.4f} | "
                        f"{np.mean([r['last']['train_loss'] for r in rs]):.4f} |")
@@ -468,6 +471,8 @@ if __name__ == "__main__":
     a = p.parse_args()
     try:
         if a.seed000_best:
+            if not os.path.isdir(a.seed000_best):
+                raise ValueError(f"{a.seed000_best} is not a folder of runs (e.g. results/seed000/mrpc)")
             print(" ".join(f"{x:g}" for x in seed000_best(runs_under(a.seed000_best))))  # α* λ* η*
         else:
             if not os.path.isdir(a.results):

@@ -2109,8 +2109,8 @@ def test_report_renders_every_table_from_metrics_json_with_and_without_matplotli
     assert "| LoRA | query,value | 1e-4 | 1e-4 | 3 | 0.610 ± 0.008 | 0.710 ± 0.008 | 0.210 ± 0.008 | " \
            "0.882 | 0.887 | 0.73 | 1.000 |" in lines
     assert "(tied η\\*): **reproduced**: +8.00 points (paper +1.0); per seed +8.00, +8.00, +8.00." in text
-    assert "SPEC's substitute): **not shown (the mean goes the paper's way, not every seed)**: +0.50 points " \
-           "(paper +0.7); per seed -1.00, +2.00, +0.50." in text
+    assert "SPEC's substitute): **not shown (the mean goes the paper's way, not every seed)**: " \
+           "+0.50 points (paper +0.7); per seed -1.00, +2.00, +0.50." in text
     assert "| mrpc | lora | minilm | 2 | 0.7100 ± 0.0100 |" in text  # tlora_init's table, by eval.table
     assert "| 1 | 1.00 | 1.00 | 1 | 0.6900 / 0.2900 | 0.6000 | 0.6500 |\n| 4 | 8.00 | 2.00 | 1 | 0.7200 / " \
            "0.3200 | 0.6000 | 0.6500 |" in text  # λ sweep rows in λ order, B at λ^1.5, C at λ^0.5
