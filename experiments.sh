@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Seed 000's experiments on this CPU, then RESULTS.md from every run folder under results/ (issue 18).
 #
-#   bash experiments.sh MINILM_DIR [GLUE_DIR]       # ~2 h on 2 cores; finished runs are skipped on a re-run
+#   bash experiments.sh MINILM_DIR [GLUE_DIR]       # 1.5 h on 2 cores; finished runs are skipped on a re-run
 #   python report.py --out RESULTS.md               # the report alone, from the metrics.json already in results/
 #
 # Seed 000 (SPEC §2.1) reports QQP, which ../shared/data lacks, so its comparison runs on MRPC (the other GLUE
