@@ -1,10 +1,10 @@
 """
-ADAQ-LoRA (seed 003; SPEC §2.4): AdaLoRA's SVD-form adapter and its rank allocator (Zhang et al. 2023, as peft
-implements it) on a frozen NF4 + double-quant base (quant.py). `--method adalora` is the same adapter on a
-float base.
+ADAQ-LoRA (Feng et al. 2024, §3): AdaLoRA's SVD-form adapter and rank allocator (Zhang et al. 2023, "Adaptive
+Budget Allocation for Parameter-Efficient Fine-Tuning", arXiv 2303.10512, §3.1-3.3, as peft implements it) on a
+frozen NF4 + double-quant base (quant.py, QLoRA). `--method adalora` is the same adapter on a float base.
 
-    ΔW_k = c·P_k·diag(λ_k)·Q_k,  c = α/(init_r + 1e-5)    P = lora_B (out, r), λ = lora_E (r, 1),
-                                                          Q = lora_A (r, in)
+    ΔW_k = c·P_k·diag(λ_k)·Q_k,  c = α/(init_r + 1e-5)      P = lora_B (out, r), λ = lora_E (r, 1),
+                                                            Q = lora_A (r, in)
     L    = CE + γ·R,   R = 1/(2n)·Σ_k (||Q_k Q_kᵀ − I||_F + ||P_kᵀ P_k − I||_F)       (peft's form, unsquared)
     I(w) = |w ⊙ ∂L/∂w|,   Ī ← β1·Ī + (1 − β1)·I,   Ū ← β2·Ū + (1 − β2)·|I − Ī|,   s(w) = Ī ⊙ Ū
     S_k,i = s(λ_k,i) + mean_j s(Q_k,ij) + mean_j s(P_k,ji)                             (the triplet score)
@@ -13,22 +13,18 @@ float base.
     every ΔT steps: λ_k,i ← 0 for the b0 − b(t) lowest S over all matrices;
                     from T − tfinal on the mask is frozen
 
-What differs from lora.py: the layer's three factors and init (create_factors), the regulariser (extra_loss),
-the allocator (after_step: after optimizer.step, before zero_grad, with t = completed steps), and peft's
-ADALORA file format (rank_pattern: the kept triplets; the file holds only those). Masked λ stay trainable
-and can recover until the mask freezes; masking frees no memory (SPEC §2.4), the ranks only shrink in the
-saved file.
+What differs from lora.py: the layer's three factors and init (create_factors), the regulariser (extra_loss)
+and the allocator (after_step: after optimizer.step, before zero_grad, with t = completed steps).
+Choices of ours: masked λ stay trainable and can recover until the mask freezes, so masking frees no memory
+(the ranks only shrink in the saved file); the paper's 4-bit base is bitsandbytes' NF4, ours is quant.py's,
+bit-identical to it.
 """
-import os
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file
 from torch.nn import functional as F
 
-from lora import (LoRA, LoRALinear, MethodConfig, adapter_layers, peft_key, peft_task,
-                  read_adapter_config, saved_method)
-from model import hf_name
+from lora import LoRA, LoRALinear, MethodConfig, adapter_layers, check_rates
 
 
 class SVDLinear(LoRALinear):
@@ -62,14 +58,14 @@ class AdaLoRAConfig(MethodConfig):
     target_r: int = 8             # the average rank at the end: bT = target_r·n
     alpha: float = 32             # c = alpha / (init_r + 1e-5)
     dropout: float = 0.1          # on the adapter's input only
-    targets: object = "all-linear"
+    targets: str = "all-linear"   # "all-linear", or module-name suffixes: "query,value"
     tinit: int = 200              # steps at the full budget b0 before masking starts
     tfinal: int = 1000            # the last steps, at bT with the mask frozen
     delta_t: int = 10             # mask every ΔT steps in between
     beta1: float = 0.85           # Ī's EMA (sensitivity)
     beta2: float = 0.85           # Ū's EMA (uncertainty)
     orth_reg_weight: float = 0.5  # γ
-    lr: float = 3e-4              # P, λ and Q (SPEC §2.4); the head too unless head_lr is given
+    lr: float = 3e-4              # P, λ and Q; the head too unless head_lr is given
 
     def __post_init__(self):
         if self.init_r < 1:
@@ -85,12 +81,14 @@ class AdaLoRAConfig(MethodConfig):
         if self.orth_reg_weight < 0 or not 0 <= self.dropout < 1:
             raise ValueError(f"--orth_reg_weight must be ≥ 0 and --dropout in [0, 1), not "
                              f"{self.orth_reg_weight} and {self.dropout}")
+        if isinstance(self.targets, str) and self.targets != "all-linear":
+            self.targets = tuple(self.targets.split(","))
+        check_rates(self)
 
 
 class RankAllocator:
     """peft's RankAllocator over {name: SVDLinear}: importance EMAs per entry of P, λ, Q, the triplet score,
-    the cubic budget and the global threshold. step(t) is the whole per-step protocol
-    (SPEC §2.4 "allocate")."""
+    the cubic budget and the global threshold. step(t) is the whole per-step protocol."""
 
     def __init__(self, layers, cfg, total_step):
         self.layers, self.cfg, self.T = layers, cfg, total_step
@@ -165,9 +163,8 @@ class RankAllocator:
 
 
 class AdaLoRA(LoRA):
-    """AdaLoRA (SPEC §3 baseline, §2.4 adapter): SVD adapters on every target, one lr for P, λ, Q, the
-    orthogonal regulariser, and the rank allocator after each step. Call schedule(T, warmup) before
-    training."""
+    """AdaLoRA: SVD adapters on every target, one lr for P, λ, Q, the orthogonal regulariser, and the rank
+    allocator after each step. Call schedule(T, warmup) before training."""
     name = "adalora"
     Config = AdaLoRAConfig
 
@@ -177,8 +174,8 @@ class AdaLoRA(LoRA):
     def lr_multipliers(self):
         return {"A": 1.0, "E": 1.0, "B": 1.0}
 
-    def wrap(self, model, batches=None):
-        super().wrap(model)
+    def wrap(self, model, head=(), batches=None):
+        super().wrap(model, head)
         self.layers = adapter_layers(model, SVDLinear)
         self.allocator, self.orth = None, []  # self.orth: R at every step, on the device until report()
         return model
@@ -231,72 +228,6 @@ class AdaLoRA(LoRA):
         return {"ranks": a.ranks() if a else {n: l.r for n, l in self.layers.items()},
                 "budget": a.budgets if a else [],
                 "orth_loss": torch.stack(self.orth).tolist() if self.orth else []}
-
-    # ---- peft's ADALORA files: the kept triplets only, and rank_pattern (which ones) per matrix
-    def peft_config(self, model):
-        c, family = self.cfg, model.cfg.family
-        keep = self.allocator.keep if self.allocator else {}
-        return {"peft_type": "ADALORA", **peft_task(model), "init_r": c.init_r, "target_r": c.target_r,
-                "tinit": c.tinit, "tfinal": c.tfinal, "deltaT": c.delta_t, "beta1": c.beta1, "beta2": c.beta2,
-                "orth_reg_weight": c.orth_reg_weight, "total_step": self.allocator.T if self.allocator else
-                c.tinit + c.tfinal + 1, "lora_alpha": c.alpha, "lora_dropout": c.dropout,
-                "fan_in_fan_out": family == "gpt2", "bias": "none", "inference_mode": True,
-                "target_modules": sorted(hf_name(family, n) for n in self.layers),
-                "init_lora_weights": True,
-                "rank_pattern": {hf_name(family, n) + ".lora_E": k.tolist() for n, k in keep.items()} or None,
-                "base_model_name_or_path": getattr(model, "name_or_path", "")}
-
-    def file_key(self, family, name):
-        """peft stores AdaLoRA factors without '.weight': base_model.model.<hf module>.lora_E."""
-        mod, _, leaf = name.rpartition(".")
-        return f"base_model.model.{hf_name(family, mod)}.{leaf}" if leaf.startswith("lora_") else \
-            peft_key(family, name)
-
-    def file_tensors(self, model):
-        """Only the kept triplets: rows of Q and λ, columns of P, under peft's AdaLoRA keys."""
-        keep = self.allocator.keep if self.allocator else {}
-        tensors = {}
-        for n, p in self.adapter_tensors(model).items():
-            mod, _, leaf = n.rpartition(".")
-            if mod in keep:
-                p = p[:, keep[mod]] if leaf == "lora_B" else p[keep[mod]]
-            tensors[self.file_key(model.cfg.family, n)] = p.detach().contiguous()
-        return tensors
-
-    def load(self, model, folder):
-        """Fill each layer's kept triplets from the file and zero the rest (P, λ, Q) so ΔW is the
-        saved one."""
-        cfg = read_adapter_config(folder)
-        path = os.path.join(folder, "adapter_model.safetensors")
-        saved = saved_method(path, str(cfg.get("peft_type")).lower())
-        if saved != self.name:
-            raise ValueError(f"{folder} holds a {saved} adapter; pass --method {saved} to load it")
-        if cfg.get("init_r") != self.cfg.init_r:
-            raise ValueError(f"{folder} was trained with --init_r {cfg.get('init_r')}; pass it")
-        family, tensors, params = model.cfg.family, load_file(path), self.adapter_tensors(model)
-        pattern = cfg.get("rank_pattern") or {}
-        keys = {self.file_key(family, n): n for n in params}
-        missing = sorted(k for k in keys if k not in tensors)
-        if missing or len(tensors) != len(keys):
-            raise ValueError(f"{path} does not match this model's adapters (e.g. "
-                             f"{(missing or sorted(set(tensors) - set(keys)) or ['?'])[0]}): another --model "
-                             f"or --targets?")
-        with torch.no_grad():
-            for key, n in keys.items():
-                mod, _, leaf = n.rpartition(".")
-                p, t = params[n], tensors[key]
-                if mod not in self.layers:  # the task head
-                    p.copy_(t)
-                    continue
-                keep = torch.tensor(pattern.get(hf_name(family, mod) + ".lora_E", [True] * p.shape[-1 if
-                                    leaf == "lora_B" else 0]), dtype=torch.bool, device=p.device)
-                if int(keep.sum()) != t.shape[1 if leaf == "lora_B" else 0]:
-                    raise ValueError(f"{key} has {tuple(t.shape)}, which does not fit its rank_pattern")
-                p.zero_()
-                if leaf == "lora_B":
-                    p[:, keep] = t.to(p)
-                else:
-                    p[keep] = t.to(p)
 
 
 class AdaQLoRA(AdaLoRA):

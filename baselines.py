@@ -1,7 +1,7 @@
 """
-The baselines of SPEC §3, each a Method (lora.py) with its own config: full fine-tuning, feature extraction
-(the task head only), BitFit, and the Houlsby bottleneck adapter. None of them has anything to merge (the
-adapter is nonlinear); all save their trained tensors to trainable.safetensors.
+The baselines the papers compare against, each a Method (lora.py) with its own config: full fine-tuning,
+feature extraction (the task head only), BitFit (Ben Zaken et al. 2022, arXiv 2106.10199) and the bottleneck
+adapter (Houlsby et al. 2019, arXiv 1902.00751, §2.1). None has anything to merge: the adapter is nonlinear.
 """
 from dataclasses import dataclass
 
@@ -9,12 +9,12 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from lora import Method, MethodConfig, inject
+from lora import Method, MethodConfig, features, find_targets, inject
 
 
 @dataclass
 class FullConfig(MethodConfig):
-    lr: float = 2e-5  # SPEC §3
+    lr: float = 2e-5
 
 
 class FullFineTuning(Method):
@@ -28,7 +28,7 @@ class FullFineTuning(Method):
 
 @dataclass
 class HeadConfig(MethodConfig):
-    lr: float = 1e-3  # SPEC §3
+    lr: float = 1e-3
 
 
 class HeadOnly(Method):
@@ -42,28 +42,32 @@ class HeadOnly(Method):
 
 @dataclass
 class BitFitConfig(MethodConfig):
-    lr: float = 4e-4  # SPEC §3
+    lr: float = 4e-4
 
 
 class BitFit(Method):
-    """y = x W0ᵀ + b_trainable: every bias inside the blocks (linears and LayerNorms) trains, plus the
-    head."""
+    """y = x W0ᵀ + b_trainable: every bias (linears and LayerNorms) trains, plus the head."""
     name = "bitfit"
     Config = BitFitConfig
 
     def trains(self, name):
-        return name.endswith(".bias") and name.startswith("h.")
+        return name.endswith(".bias")
+
+    def wrap(self, model, head=(), batches=None):
+        if not any(n.endswith(".bias") for n, _ in model.named_parameters()):
+            raise ValueError("--method bitfit trains biases, and this model has none; pick another method")
+        return super().wrap(model, head)
 
 
 class HoulsbyAdapterLayer(nn.Module):
-    """f(h) = h + GELU(h W_dᵀ + b_d) W_uᵀ + b_u on the output h of a frozen dense layer (SPEC §3), W_d (m, d)
+    """f(h) = h + GELU(h W_dᵀ + b_d) W_uᵀ + b_u on the output h of a frozen dense layer, W_d (m, d)
     and W_u (d, m). W_d ~ N(0, 0.01²), W_u = 0 and both biases 0, so f is the identity at init. Nonlinear, so
     it has no merge(): evaluation runs it as it trains."""
 
     def __init__(self, base, m=64):
         super().__init__()
-        self.base, self.in_features, self.out_features = base, base.in_features, base.out_features
-        d = base.out_features
+        self.base = base
+        self.in_features, self.out_features = d_in, d = features(base)
         weight = getattr(base, "weight", None)  # None for a quant.Linear4bit base
         dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
         device = (weight if weight is not None else next(base.buffers())).device
@@ -81,8 +85,13 @@ class HoulsbyAdapterLayer(nn.Module):
 @dataclass
 class HoulsbyConfig(MethodConfig):
     adapter_size: int = 64          # the bottleneck m
-    targets: tuple = ("out", "proj")  # after the attention-output and the FFN-output dense layers (SPEC §3)
-    lr: float = 3e-4                # SPEC §3
+    targets: str = "out,proj"       # after the attention-output and the FFN-output dense layers
+    lr: float = 3e-4
+
+    def __post_init__(self):
+        if self.adapter_size < 1:
+            raise ValueError(f"--adapter_size must be ≥ 1, not {self.adapter_size}")
+        self.targets = tuple(self.targets.split(",")) if isinstance(self.targets, str) else self.targets
 
 
 class Houlsby(Method):
@@ -92,13 +101,11 @@ class Houlsby(Method):
     Config = HoulsbyConfig
 
     def trains(self, name):
-        # h.0.attn.out.adapter_down.weight -> adapter_down, h.0.ln_1.bias -> ln_1
-        module = name.rsplit(".", 2)[-2]
-        return module.startswith(("adapter_", "ln_"))
+        module = name.rpartition(".")[0]  # h.0.attn.out.adapter_down.weight -> h.0.attn.out.adapter_down
+        return module.rpartition(".")[2].startswith("adapter_") or module in self.norms
 
-    def wrap(self, model, batches=None):
-        if self.cfg.adapter_size < 1:
-            raise ValueError(f"--adapter_size must be ≥ 1, not {self.cfg.adapter_size}")
-        inject(model, list(self.cfg.targets),
+    def wrap(self, model, head=(), batches=None):
+        self.norms = {n for n, m in model.named_modules() if isinstance(m, (nn.LayerNorm, nn.RMSNorm))}
+        inject(model, find_targets(model, self.cfg.targets, head),
                lambda base, name: HoulsbyAdapterLayer(base, self.cfg.adapter_size))
-        return super().wrap(model)
+        return super().wrap(model, head)

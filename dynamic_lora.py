@@ -1,33 +1,28 @@
 """
-Dynamic LoRA (seed 001; SPEC §2.2): LoRA whose per-layer rank comes from the input variance seen in a
-calibration pass, and whose per-layer scale follows the layer's importance during training.
+Dynamic LoRA (arXiv 2501.14859, §3): LoRA whose per-layer rank comes from the input variance seen in a
+calibration pass (§3.2), and whose per-layer scale follows the layer's importance during training (§3.1).
 
     r_l = min(max(⌊r·(1 + β·v_l) + 0.5⌋, 1), r_max, in_l, out_l),   v_l = Var(X_l) / mean_j Var(X_j)
     Y   = X W0ᵀ + b + m_l·s_l·((X_d A_lᵀ) B_lᵀ),   s_l = α / r_l,   m_l = L_n·ω_l
     I_l = ||G_lᵀ X_l||_F / √(out_l·in_l)  (the RMS of ∂L/∂W_l, G_l = ∂L/∂Y_l),   Ī_l ← β_I·Ī_l + (1 − β_I)·I_l
     ω_l = Ī_l / Σ_j Ī_j,    L = L_task + λ1·Σ_l ||A_l||_F² + λ2·Σ_l ||B_l||_F²
 
-What differs from lora.py: the ranks r_l (calibration in wrap), the buffer m_l in front of B·A (after_step),
-the L2 terms (extra_loss), and rank_pattern/alpha_pattern in the peft-format files (α_l = m_l·α, so that
-peft's α_l/r_l equals our m_l·s_l): peft.PeftModel.from_pretrained loads a trained adapter as it loads a
-LoRA one.
+What differs from lora.py: the ranks r_l (calibration in wrap), the buffer m_l in front of B·A (after_step) and
+the L2 terms (extra_loss).
 
-Readings (decided here, where SPEC §2.2 leaves it open):
-- Calibration runs the model in eval mode (no dropout), forward only, on the first n_cal batches of the run's
-  first epoch, and counts the non-padding tokens of each layer's input in float64.
-- Importance is measured on the steps t with t % importance_every == 0, from the batch of that step, before
-  clipping; until the first measurement Ī is undefined and m stays 1. ω is updated under no_grad on the steps
-  t ≥ omega_start (default: the run's warmup steps) with t % omega_every == 0.
-- A layer's G_l is the gradient at its whole output (base + adapter), so I_l is the sensitivity of L to W_l,
-  as SPEC reads it; padding positions have G = 0 (their outputs never reach the loss).
+Choices of ours, where the paper leaves it open:
+- Calibration runs the model in eval mode, forward only, on the first n_cal training batches, and counts each
+  layer's input over the non-padding tokens (a batch's attention_mask), in float64.
+- I_l is measured every importance_every steps, from that step's batch, before clipping; m stays 1 until the
+  first measurement. ω is updated every omega_every steps from omega_start (default: the warmup steps) on.
+- G_l is the gradient at the layer's whole output (base + adapter), so I_l is the sensitivity of L to W_l.
 """
 import math
 from dataclasses import dataclass
 
 import torch
 
-from lora import LoRA, LoRAConfig, LoRALinear, adapter_layers, read_adapter_config, target_names
-from model import hf_name
+from lora import LoRA, LoRAConfig, LoRALinear, adapter_layers, features, find_targets
 
 
 class DynamicLoRALinear(LoRALinear):
@@ -60,7 +55,7 @@ class DynamicLoRALinear(LoRALinear):
 
 @dataclass
 class DynamicLoRAConfig(LoRAConfig):
-    beta: float = 0.125            # r_l = r·(1 + β·v_l): a mean rank of about 1.125·r (SPEC §2.2)
+    beta: float = 0.125            # r_l = r·(1 + β·v_l): a mean rank of about 1.125·r
     r_max: int = None              # None: 4·r
     n_cal: int = 32                # calibration batches
     importance_every: int = 10     # T_s: measure I_l on every T_s-th step
@@ -69,7 +64,7 @@ class DynamicLoRAConfig(LoRAConfig):
     omega_start: int = None        # ... from this step on (None: the run's warmup steps)
     lambda1: float = 1e-4          # λ1·Σ||A_l||²
     lambda2: float = 1e-4          # λ2·Σ||B_l||²
-    lr: float = 4e-4               # A and B (SPEC §2.2)
+    lr: float = 4e-4               # A and B
     lr_ratio: float = 1.0          # B at the same rate as A
     head_lr: float = 4e-4
 
@@ -79,6 +74,11 @@ class DynamicLoRAConfig(LoRAConfig):
             raise ValueError(f"--beta must be ≥ 0, not {self.beta}: r_l = r·(1 + β·v_l) with v_l ≥ 0")
         if self.r_max is not None and self.r_max < 1:
             raise ValueError(f"--r_max must be ≥ 1, not {self.r_max}")
+        if not 0 < self.importance_beta < 1 or self.lambda1 < 0 or self.lambda2 < 0:
+            raise ValueError(f"--importance_beta must be in (0, 1) and --lambda1, --lambda2 ≥ 0 (got "
+                             f"{self.importance_beta}, {self.lambda1}, {self.lambda2})")
+        if self.omega_start is not None and self.omega_start < 0:
+            raise ValueError(f"--omega_start must be ≥ 0, not {self.omega_start}")
         for name in ("n_cal", "importance_every", "omega_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be ≥ 1, not {getattr(self, name)}")
@@ -87,13 +87,15 @@ class DynamicLoRAConfig(LoRAConfig):
 @torch.no_grad()
 def input_variances(model, names, batches, n_cal):
     """Var(X_l) over the non-padding (token, feature) entries of each named layer's input, in float64, over
-    the first n_cal batches. Forward only, in eval mode, before any adapter exists."""
+    the first n_cal batches: dicts of the model's forward arguments (their attention_mask, if any, says which
+    tokens are padding). Forward only, in eval mode, before any adapter exists."""
     S1, S2, n = {l: 0.0 for l in names}, {l: 0.0 for l in names}, {l: 0 for l in names}
     keep = {}  # the current batch's non-padding positions, (B, T) bool
 
     def hook(name):
         def record(module, inputs, output):
-            x = inputs[0][keep["mask"]].double()  # (tokens, in)
+            x = inputs[0] if keep["mask"] is None else inputs[0][keep["mask"]]
+            x = x.double()  # (tokens, in)
             S1[name] += x.sum().item()
             S2[name] += (x * x).sum().item()
             n[name] += x.numel()
@@ -106,8 +108,9 @@ def input_variances(model, names, batches, n_cal):
     for b in batches:
         if seen == n_cal:
             break
-        keep["mask"] = b["attention_mask"].to(device).bool()
-        model(b["input_ids"].to(device), b["attention_mask"].to(device), b["token_type_ids"].to(device))
+        b = {k: v.to(device) for k, v in b.items()}
+        keep["mask"] = b["attention_mask"].bool() if "attention_mask" in b else None  # (B, T)
+        model(**b)
         seen += 1
     for h in handles:
         h.remove()
@@ -119,7 +122,7 @@ def input_variances(model, names, batches, n_cal):
 
 
 def ranks_from_variances(variances, shapes, r, beta, r_max):
-    """r_l = min(max(⌊r·(1 + β·v_l) + 0.5⌋, 1), r_max, in_l, out_l), v_l = Var_l / mean_j Var_j (SPEC §2.2).
+    """r_l = min(max(⌊r·(1 + β·v_l) + 0.5⌋, 1), r_max, in_l, out_l), v_l = Var_l / mean_j Var_j.
     shapes: {name: (in, out)}."""
     mean = sum(variances.values()) / len(variances)
     return {l: min(max(math.floor(r * (1 + beta * v / mean) + 0.5), 1), r_max, *shapes[l])
@@ -131,16 +134,16 @@ class DynamicLoRA(LoRA):
     name = "dynamic_lora"
     Config = DynamicLoRAConfig
 
-    def wrap(self, model, batches=None):
+    def wrap(self, model, head=(), batches=None):
         c = self.cfg
-        names = target_names(model, c.targets)
+        names = find_targets(model, c.targets, head)
         if batches is None:
             raise ValueError("Dynamic LoRA calibrates its ranks on training batches: "
                              "pass wrap(model, batches)")
-        shapes = {l: (model.get_submodule(l).in_features, model.get_submodule(l).out_features) for l in names}
         self.variances = input_variances(model, names, batches, c.n_cal)
-        self.ranks = ranks_from_variances(self.variances, shapes, c.r, c.beta, c.r_max or 4 * c.r)
-        super().wrap(model)  # LoRA.wrap: inject make_layer at each target, freeze all but A, B and the head
+        shapes = {l: features(model.get_submodule(l)) for l in names}  # (in, out)
+        self.ranks = ranks_from_variances(self.variances, shapes, c.rank, c.beta, c.r_max or 4 * c.rank)
+        super().wrap(model, head)  # LoRA.wrap: inject make_layer at each target, freeze all but A, B, the head
         self.layers = adapter_layers(model, DynamicLoRALinear)
         self.ema = {}         # Ī_l, once measured
         self.trajectory = []  # one row per ω update
@@ -156,7 +159,7 @@ class DynamicLoRA(LoRA):
     # ---- the training-time hooks: the run's length, the L2 terms, importance and ω after each step
     def schedule(self, total_steps, warmup_steps):
         if self.cfg.omega_start is None:
-            self.omega_start = warmup_steps  # t_ω0 = the warmup steps (SPEC §2.2)
+            self.omega_start = warmup_steps  # t_ω0 = the warmup steps
 
     def arm(self, step):
         """Switch the importance hooks on for `step` if it is a sampled one, off otherwise."""
@@ -165,8 +168,7 @@ class DynamicLoRA(LoRA):
             layer.sample = self.sample_next
 
     def extra_loss(self, model):
-        """λ1·Σ_l ||A_l||_F² + λ2·Σ_l ||B_l||_F²: through Adam, on top of AdamW's decoupled decay
-        (SPEC §2.2)."""
+        """λ1·Σ_l ||A_l||_F² + λ2·Σ_l ||B_l||_F²: through Adam, on top of AdamW's decoupled decay."""
         c = self.cfg
         return sum(c.lambda1 * l.lora_A.square().sum() + c.lambda2 * l.lora_B.square().sum()
                    for l in self.layers.values())
@@ -208,27 +210,3 @@ class DynamicLoRA(LoRA):
         metrics.json."""
         m = {n: layer.lora_m.item() for n, layer in self.layers.items()}
         return {"ranks": self.ranks, "variances": self.variances, "m": m, "m_trajectory": self.trajectory}
-
-    # ---- files: peft's LoRA format with rank_pattern and alpha_pattern (α_l = m_l·α)
-    def peft_config(self, model):
-        family, alpha = model.cfg.family, self.cfg.alpha
-        return {**super().peft_config(model),
-                "rank_pattern": {hf_name(family, n): l.r for n, l in adapter_layers(model).items()},
-                "alpha_pattern": {hf_name(family, n): l.lora_m.item() * alpha
-                                  for n, l in adapter_layers(model).items()}}
-
-    def load(self, model, folder):
-        """LoRA's load, after checking that the file's ranks are this model's calibrated ones;
-        m_l = α_l / α."""
-        cfg = read_adapter_config(folder)
-        family, alpha = model.cfg.family, cfg.get("lora_alpha", self.cfg.alpha)
-        for n, layer in adapter_layers(model).items():
-            saved = cfg.get("rank_pattern", {}).get(hf_name(family, n), cfg.get("r"))
-            if saved != layer.r:
-                raise ValueError(f"{folder} has rank {saved} at {n}, but calibration here gave {layer.r}: "
-                                 f"pass the --rank, --beta, --r_max, --n_cal, --seed and data it was "
-                                 f"trained with")
-        super().load(model, folder)
-        with torch.no_grad():
-            for n, layer in adapter_layers(model).items():
-                layer.lora_m.fill_(cfg.get("alpha_pattern", {}).get(hf_name(family, n), alpha) / alpha)

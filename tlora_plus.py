@@ -1,28 +1,23 @@
 """
-TLoRA+ (arXiv 2604.13368, seed 002; SPEC §2.3): a three-factor adapter whose factors learn at different
-rates.
+TLoRA+ (arXiv 2604.13368, §3): a three-factor adapter whose factors learn at different rates; and the original
+TLoRA it extends (Islam 2025, arXiv 2504.18735).
 
-    ΔW = s·C·B·A     C (out, r1), B (r1, r2), A (r2, in), r1 = r2 = r, s = 1
-    Y  = X W0ᵀ + b + s·(((X_d Aᵀ) Bᵀ) Cᵀ)
+    ΔW = s·C·B·A     C (out, r), B (r, r), A (r, in), s = 1
+    Y  = X W0ᵀ + b + s·(((X Aᵀ) Bᵀ) Cᵀ)
+    η_A = η,  η_B = η·λ^{3/2},  η_C = η·λ^{1/2}        (TLoRA+'s Eq. 8, with one global λ = ratio)
 
 What differs from lora.py:
-- A third factor C follows B, and B shrinks to (r, r). TLoRAPlusConfig.train (--tlora_train) picks which
-  factors train (SPEC's table): B = T1 (the original TLoRA), AB = T2a, CB = T2b, ABC = T3, the paper's
-  "Ours". A frozen factor is a buffer drawn from a per-module seed, and is saved with the trained ones,
-  since it is random.
-- LeCun init, variance 1/fan-in: A ~ N(0, 1/in), C ~ N(0, 1/r). B = 0, so ΔW = 0 at step 0 (a SPEC Reading);
-  b_init lecun gives the paper's literal N(0, 1/r).
-- s = 1 and no adapter dropout (SPEC: the paper has neither), so LoRA's alpha and dropout do not apply here.
-- The TLoRA+ learning rates, with one global λ = ratio (--ratio): η_A = η, η_B = η·λ^{3/2}, η_C = η·λ^{1/2}.
-  The head learns at η, and weight decay applies in every group. (LoRA here: η_B = η·lr_ratio, head at 4e-4.)
-- The original TLoRA ([TLoRA-orig], --method tlora): T1 plus one learnable scalar g per module (init 1), so
-  ΔW = g·C·B·A, with B and g both at η.
-- init="official" (--tlora_init official) follows the official code (itanvir/tlora, tlora.py) instead of SPEC:
-  A stored (in, r) and C stored (r, out), each kaiming_normal_(a=√5), so fan-in is r for A and out for C:
-  A ~ N(0, 1/(3r)), C ~ N(0, 1/(3·out)) instead of N(0, 1/in) and N(0, 1/r); and Dropout(0.5) on the
-  adapter's output, where SPEC has none.
-Merge/unmerge, injection, freezing and the adapter files are lora.py's. The keys follow peft's pattern
-base_model.model.<hf name>.lora_X.weight, but peft cannot load these files: it has no TLoRA.
+- A third factor C follows B, and B shrinks to (r, r). tlora_train picks the trainable factors: B (T1, the
+  original TLoRA), AB (T2a), CB (T2b) or ABC (T3, the paper's "Ours"). A frozen factor is a buffer drawn from a
+  per-module seed, and is saved with the trained ones, since it is random.
+- LeCun init, variance 1/fan-in: A ~ N(0, 1/in), C ~ N(0, 1/r).
+- s = 1 and no adapter dropout: the paper has neither, so LoRA's alpha and dropout do not apply.
+- The original TLoRA (--method tlora): T1 plus one learnable scalar g per module (init 1), ΔW = g·C·B·A, with B
+  and g both at η.
+Choices of ours: B = 0 at init so ΔW = 0 at step 0 (b_init lecun gives the paper's literal N(0, 1/r)); the
+paper's comparison states no λ, so "Ours" runs at λ = 4, the low end of its recommended 4–8; the head learns
+at η; tlora_init official follows the official code (itanvir/tlora) instead: A stored (in, r) and C (r, out),
+each kaiming_normal_(a=√5), so A ~ N(0, 1/(3r)), C ~ N(0, 1/(3·out)), plus Dropout(0.5) on the adapter output.
 """
 import itertools
 import math
@@ -32,10 +27,9 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from lora import LoRA, LoRALinear, MethodConfig, adapter_layers, peft_task
-from model import hf_name
+from lora import LoRA, LoRALinear, MethodConfig, check_rates
 
-CONFIGS = ("B", "AB", "CB", "ABC")  # the trainable factors of T1, T2a, T2b, T3 (SPEC §2.3)
+CONFIGS = ("B", "AB", "CB", "ABC")  # the trainable factors of T1, T2a, T2b, T3
 
 
 class TLoRALinear(LoRALinear):
@@ -43,12 +37,12 @@ class TLoRALinear(LoRALinear):
     The factors not named in `trainable` are buffers; all three keep lora.py's names lora_A, lora_B,
     lora_C."""
 
-    def __init__(self, base, r=8, trainable="ABC", b_init="zero", seed=0, scalar=False, init="spec"):
+    def __init__(self, base, r=8, trainable="ABC", b_init="zero", seed=0, scalar=False, init="paper"):
         if trainable not in CONFIGS:
             raise ValueError(f"trainable must be one of {', '.join(CONFIGS)}, not {trainable!r}")
         # for create_factors
         self.trainable, self.b_init, self.seed, self.scalar, self.init = trainable, b_init, seed, scalar, init
-        # s = α/r = 1 and p = 0: SPEC §2.3 (the paper has neither)
+        # s = α/r = 1 and p = 0: the paper has neither
         super().__init__(base, r, alpha=r, dropout=0.0)
         # the official code drops half of the adapter's *output* (nn.Dropout(0.5) after the product)
         self.out_dropout = nn.Dropout(0.5) if init == "official" else nn.Identity()
@@ -94,90 +88,74 @@ class TLoRALinear(LoRALinear):
 
 @dataclass
 class TLoRAPlusConfig(MethodConfig):
-    r: int = 8                      # r1 = r2 = r
-    targets: object = "all-linear"  # "all-linear" or a list of lora.BLOCK_LINEARS names
-    train: str = "ABC"              # the trainable factors: B (T1), AB (T2a), CB (T2b), ABC (T3, "Ours")
+    rank: int = 8                   # r1 = r2 = r
+    targets: str = "all-linear"     # "all-linear", or module-name suffixes: "query,value"
+    tlora_train: str = "ABC"        # the trainable factors: B (T1), AB (T2a), CB (T2b), ABC (T3, "Ours")
     ratio: float = 4.0              # λ: η_B = η·λ^{3/2}, η_C = η·λ^{1/2}
-    b_init: str = "zero"            # "zero" (ΔW = 0 at step 0, a SPEC Reading) or "lecun",
-                                    # the paper's N(0, 1/r)
+    b_init: str = "zero"            # "zero" (ΔW = 0 at step 0) or "lecun", the paper's N(0, 1/r)
     seed: int = 0                   # module k draws its frozen factors from seed 10⁴·seed + k
-    init: str = "spec"              # "spec": LeCun A and C, no dropout (SPEC §2.3); "official": the
-                                    # itanvir/tlora code's kaiming_normal_(a=√5) A and C and Dropout(0.5)
-                                    # on the adapter output
-    lr: float = 1e-4                # η (SPEC §2.3; 5e-5 in the λ sweep)
-    head_lr: float = None           # None: η, "the head uses η" (SPEC §2.3)
+    tlora_init: str = "paper"       # "paper": LeCun A and C, no dropout; "official": the
+                                    # itanvir/tlora code's kaiming_normal_(a=√5) and Dropout(0.5) on the output
+    lr: float = 1e-4                # η
+    head_lr: float = None           # None: η, "the head uses η"
 
     def __post_init__(self):
-        if self.train not in CONFIGS:
-            raise ValueError(f"unknown TLoRA+ configuration {self.train!r}; "
-                             f"choose one of {', '.join(CONFIGS)}")
+        if isinstance(self.targets, str) and self.targets != "all-linear":
+            self.targets = tuple(self.targets.split(","))
+        if self.rank < 1:
+            raise ValueError(f"--rank must be ≥ 1, not {self.rank}")
+        if self.tlora_train not in CONFIGS:
+            raise ValueError(f"--tlora_train must be one of {', '.join(CONFIGS)}, not {self.tlora_train!r}")
         if self.b_init not in ("zero", "lecun"):
-            raise ValueError(f"b_init must be zero or lecun, not {self.b_init!r}")
-        if self.init not in ("spec", "official"):
-            raise ValueError(f"--tlora_init must be spec or official, not {self.init!r}")
+            raise ValueError(f"--b_init must be zero or lecun, not {self.b_init!r}")
+        if self.tlora_init not in ("paper", "official"):
+            raise ValueError(f"--tlora_init must be paper or official, not {self.tlora_init!r}")
         if not self.ratio > 0:
-            raise ValueError(f"the TLoRA+ ratio λ must be > 0, not {self.ratio}")
+            raise ValueError(f"--ratio (TLoRA+'s λ) must be > 0, not {self.ratio}")
+        check_rates(self)
 
 
 class TLoRAPlus(LoRA):
-    """TLoRA+ with the λ learning rates. The paper's "Ours" is ABC at ratio 4 (SPEC Reading: its comparison
-    runs state no λ; 4 is the low end of the recommended 4–8). Param groups, injection and files are
-    LoRA's."""
+    """TLoRA+ with the λ learning rates; "Ours" is ABC at ratio 4. Param groups and injection are LoRA's."""
     name = "tlora_plus"
     Config = TLoRAPlusConfig
     scalar = False
 
     def config(self):
-        return self.cfg.train
+        return self.cfg.tlora_train
 
     def variant(self):
         """The model-changing choices beyond the defaults, for the label."""
         c = self.cfg
         return (("" if c.b_init == "zero" else f" b_init={c.b_init}")
-                + ("" if c.init == "spec" else f" {c.init}-init"))
+                + ("" if c.tlora_init == "paper" else f" {c.tlora_init}-init"))
 
     def label(self):
         return f"{self.name} {self.config()} λ={self.cfg.ratio:g}" + self.variant()
 
-    def wrap(self, model, batches=None):
+    def wrap(self, model, head=(), batches=None):
         self.seeds = itertools.count(10_000 * self.cfg.seed)  # module k of a seed-S run draws from 10⁴·S + k
-        # LoRA.wrap: inject make_layer, then freeze all but lora_* Parameters and head
-        return super().wrap(model)
+        return super().wrap(model, head)
 
-    def make_layer(self, base, name):  # no alpha, no dropout: s = 1, p = 0 (SPEC §2.3)
+    def make_layer(self, base, name):  # no alpha, no dropout: s = 1, p = 0
         c = self.cfg
-        return TLoRALinear(base, c.r, self.config(), c.b_init, next(self.seeds), self.scalar, c.init)
+        return TLoRALinear(base, c.rank, self.config(), c.b_init, next(self.seeds), self.scalar, c.tlora_init)
 
     def lr_multipliers(self):
-        """η_X / η per factor: λ^{3/2} for B and λ^{1/2} for C, Eq. 8 with n read as the global λ
-        (SPEC §2.3)."""
+        """η_X / η per factor: λ^{3/2} for B and λ^{1/2} for C (Eq. 8, its n read as one global λ)."""
         lam = self.cfg.ratio
         return {"A": 1.0, "B": lam ** 1.5, "C": lam ** 0.5}
 
-    def adapter_tensors(self, model):
-        """The trained tensors plus the frozen factors: they are random, and a load must reproduce the
-        outputs."""
-        return {**super().adapter_tensors(model), **{n: b for n, b in model.named_buffers() if ".lora_" in n}}
-
-    def peft_config(self, model):  # adapter_config.json in peft's spirit; peft_type names our method
-        c, family = self.cfg, model.cfg.family
-        return {"peft_type": self.name.upper(), **peft_task(model), "r": c.r, "trainable": self.config(),
-                "b_init": c.b_init, "init": c.init, "scaling": 1.0,
-                "output_dropout": 0.5 if c.init == "official" else 0.0, "learnable_scalar": self.scalar,
-                "lr_multipliers": self.lr_multipliers(), "seed": c.seed,
-                "target_modules": sorted(hf_name(family, n) for n in adapter_layers(model)),
-                "base_model_name_or_path": getattr(model, "name_or_path", "")}
-
 
 class TLoRA(TLoRAPlus):
-    """The original TLoRA ([TLoRA-orig], SPEC "TLoRA baseline"): T1 plus a learnable scalar g per module,
-    ΔW = g·C·B·A. B and g train at η with no ratio; cfg.train and cfg.ratio do not apply."""
+    """The original TLoRA (arXiv 2504.18735): T1 plus a learnable scalar g per module, ΔW = g·C·B·A. B and g
+    train at η with no ratio; tlora_train and ratio do not apply."""
     name, scalar = "tlora", True
 
     def config(self):
         return "B"
 
-    def label(self):  # cfg.train and cfg.ratio do not apply
+    def label(self):  # tlora_train and ratio do not apply
         return self.name + self.variant()
 
     def lr_multipliers(self):

@@ -1,27 +1,699 @@
 """
-Fine-tune a pretrained transformer on a GLUE task (or a GPT-2 on alpaca/gsm8k) with one PEFT method and report
-the task's metrics.
+Fine-tune a pretrained transformer on a GLUE task (or a GPT-2 on gsm8k/alpaca) with one PEFT method, and report
+the task's metrics. The whole run, read top to bottom: flags, setup, data, model and method, optimizer, the
+step, evaluation, checkpoints, the loop, metrics.json.
 
-    python train.py --method lora --task mrpc                                   # roberta-base from the hub
-    python train.py --method lora --task mrpc --model DIR --data_dir ../shared/data/glue   # offline
-    python train.py --method lora --task gsm8k --model gpt2 --data_dir ../shared/data/gsm8k  # generation
-    python train.py --help                                                      # every flag
-    torchrun --standalone --nproc_per_node 2 train.py ...                      # data parallel
+    python train.py --method tlora_plus --task mrpc                          # roberta-base from the hub
+    python train.py --method lora --task mrpc --model DIR --data_dir GLUE     # offline: local folders
+    python train.py --method adalora --help                                  # the run's and adalora's flags
+    torchrun --standalone --nproc_per_node 2 train.py ...                    # data parallel
 
-The run itself (flags -> the method's config, model, step, evaluation, epoch loop, files) is finetune.py,
-which bench.py shares; this script only turns a bad input into one line: "error: ..." and a non-zero exit.
+A method's flags are its config's fields (lora.LoRAConfig, ...), with their defaults.
+- --grad_accum K: K micro-batches of --batch_size make one step, each weighted by its share of the step's
+  examples (a causal LM: its response tokens), so the step equals one batch of K·B.
+- --save_every N writes checkpoint.pt every N steps and at each epoch end (Ctrl-C writes one too); --resume
+  continues it and ends with the same tensors and metrics as a run never stopped.
+- torchrun: every rank trains on its shard of each global batch of B·world; rank 0 logs, evaluates and writes.
+- --select holdout keeps the epoch that scores best on a seeded 10% of train held out from training; the
+  reported dev split never chooses anything.
+metrics.json (written last, so its presence means the run is whole): task, method, label, model, metrics (dev,
+at the selected epoch), select, selected_epoch, history (one row per epoch: train loss/accuracy, dev metrics,
+holdout), loss_log ([step, mean loss since the previous row, lr]), trainable_params, total_params,
+trainable_pct, steps, train_seconds (training steps only), compile_seconds (log windows that compiled),
+s_per_step (the other steps), peak_memory_mb (training steps; CPU: the process's peak RSS), args,
+method_config, method_report. Beside it: the adapter (peft_format.py) and, for a causal LM, predictions.jsonl.
 """
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import inspect
+import itertools
+import json
+import math
 import os
+import random
+import re
+import resource
 import sys
+import time
 
-import finetune
+import numpy as np
+import torch
+from torch._dynamo.utils import counters  # graphs compiled so far: a step that compiles is timed apart
+from torch.nn import functional as F
+from tqdm import tqdm
+
+import baselines
+import data
+import metrics
+import peft_format
+import quant
+from adaq_lora import AdaLoRA, AdaQLoRA
+from dynamic_lora import DynamicLoRA
+from lora import LoRA
+from model import from_pretrained, read_config, resolve
+from tlora_plus import TLoRA, TLoRAPlus
+from tokenizer import load_tokenizer
+
+METHODS = {"full": baselines.FullFineTuning, "head": baselines.HeadOnly, "bitfit": baselines.BitFit,
+           "adapter": baselines.Houlsby, "lora": LoRA, "tlora": TLoRA, "tlora_plus": TLoRAPlus,
+           "dynamic_lora": DynamicLoRA, "adalora": AdaLoRA, "adaq_lora": AdaQLoRA}
+
+# -----------------------------------------------------------------------------
+# flags: the run's, then the method's config fields
+
+
+def run_flags(p):
+    p.add_argument("--method", default="lora", help="one of " + ", ".join(METHODS))
+    p.add_argument("--task", default="mrpc", help=f"GLUE: {', '.join(data.TASKS)}; or a causal-LM task (GPT-2, "
+                   f"scored on generated text): {', '.join(data.GEN_TASKS)}")
+    p.add_argument("--model", default="roberta-base", help="hub id or local folder (config.json + weights)")
+    p.add_argument("--data_dir", default=None, help="GLUE TSV folder, gsm8k's folder (train.jsonl, test.jsonl) "
+                   "or alpaca's JSON file; default: the hub")
+    p.add_argument("--out_dir", default=None, help="where metrics.json and the trained tensors go")
+    p.add_argument("--quant", default=None, choices=["none", "nf4"], help="store the frozen base in NF4 (lora: "
+                   "QLoRA); default: the method's (adaq_lora: nf4)")
+    p.add_argument("--select", default="last", choices=["last", "holdout"],
+                   help="the epoch to report: the last, or the best on a held-out 10%% of train")
+    p.add_argument("--epochs", type=int, default=3, help="0: evaluate the model as loaded")
+    p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--grad_accum", type=int, default=1, help="micro-batches of --batch_size per step")
+    p.add_argument("--eval_batch_size", type=int, default=64)
+    p.add_argument("--eval_samples", type=int, default=0, help="causal LM: answer the first N prompts (0: all)")
+    p.add_argument("--max_new_tokens", type=int, default=256, help="causal LM: greedy tokens per answer")
+    p.add_argument("--max_len", type=int, default=None, help="tokens per example (default: the task's)")
+    p.add_argument("--max_train_samples", type=int, default=0, help="train on the first N examples only")
+    p.add_argument("--warmup_ratio", type=float, default=0.06, help="linear warmup, then linear decay to 0")
+    p.add_argument("--grad_clip", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--log_every", type=int, default=20, help="read the loss back every N steps")
+    p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: never)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out_dir")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA: with CUDA graphs)")
+    p.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--pad_multiple", type=int, default=None, help="pad batches to a multiple of this "
+                   "(default: 32 with --compile, else 1)")
+
+
+def field_comments(cls):
+    """{field: its trailing comment}, read from the source of a config dataclass and its bases."""
+    comments = {}
+    for c in reversed(cls.__mro__[:-1]):
+        for name, text in re.findall(r"^\s+(\w+): \w+ = [^#\n]*#\s*(.*)$", inspect.getsource(c), re.M):
+            comments[name] = text
+    return comments
+
+
+def method_flags(p, cls, taken):
+    """A flag per field of the method's config: its name, type, default, and its comment as the help. A field
+    the run already has a flag for (TLoRA+'s seed) takes the run's value."""
+    comments = field_comments(cls.Config)
+    for f in dataclasses.fields(cls.Config):
+        if f.name in taken:
+            continue
+        kind = {"action": "store_true"} if f.type is bool else {"type": f.type}
+        p.add_argument("--" + f.name, default=f.default, help=f"{comments.get(f.name, '')} ({f.default})", **kind)
+
+
+def parse_args(argv=None, methods=METHODS):
+    """The flags, checked before anything loads: a bad value is one ValueError naming the flag."""
+    argv = sys.argv[1:] if argv is None else argv
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default="lora")
+    name = pre.parse_known_args(argv)[0].method
+    if name not in methods:
+        raise ValueError(f"unknown --method {name!r}; choose one of {', '.join(methods)}")
+    p = argparse.ArgumentParser(description="nanoPEFT: fine-tune with one PEFT method", allow_abbrev=False)
+    run_flags(p)
+    method_flags(p, methods[name], {a.dest for a in p._actions})
+    args, rest = p.parse_known_args(argv)
+    if rest:
+        other = [m for m, cls in methods.items() if rest[0].split("=")[0][2:] in
+                 {f.name for f in dataclasses.fields(cls.Config)}]
+        raise ValueError(f"{rest[0]} does not apply to --method {name}" + (f" (it is {other[0]}'s); drop it"
+                         if other else "; see python train.py --method NAME --help"))
+    for flag in ("batch_size", "grad_accum", "eval_batch_size", "max_new_tokens", "log_every", "pad_multiple",
+                 "max_len", "epochs", "eval_samples", "max_train_samples", "max_steps", "save_every"):
+        low = 0 if flag in ("epochs", "eval_samples", "max_train_samples", "max_steps", "save_every") else 1
+        v = getattr(args, flag)
+        if v is not None and not v >= low:
+            raise ValueError(f"--{flag} must be ≥ {low}, not {v}")
+    if not 0 <= args.warmup_ratio <= 1 or not args.grad_clip > 0:
+        raise ValueError(f"--warmup_ratio must be in [0, 1] and --grad_clip > 0, not {args.warmup_ratio} and "
+                         f"{args.grad_clip}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA GPU here; pass --device cpu")
+    if args.pad_multiple is None:
+        args.pad_multiple = 32 if args.compile else 1
+    return args
+
+
+def method_from_args(args, methods=METHODS):
+    """The method, built from its dataclass config; __post_init__ checks the values."""
+    cls = methods[args.method]
+    return cls(cls.Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls.Config)}))
+
+
+# -----------------------------------------------------------------------------
+# setup: processes, devices, precision
+
+
+def distributed(args):
+    """(rank, world): torchrun sets RANK and WORLD_SIZE; nccl on CUDA, gloo on CPU. Plain python is (0, 1)."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if args.save_every or args.resume:
+        raise ValueError("--save_every and --resume are single-process for now; drop them under torchrun")
+    if args.device.startswith("cuda"):
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"torchrun started {world} processes on a node with {torch.cuda.device_count()} "
+                             f"GPUs; pass --nproc_per_node {torch.cuda.device_count()} or fewer")
+        args.device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    if not torch.distributed.is_initialized():  # rank 0 evaluates alone while the others wait in an
+        # all-reduce: generating answers can outlast nccl's default 10 minutes
+        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo",
+                                             timeout=datetime.timedelta(hours=3))
+    return rank, world
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (fp32 master weights); plain fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+
+
+def to_device(batch, device):
+    """Pinned host memory and an asynchronous copy on CUDA; as is on CPU."""
+    cuda = device.startswith("cuda")
+    return {k: (v.pin_memory() if cuda else v).to(device, non_blocking=cuda) for k, v in batch.items()}
+
+
+def compile_model(model, device, grad_accum=1):
+    """torch.compile, one graph per padded shape. On CUDA with one micro-batch per step, "reduce-overhead"
+    replays each step as a CUDA graph; with --grad_accum it does not, because the next micro-batch's replay
+    would overwrite the outputs and gradients the step still holds. On CPU, dropout keeps ATen's RNG
+    (inductor's own was ~10% slower here)."""
+    if device.startswith("cuda"):
+        return torch.compile(model, mode="reduce-overhead" if grad_accum == 1 else "default")
+    import torch._inductor.config
+    torch._inductor.config.fallback_random = True
+    return torch.compile(model)
+
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def load_examples(task, split, args, tok):
+    """split: "dev", "train", or "holdout" (with --select holdout: a seeded 10% of train that never trains)."""
+    rows = data.load_split(task, "dev" if split == "dev" else "train", args.data_dir)
+    if split != "dev" and args.max_train_samples:
+        rows = rows[:args.max_train_samples]
+    if split != "dev" and args.select == "holdout":
+        train, held = data.holdout_split(rows)
+        rows = held if split == "holdout" else train
+    if task.num_labels:
+        return data.encode(tok, rows, args.max_len or task.max_len)
+    if split != "train" and args.eval_samples:
+        rows = rows[:args.eval_samples]
+    examples, cut = data.encode_lm(tok, rows, args.max_len or task.max_len, train=split == "train")
+    if cut:
+        print(f"{cut} of {len(rows)} {split} responses were cut to fit --max_len {args.max_len or task.max_len}")
+    return examples
+
+
+def epoch_batches(examples, epoch, args, tok, world=1):
+    """One epoch of shuffled batches of B·world, in an order drawn from (seed, epoch) alone."""
+    rng = random.Random(args.seed + (epoch << 32))  # epoch 0: random.Random(seed)
+    regression = data.get_task(args.task).num_labels == 1
+    return data.train_batches(examples, args.batch_size * world, tok.pad_id, regression, rng, args.pad_multiple)
+
+
+def shard(batch, rank, world):
+    """This rank's rows of a global batch: rows rank·B … (rank+1)·B of B·world. A short last batch is split as
+    evenly as it goes; a rank left with no row gets the last one again."""
+    n = len(batch["labels"])
+    bounds = [round(i * n / world) for i in range(world + 1)]
+    rows = slice(bounds[rank], bounds[rank + 1]) if bounds[rank + 1] > bounds[rank] else slice(n - 1, n)
+    return {k: v[rows] for k, v in batch.items()}
+
+
+# -----------------------------------------------------------------------------
+# model and method
+
+
+def build(args, method):
+    """-> (model wrapped by the method, tokenizer, task), on args.device. Dynamic LoRA calibrates on the first
+    epoch's batches; the other methods never read them."""
+    task = data.get_task(args.task)
+    folder = resolve(args.model)
+    cfg = read_config(folder, task.num_labels)  # before the weights: refuse what cannot fit
+    if task.num_labels == 0 and cfg.family != "gpt2":
+        raise ValueError(f"--task {task.name} trains a causal LM, and {args.model} is a {cfg.family} encoder, "
+                         f"which cannot generate; pass a GPT-2 checkpoint (--model gpt2)")
+    positions = cfg.n_positions - (cfg.pad_id + 1 if cfg.family == "roberta" else 0)  # RoBERTa's offset
+    if (args.max_len or task.max_len) > positions:
+        raise ValueError(f"--max_len {args.max_len or task.max_len} exceeds the {positions} positions of "
+                         f"{args.model}; pass --max_len {positions} or less")
+    torch.manual_seed(args.seed)
+    model = from_pretrained(folder, num_labels=task.num_labels)
+    model.name_or_path = args.model
+    tok = load_tokenizer(folder, model.cfg.family)
+    args.quant = args.quant or method.quant
+    if args.quant != method.quant == "nf4":
+        raise ValueError(f"--method {args.method} is defined on an NF4 base; drop --quant {args.quant} (its "
+                         f"float-base twin is --method adalora)")
+    if args.quant == "nf4":  # before wrap: an adapter then wraps a Linear4bit as it would an nn.Linear
+        quant.quantize_model(model)
+        if any(method.trains(n + ".weight") for n, m in model.named_modules() if isinstance(m, quant.Linear4bit)):
+            raise ValueError(f"--quant nf4 stores the base weights in 4 bits, which cannot train, but --method "
+                             f"{args.method} trains them; use an adapter method (lora = QLoRA), head or bitfit")
+    model.grad_checkpointing = args.grad_checkpointing
+    calibration = ({k: v for k, v in b.items() if k != "labels"}  # the forward's arguments
+                   for b in epoch_batches(load_examples(task, "train", args, tok), 0, args, tok))
+    model = method.wrap(model.to(args.device), head=("head",), batches=calibration)
+    return model, tok, task
+
+
+def optimizer(method, model, total, warmup, device):
+    """AdamW over the method's groups; linear warmup over `warmup` steps, then linear decay to 0 at `total`."""
+    opt = torch.optim.AdamW(method.param_groups(model), betas=(0.9, 0.999), eps=1e-8,
+                            fused=device.startswith("cuda"))
+    lr = lambda t: t / max(1, warmup) if t < warmup else max(0.0, (total - t) / max(1, total - warmup))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr)
+
+
+# -----------------------------------------------------------------------------
+# the step
+
+
+def task_loss(logits, labels):
+    if logits.dim() == 3:  # a causal LM: token t predicts token t+1; -100 (prompt, padding) is no loss
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    if logits.size(-1) == 1:  # STS-B regression
+        return F.mse_loss(logits.view(-1).float(), labels)
+    return F.cross_entropy(logits.float(), labels)
+
+
+def weight(batch):
+    """What a batch's loss averages over: its examples, or a causal LM's response tokens."""
+    labels = batch["labels"]
+    return int((labels[:, 1:] != -100).sum()) if labels.dim() == 2 else len(labels)
+
+
+def train_step(model, forward, method, batches, opt, sched, step, grad_clip, device):
+    """The step-th optimizer step over a list of micro-batches: each one's task loss weighted by its share of
+    the step's examples (or response tokens), the method's extra loss once, clip, AdamW, the schedule, then the
+    method's after_step (before zero_grad, so it can read the gradients). `forward` is the model, compiled or
+    under DDP. Returns the task loss and the number of correct predictions (None for a causal LM or a
+    regression), on the device: reading them is the caller's host sync."""
+    n = sum(weight(b) for b in batches)
+    loss_sum, correct = 0.0, None
+    for i, batch in enumerate(batches):
+        b, last = to_device(batch, device), i == len(batches) - 1
+        with contextlib.nullcontext() if last or not hasattr(forward, "no_sync") else forward.no_sync():
+            with autocast(device):  # DDP all-reduces on the last micro-batch only
+                logits = forward(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+            loss = task_loss(logits, b["labels"]) * (weight(batch) / n)
+            loss_sum = loss_sum + loss.detach()
+            if logits.dim() == 2 and logits.size(-1) > 1:
+                hits = (logits.argmax(-1) == b["labels"]).sum()
+                correct = hits if correct is None else correct + hits
+            extra = method.extra_loss(model) if last else None
+            (loss if extra is None else loss + extra).backward()
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
+    opt.step()
+    sched.step()
+    method.after_step(model, step)
+    opt.zero_grad(set_to_none=True)
+    return loss_sum, correct
+
+
+# -----------------------------------------------------------------------------
+# evaluation, on the unmerged weights (as peft does): W0 is never rounded, and a 4-bit base is never copied
+
+
+@torch.no_grad()
+def evaluate(model, examples, task, args, tok, forward=None):
+    """Dev (or holdout) metrics; a causal-LM task generates greedy answers and scores them instead, and its
+    metrics then hold the answers under "predictions"."""
+    model.eval()
+    if task.num_labels == 0:
+        return generate_and_score(model, examples, task, args, tok)
+    logits = [None] * len(examples)
+    for idx, b in data.eval_batches(examples, args.eval_batch_size, tok.pad_id, task.num_labels == 1,
+                                    args.pad_multiple):
+        b = to_device(b, args.device)
+        with autocast(args.device):
+            out = (forward or model)(b["input_ids"], b["attention_mask"], b["token_type_ids"]).float().cpu()
+        for i, row in zip(idx, out):
+            logits[i] = row
+    logits = torch.stack(logits)
+    if not torch.isfinite(logits).all():
+        raise FloatingPointError(f"the evaluation logits are NaN or inf: training diverged; lower --lr (now "
+                                 f"{args.lr:g})")
+    return metrics.glue_metrics(task.name, logits.numpy(), [e["label"] for e in examples])
+
+
+def generate_and_score(model, examples, task, args, tok):
+    """Greedy answers (KV cache, batches of --eval_batch_size) up to EOS, scored against the references with
+    ROUGE-1/2/L, BLEU-4 and, for gsm8k, the exact match of the final number."""
+    texts = [None] * len(examples)
+    for idx, b in data.prompt_batches(examples, args.eval_batch_size, tok.pad_id):
+        b = to_device(b, args.device)
+        with autocast(args.device):
+            out = model.generate(b["input_ids"], b["attention_mask"], args.max_new_tokens, tok.eos).tolist()
+        for i, tokens in zip(idx, out):
+            texts[i] = tok.decode(tokens[:tokens.index(tok.eos)] if tok.eos in tokens else tokens)
+    refs = [e["reference"] for e in examples]
+    scores = metrics.generation_metrics(texts, refs, gsm8k=task.name == "gsm8k")
+    scores["predictions"] = [{"prompt": e["prompt"], "reference": e["reference"], "prediction": p,
+                              **metrics.per_sample_scores(p, e["reference"])} for e, p in zip(examples, texts)]
+    return scores
+
+
+def peak_memory_mb(device):
+    """Training's peak: CUDA's allocator since the epoch began; on CPU the process's peak RSS so far."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# -----------------------------------------------------------------------------
+# the run's folder and checkpoints
+
+CHECKPOINT = "checkpoint.pt"
+RUN_FILES = ("metrics.json", CHECKPOINT, "adapter_model.safetensors", "adapter_config.json",
+             "trainable.safetensors", "predictions.jsonl")
+RESUME_MAY_CHANGE = ("out_dir", "resume", "overwrite", "save_every", "log_every")  # not what it trains
+
+
+def check_out_dir(args):
+    """Before anything loads: the folder is writable and holds no other run unless --resume continues it or
+    --overwrite replaces it (whose files go first, so none can pass for this run's)."""
+    if not args.out_dir:
+        if args.resume or args.save_every:
+            raise ValueError("--resume and --save_every need --out_dir (where the checkpoint lives)")
+        return
+    d = args.out_dir
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise ValueError(f"--out_dir {d} is a file; pass a folder")
+    os.makedirs(d, exist_ok=True)
+    if not os.access(d, os.W_OK):
+        raise ValueError(f"--out_dir {d} is not writable; pass a folder you can write to")
+    used = [f for f in RUN_FILES if os.path.exists(os.path.join(d, f))]
+    if args.resume:
+        if "metrics.json" in used:
+            raise ValueError(f"the run in {d} is complete (metrics.json); nothing to resume")
+        if CHECKPOINT not in used:
+            raise ValueError(f"{d} has no {CHECKPOINT} to resume from; drop --resume to start the run")
+    elif used and not args.overwrite:
+        raise ValueError(f"--out_dir {d} holds another run ({used[0]}); pass --overwrite to replace it, --resume "
+                         f"to continue it, or another folder")
+    else:
+        for f in used:
+            os.remove(os.path.join(d, f))
+
+
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    peft_format.write_atomic(os.path.dirname(path) or ".", {os.path.basename(path): write})
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def trained_state(model):
+    """The tensors training changes: the trainable parameters and the adapters' buffers (Dynamic LoRA's m)."""
+    return {**{n: p for n, p in model.named_parameters() if p.requires_grad},
+            **{n: b for n, b in model.named_buffers() if ".lora_" in n}}
+
+
+def save_checkpoint(args, progress, model, method, opt, sched):
+    """Everything to continue bit for bit: trained tensors, AdamW, the schedule, every RNG, the loop's progress
+    and the method's own state."""
+    state = {"args": vars(args), "progress": progress, "opt": opt.state_dict(), "sched": sched.state_dict(),
+             "method": method.state_dict(), "tensors": {n: t.detach() for n, t in trained_state(model).items()},
+             "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
+                     "numpy": [x.tolist() if hasattr(x, "tolist") else x for x in np.random.get_state()],
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+    peft_format.write_atomic(args.out_dir, {CHECKPOINT: lambda path: torch.save(state, path)})
+
+
+def load_checkpoint(args, model, method, opt, sched):
+    path = os.path.join(args.out_dir, CHECKPOINT)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}); start again with "
+                         f"--overwrite") from None
+    saved, now = state["args"], vars(args)
+    for k in sorted(set(saved) | set(now)):
+        if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k):
+            raise ValueError(f"{path} is a checkpoint of a run with --{k} {saved.get(k)}, not {now.get(k)}: resume "
+                             f"with the flags it was started with, or --overwrite to start over")
+    tensors = trained_state(model)
+    with torch.no_grad():
+        for n, t in state["tensors"].items():
+            tensors[n].copy_(t)
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    method.load_state_dict(state["method"])
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    progress = state["progress"]
+    progress["window"] = progress["window"].to(args.device)
+    if progress["kept"] is not None:
+        progress["kept"] = (progress["kept"][0], {n: t.to(args.device) for n, t in progress["kept"][1].items()})
+    return progress
+
+
+def interrupt_flag():
+    """Ctrl-C during training sets a flag: the loop finishes its step, saves a checkpoint and stops."""
+    import signal
+    import threading
+    stop = {"now": False, "restore": lambda: None}
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            if stop["now"]:  # a second Ctrl-C: stop at once
+                raise KeyboardInterrupt
+            stop["now"] = True
+        signal.signal(signal.SIGINT, handler)
+        stop["restore"] = lambda: signal.signal(signal.SIGINT, previous)
+    return stop
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+
+def log_row(progress, sched, bar):
+    """Read the window's device sums back (the loop's one host sync), log the mean loss since the last row, and
+    stop on NaN/inf. Under torchrun: every rank's mean loss and summed counts."""
+    window = progress["window"]
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(window)
+        window[0] /= torch.distributed.get_world_size()
+    w_loss, w_correct, w_seen = window.tolist()
+    window.zero_()
+    progress["sums"] = [a + b for a, b in zip(progress["sums"], (w_loss, w_correct, w_seen))]
+    steps = progress["step"] - (progress["log"][-1][0] if progress["log"] else 0)
+    lr = sched.get_last_lr()[0]  # the first group's, for the next step
+    progress["log"].append((progress["step"], w_loss / steps, lr))
+    if not math.isfinite(w_loss):
+        raise FloatingPointError(f"loss is {w_loss} by step {progress['step']}; lower --lr; the last checkpoint, "
+                                 f"if any, is kept")
+    bar.set_postfix(loss=f"{w_loss / steps:.4f}", lr=f"{lr:.2e}")
+    if bar.disable:  # no terminal (a log file): one line per log row instead of the bar
+        seconds = progress["seconds"]
+        print(f"step {progress['step']}: loss {w_loss / steps:.4f}, lr {lr:.2e}, "
+              f"{seconds[0] / progress['step']:.3f} s/step", flush=True)
+
+
+def epoch_row(progress, epoch, steps, classify):
+    """The epoch's training numbers, from the rows read back."""
+    sums = progress["sums"]
+    return {"epoch": epoch + 1, "step": progress["step"], "train_loss": sums[0] / steps,
+            **({"train_accuracy": sums[1] / sums[2]} if classify else {}), "train_examples": int(sums[2])}
+
+
+def run(args, methods=METHODS):
+    """Train args.method on args.task and save the selected epoch to args.out_dir. Returns metrics.json's dict
+    (None on ranks other than 0)."""
+    rank, world = distributed(args)
+    if rank == 0:
+        check_out_dir(args)
+    else:
+        sys.stdout = open(os.devnull, "w")
+    random.seed(args.seed)
+    method = method_from_args(args, methods)
+    model, tok, task = build(args, method)
+    train = load_examples(task, "train", args, tok)
+    holdout = load_examples(task, "holdout", args, tok) if args.select == "holdout" else None
+    dev = load_examples(task, "dev", args, tok)
+    steps_per_epoch = math.ceil(math.ceil(len(train) / (args.batch_size * world)) / args.grad_accum)
+    total = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
+    warmup = int(args.warmup_ratio * total)
+    if task.num_labels == 0:  # generation must fit the model's positions: say so before training
+        room = model.cfg.n_positions - max(len(e["input_ids"]) for e in dev)
+        if args.max_new_tokens > room:
+            raise ValueError(f"the longest evaluation prompt and --max_new_tokens {args.max_new_tokens} exceed the "
+                             f"{model.cfg.n_positions} positions of {args.model}; pass --max_new_tokens {room}")
+    if not method.param_groups(model):
+        raise ValueError(f"--method {args.method} trains nothing on --task {task.name} (a causal LM has no task "
+                         f"head); pick an adapter method (--method full --epochs 0 evaluates the model as loaded)")
+    opt, sched = optimizer(method, model, total, warmup, args.device)
+    method.schedule(total, warmup)
+    # all parameters (a 4-bit weight counts out·in) plus the adapters' buffers (TLoRA's frozen factors)
+    n_all = quant.count_params(model) + sum(b.numel() for n, b in model.named_buffers() if ".lora_" in n)
+    n_train = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    print(f"{args.method} on {task.name}: {n_train:,} trainable of {n_all:,} ({100 * n_train / n_all:.3f}%), "
+          f"{len(train)} train / {len(holdout or [])} held out / {len(dev)} dev examples, {total} steps on "
+          f"{args.device}")
+    forward = compile_model(model, args.device, args.grad_accum) if args.compile else model
+    if world > 1:  # all-reduces the gradients of the trainable tensors only
+        forward = torch.nn.parallel.DistributedDataParallel(forward, broadcast_buffers=False)
+
+    # all the loop carries from step to step; a checkpoint saves it and --resume restores it
+    progress = {"step": 0, "epoch": 0, "batch": 0,  # steps done; epochs done; steps done in this epoch
+                "window": torch.zeros(3, device=args.device),  # Σ loss, Σ correct, Σ examples since the last row
+                "sums": [0.0, 0.0, 0.0],  # the same, summed over this epoch's rows
+                "seconds": [0.0, 0.0, 0],  # in training steps; of them in steps that compiled; steps not compiling
+                "peak_mb": 0.0, "history": [], "log": [], "predictions": {},
+                "kept": None}  # (epoch, trained tensors) that --select holdout keeps
+    if args.resume:
+        progress = load_checkpoint(args, model, method, opt, sched)
+        print(f"resumed at step {progress['step']} (epoch {progress['epoch'] + 1}, step {progress['batch']})")
+    stop, classify, key = interrupt_flag(), task.num_labels > 1, metrics.main_metric(task.name)
+    try:
+        while progress["epoch"] < args.epochs and progress["step"] < total:
+            epoch = progress["epoch"]
+            model.train()
+            if args.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats(args.device)
+            micro = (shard(b, rank, world) for b in epoch_batches(train, epoch, args, tok, world))
+            micro = itertools.islice(micro, progress["batch"] * args.grad_accum, None)  # resume: skip the done
+            steps = iter(lambda: list(itertools.islice(micro, args.grad_accum)), [])  # K micro-batches a step
+            bar = tqdm(steps, total=steps_per_epoch, initial=progress["batch"], desc=f"epoch {epoch + 1}",
+                       file=sys.stdout, disable=not sys.stdout.isatty())
+            for batches in bar:
+                t0, graphs = time.time(), counters["stats"]["unique_graphs"]
+                progress["step"] += 1
+                progress["batch"] += 1
+                loss, correct = train_step(model, forward, method, batches, opt, sched, progress["step"],
+                                           args.grad_clip, args.device)
+                window = progress["window"]
+                window[0] += loss
+                if correct is not None:
+                    window[1] += correct
+                window[2] += sum(len(b["labels"]) for b in batches)
+                last = progress["batch"] == steps_per_epoch or progress["step"] >= total
+                if progress["step"] % args.log_every == 0 or last:
+                    log_row(progress, sched, bar)
+                seconds, compiled = progress["seconds"], counters["stats"]["unique_graphs"] != graphs
+                seconds[0] += time.time() - t0  # host time, and the device's up to the last row's sync
+                seconds[1] += (time.time() - t0) * compiled
+                seconds[2] += not compiled
+                if progress["step"] >= total:
+                    break
+                if stop["now"] and not args.out_dir:
+                    raise InterruptedError(f"interrupted at step {progress['step']}; nothing saved (no --out_dir)")
+                if stop["now"] or args.save_every and progress["step"] % args.save_every == 0:
+                    save_checkpoint(args, progress, model, method, opt, sched)
+                    if stop["now"]:
+                        raise InterruptedError(f"interrupted at step {progress['step']}; resume with the same "
+                                               f"command and --resume")
+            progress["peak_mb"] = max(progress["peak_mb"], peak_memory_mb(args.device))  # before evaluating
+            row = epoch_row(progress, epoch, progress["batch"], classify)
+            progress.update(epoch=epoch + 1, batch=0, sums=[0.0, 0.0, 0.0])
+            if rank:  # rank 0 evaluates and keeps the epoch; the others go on
+                continue
+            row.update(evaluate(model, dev, task, args, tok, forward))
+            progress["predictions"][epoch + 1] = row.pop("predictions", None)
+            if holdout:
+                row["holdout"] = evaluate(model, holdout, task, args, tok, forward)
+                row["holdout"].pop("predictions", None)
+            progress["history"].append(row)
+            print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in
+                  ("epoch", "step", "holdout")) + (f", holdout {key} {row['holdout'][key]:.4f}" if holdout else ""))
+            kept = progress["kept"]
+            if holdout and (kept is None or row["holdout"][key] > progress["history"][kept[0] - 1]["holdout"][key]):
+                progress["kept"] = (epoch + 1, {n: p.detach().clone() for n, p in model.named_parameters()
+                                                if p.requires_grad})
+            if args.save_every and progress["epoch"] < args.epochs and progress["step"] < total:
+                save_checkpoint(args, progress, model, method, opt, sched)
+    finally:
+        stop["restore"]()
+    if args.epochs == 0:  # zero-shot: the model as loaded, its adapters at their identity init
+        progress["history"] = [{"epoch": 0, "step": 0, **evaluate(model, dev, task, args, tok, forward)}]
+        progress["predictions"][0] = progress["history"][0].pop("predictions", None)
+    if rank:
+        torch.distributed.barrier()
+        return None
+    return finish(args, progress, model, method, task, n_train, n_all, world)
+
+
+def finish(args, progress, model, method, task, n_train, n_all, world):
+    """Back to the selected epoch's weights; metrics.json's dict; the files (metrics.json last)."""
+    history, selected = progress["history"], progress["history"][-1]["epoch"]
+    if progress["kept"] is not None:  # --select holdout: back to the chosen epoch's weights
+        selected, trained = progress["kept"]
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in trained:
+                    p.copy_(trained[n])
+    scores = {k: v for k, v in history[selected - 1].items()
+              if k not in ("epoch", "step", "holdout") and not k.startswith("train_")}
+    label = (method.label() + ("+nf4" if args.quant == "nf4" != method.quant else "")
+             + (" zero-shot" if args.epochs == 0 else ""))  # QLoRA's row apart from LoRA's
+    seconds, steps = progress["seconds"], progress["step"]
+    result = {"task": task.name, "method": args.method, "label": label, "model": args.model, "metrics": scores,
+              "select": args.select, "selected_epoch": selected, "last": history[-1], "history": history,
+              "loss_log": progress["log"], "trainable_params": n_train, "total_params": n_all,
+              "trainable_pct": 100 * n_train / n_all, "steps": steps, "train_seconds": seconds[0],
+              "compile_seconds": seconds[1], "s_per_step": (seconds[0] - seconds[1]) / max(1, seconds[2]),
+              "peak_memory_mb": progress["peak_mb"] or peak_memory_mb(args.device), "args": vars(args),
+              "method_config": dataclasses.asdict(method.cfg), "method_report": method.report(model)}
+    print(f"reported: dev at epoch {selected} ({'the last' if args.select == 'last' else 'best on holdout'}): "
+          + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    if "ranks" in result["method_report"]:  # per-matrix ranks (dynamic_lora, adalora, adaq_lora)
+        ranks = result["method_report"]["ranks"]
+        print(f"ranks per adapted matrix (sum {sum(ranks.values())}): "
+              + " ".join(f"{n}={r}" for n, r in ranks.items()))
+    if args.out_dir:
+        peft_format.save(method, model, args.out_dir)
+        if progress["predictions"].get(selected):  # one JSON line per evaluation prompt
+            write_text(os.path.join(args.out_dir, "predictions.jsonl"), "".join(
+                json.dumps(p, ensure_ascii=False) + "\n" for p in progress["predictions"][selected]))
+        write_json(os.path.join(args.out_dir, "metrics.json"), result)  # last: the run is whole
+        if os.path.exists(os.path.join(args.out_dir, CHECKPOINT)):
+            os.remove(os.path.join(args.out_dir, CHECKPOINT))
+        print(f"wrote {args.out_dir}/metrics.json")
+    if world > 1:
+        torch.distributed.barrier()
+    return result
 
 
 def main(argv=None):
+    """Bad flags, files or data, and a diverged loss: one line, "error: ...", and a non-zero exit."""
     try:
-        return finetune.run(finetune.parse_args(argv))
-    except (ValueError, OSError, FloatingPointError) as e:  # bad flags, files, data, or a diverged loss
-        # under torchrun every rank meets the same error: rank 0 says it once (torchrun then adds its summary)
+        return run(parse_args(argv))
+    except (ValueError, OSError, FloatingPointError) as e:
+        # under torchrun every rank meets the same error: rank 0 says it once
         sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)
     except KeyboardInterrupt:  # a second Ctrl-C (the first one saves a checkpoint, given --out_dir)
         sys.exit("error: interrupted again: stopped at once, without saving")
