@@ -1,6 +1,6 @@
 """
-NF4 quantization with double quantization for a frozen base (QLoRA, Dettmers et al. 2023;
-SPEC §2.4 "Quantized base").
+NF4 quantization with double quantization for a frozen base (QLoRA, Dettmers et al. 2023, arXiv 2305.14314,
+§3 "QLoRA Finetuning": 4-bit NormalFloat Quantization and Double Quantization, with its bit count below).
 - W is flattened row-major and cut into 64-value blocks. Each block keeps its absmax m_k and, per value, the
   4-bit index of the nearest NF4 level to w/m_k. NF4 has 16 levels at normal quantiles, and two indices share
   a byte.
@@ -12,9 +12,11 @@ SPEC §2.4 "Quantized base").
   midpoint search instead of the CPU grid reproduced below, so on CUDA ~0.15% of absmax codes can differ by
   one step.
 - Linear4bit keeps only those tensors as buffers and dequantizes in its forward (bf16 on CUDA, fp32 on CPU).
+  The two small tables its dequantize reads (NF4 levels, dynamic map) are non-persistent buffers of each
+  layer: they move with .to(device) and stay out of the state dict. A CPU table read inside a compiled CUDA
+  graph would be a CPU graph input and break CUDA graphs on every call.
   Merging a LoRA delta into it keeps an fp32 copy Ŵ + ΔW and never requantizes, so unmerge is exact.
 """
-import functools
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-       0.7229568362236023, 1.0]  # SPEC §2.4: the fp32 values bnb hardcodes; nf4_code_book() derives them
+       0.7229568362236023, 1.0]  # the fp32 values bnb hardcodes (QLoRA §3); nf4_code_book() derives them
 
 
 def nf4_code_book(offset=0.9677083):
@@ -47,6 +49,8 @@ def dynamic_map():
     return torch.cat([pos, -pos, torch.tensor([0.0, 1.0])]).sort().values  # (256,) fp32, sorted
 
 
+# The tables, on the CPU. quantize_nf4 copies the ones it needs to the weight's device (once per weight);
+# a Linear4bit holds its own copies of NF4_PAIRS and DYNAMIC as buffers for the forward.
 NF4_T = torch.tensor(NF4)  # (16,) fp32
 # (15,) midpoints; bucketize sends a tie to the lower level, as bnb does
 NF4_BOUNDS = (NF4_T[:-1] + NF4_T[1:]) / 2
@@ -59,14 +63,6 @@ DYNAMIC_LUT = torch.searchsorted((DYNAMIC[:-1] + DYNAMIC[1:]) / 2,  # (65536,) i
                                  -1.0 + 2.0 * torch.arange(65536, dtype=torch.float32) / 65535)
 
 
-@functools.cache
-def tables(device):
-    """The lookup tables on `device`, copied once: a host-to-GPU copy in every forward would stall the
-    host."""
-    named = dict(bounds=NF4_BOUNDS, pairs=NF4_PAIRS, dynamic=DYNAMIC, lut=DYNAMIC_LUT)
-    return {k: t.to(device) for k, t in named.items()}
-
-
 @dataclass
 class QuantState:
     packed: torch.Tensor  # (ceil(n/2),) uint8: two 4-bit codes per byte, first value in the high nibble
@@ -77,6 +73,8 @@ class QuantState:
     shape: torch.Size
     dtype: torch.dtype
     blocksize: int = 64
+    pairs: Optional[torch.Tensor] = None  # (256, 2) fp32 NF4_PAIRS on the codes' device (a layer's buffer)
+    dynamic: Optional[torch.Tensor] = None  # (256,) fp32 DYNAMIC there too (double quant)
 
 
 def pack_nibbles(codes):
@@ -101,43 +99,50 @@ def _scaled_blocks(w, blocksize):
 
 
 def quantize_dynamic(x, blocksize=256):
-    """bnb quantize_blockwise on CPU: 8-bit dynamic-map codes per block of x, and each block's absmax."""
+    """bnb quantize_blockwise on CPU: 8-bit dynamic-map codes per block of x, and each block's absmax. Run
+    once per weight at load time, so the lookup table's copy to x's device is not in any step."""
     blocks = F.pad(x, (0, -x.numel() % blocksize)).view(-1, blocksize)  # (nb, blocksize), zero-padded
     absmax = blocks.abs().amax(dim=1)  # (nb,) fp32
     inv = torch.where(absmax > 0, 1 / absmax, 0.0)
     # bnb's grid index, before truncation
     grid = ((blocks * inv[:, None]).clamp(-1, 1) + 1) * 0.5 * 65535 + 0.5
     # bnb: code 0 if absmax = 0
-    codes = tables(x.device)["lut"][grid.long()].masked_fill(absmax[:, None] == 0, 0)
+    codes = DYNAMIC_LUT.to(x.device)[grid.long()].masked_fill(absmax[:, None] == 0, 0)
     return codes.to(torch.uint8).flatten()[:x.numel()], absmax  # (n,) uint8, (nb,) fp32
 
 
-def dequantize_dynamic(codes, scale, offset, blocksize=256):
-    vals = F.pad(tables(codes.device)["dynamic"][codes.long()],
-                 (0, -codes.numel() % blocksize))  # (nb*blocksize,)
+def dequantize_dynamic(codes, scale, offset, blocksize=256, dynamic=None):
+    """The inverse: dynamic (256,) is the map on codes' device; None copies DYNAMIC there (not in a step)."""
+    dynamic = DYNAMIC.to(codes.device) if dynamic is None else dynamic
+    vals = F.pad(dynamic[codes.long()], (0, -codes.numel() % blocksize))  # (nb*blocksize,)
     return (vals.view(-1, blocksize) * scale[:, None]).flatten()[:codes.numel()] + offset  # (n,) fp32
 
 
 def quantize_nf4(W, blocksize=64, double_quant=True):
-    """bnb quantize_4bit(W, blocksize, compress_statistics=double_quant, quant_type="nf4") as a QuantState."""
+    """bnb quantize_4bit(W, blocksize, compress_statistics=double_quant, quant_type="nf4") as a QuantState,
+    with the dequantize tables copied to W's device."""
     w = W.detach().reshape(-1).float()  # (n,) row-major
     absmax, scaled = _scaled_blocks(w, blocksize)  # (nb,), (n,)
-    packed = pack_nibbles(torch.bucketize(scaled, tables(w.device)["bounds"]))
+    packed = pack_nibbles(torch.bucketize(scaled, NF4_BOUNDS.to(w.device)))
+    pairs = NF4_PAIRS.to(w.device)
     if not double_quant:
-        return QuantState(packed, absmax, None, None, W.shape, W.dtype, blocksize)
+        return QuantState(packed, absmax, None, None, W.shape, W.dtype, blocksize, pairs)
     offset = absmax.mean()  # () the mean is subtracted so the 8-bit codes spend their range on the spread
     codes, scale = quantize_dynamic(absmax - offset)
-    return QuantState(packed, codes, scale, offset, W.shape, W.dtype, blocksize)
+    return QuantState(packed, codes, scale, offset, W.shape, W.dtype, blocksize, pairs,
+                      DYNAMIC.to(w.device))
 
 
 def dequantize_nf4(state, dtype=None):
-    """Ŵ in state.shape, cast to dtype (default: the quantized weight's dtype)."""
+    """Ŵ in state.shape, cast to dtype (default: the quantized weight's dtype). Every tensor it reads, the
+    tables included, comes from `state`, so all of them sit on the codes' device."""
     absmax = state.absmax.float()  # (nb,)
     if state.scale is not None:
-        absmax = dequantize_dynamic(state.absmax, state.scale.float(), state.offset.float())
+        absmax = dequantize_dynamic(state.absmax, state.scale.float(), state.offset.float(),
+                                    dynamic=state.dynamic)
     n, bs = state.shape.numel(), state.blocksize
-    pairs = tables(absmax.device)["pairs"]
-    vals = F.embedding(state.packed.int(), pairs).flatten()  # (2*ceil(n/2),) fp32; ~3x faster than pairs[idx]
+    # (2*ceil(n/2),) fp32; ~3x faster than pairs[idx]
+    vals = F.embedding(state.packed.int(), state.pairs).flatten()
     if len(vals) < len(absmax) * bs:  # a partial last block
         vals = F.pad(vals, (0, len(absmax) * bs - len(vals)))
     w = (vals.view(-1, bs) * absmax[:, None]).flatten()[:n]
@@ -171,8 +176,8 @@ class DequantMatmul(torch.autograd.Function):
 
 class Linear4bit(nn.Module):
     """A frozen nn.Linear (or GPT-2 Conv1D, transposed) in NF4: y = x Ŵᵀ + b with W (out, in) dequantized per
-    call. Only the packed codes and statistics are buffers. Quantize after any model.to(dtype): that call
-    would also cast the fp32 absmax/scale/offset buffers."""
+    call. The packed codes and statistics are the state dict; the lookup tables are non-persistent buffers.
+    Quantize after any model.to(dtype): that call would also cast the fp32 absmax/scale/offset and tables."""
 
     def __init__(self, in_features, out_features, bias=True, double_quant=True, dtype=torch.float32,
                  blocksize=64):
@@ -193,6 +198,9 @@ class Linear4bit(nn.Module):
         # (out, in) fp32 Ŵ + ΣΔW, only while merged
         self.register_buffer("merged_weight", None, persistent=False)
         self.register_buffer("merged_delta", None, persistent=False)  # (out, in) fp32 ΣΔW, only while merged
+        # dequantize's tables, per layer (3 KB) so .to(device) moves them with the codes; not saved
+        self.register_buffer("nf4_pairs", NF4_PAIRS.clone(), persistent=False)  # (256, 2) fp32
+        self.register_buffer("dynamic", DYNAMIC.clone() if double_quant else None, persistent=False)  # (256,)
 
     @classmethod
     def from_linear(cls, linear, double_quant=True):
@@ -208,7 +216,7 @@ class Linear4bit(nn.Module):
     def state(self):
         shape = torch.Size((self.out_features, self.in_features))
         return QuantState(self.packed, self.absmax, self.scale, self.offset, shape, self.dtype,
-                          self.blocksize)
+                          self.blocksize, self.nf4_pairs, self.dynamic)
 
     def dequantized_weight(self, dtype=None):
         return dequantize(self.state(), dtype)  # (out, in)
@@ -256,7 +264,7 @@ def quantize_model(model, skip=("head",), double_quant=True):
 
 
 def count_params(model):
-    """#parameters as SPEC §1.5 counts them: a Linear4bit weight is out·in logical values (its bias is already
+    """#parameters as the papers count them: a Linear4bit weight is out·in logical values (its bias is already
     a Parameter), not the bytes that store it. Equal to the count before quantize_model."""
     return sum(p.numel() for p in model.parameters()) + sum(
         m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
