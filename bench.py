@@ -13,8 +13,9 @@ imported here and in test_all.py only, never by the product.
         of every method, ours and transformers+peft LoRA, against the frozen base (forward + backward to the
         inputs)
     python bench.py memory [--model gpt2-medium] [--out FILE.json]
-        seed 003's memory claim: peak training RSS of LoRA (r 64), QLoRA, AdaLoRA and ADAQ-LoRA (init_r 12,
-        target_r 8) on random-init GPT-2-medium, batch 1 x 512, ours and transformers + peft + bitsandbytes
+        the ADAQ-LoRA paper's memory claim: peak training RSS of LoRA (r 64), QLoRA, AdaLoRA and ADAQ-LoRA
+        (init_r 12, target_r 8) on random-init GPT-2-medium, batch 1 x 512, ours and transformers + peft +
+        bitsandbytes
     python bench.py scale [--model gpt2-medium] [--minilm DIR --data_dir GLUE] [--out FILE.json]
         peak training memory and step time with and without --grad_checkpointing (LoRA r 64, batch 1 x 512);
         train.py's throughput on MiniLM MRPC, 1 process vs torchrun with 2, at the same global batch
@@ -44,10 +45,12 @@ import torch
 import torch.nn as nn
 
 import data
-import finetune
 import lora
 import model as M
+import peft_format
 import quant
+import report
+import train
 from model import hf_name
 
 
@@ -85,30 +88,34 @@ def bnb_quantize(hf):
     return hf
 
 
+HEAD = ("head",)  # our model's task head: it trains whole beside the adapters
+MODULES_TO_SAVE = {"gpt2": ["score"], "roberta": ["classifier"], "bert": ["classifier", "pooler"]}  # HF's head
+
+
 class PeftLoRA(lora.LoRA):
     """LoRA through peft on transformers' model, started from exactly our initial adapter and head values.
-    merge()/unmerge() come from lora.Method: peft's LoRA layers have merge() and unmerge(), so evaluation runs
-    on merged weights as ours does."""
+    Its files are peft's own (save_pretrained), so it needs nothing of peft_format.py."""
     name = "peft_lora"
     hf_model = None  # a transformers model to wrap; None: load the checkpoint our model was loaded from
 
-    def wrap(self, model, batches=None):
+    def wrap(self, model, head=HEAD, batches=None):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForSequenceClassification
-        ours = super().wrap(model)  # ours, only to draw the initial values and the target list
-        cfg = self.peft_config(ours)
+        ours = super().wrap(model, head)  # ours, only to draw the initial values and the target list
+        c, family = self.cfg, model.cfg.family
         hf = self.hf_model or AutoModelForSequenceClassification.from_pretrained(
-            M.resolve(model.name_or_path), num_labels=model.cfg.num_labels)
-        if model.cfg.family == "gpt2":
+            M.resolve(model.name_or_path), num_labels=model.cfg.num_labels, dtype=torch.float32)
+        if family == "gpt2":
             hf.config.pad_token_id = model.cfg.pad_id
         four_bit = any(isinstance(m, quant.Linear4bit) for m in model.modules())  # --quant nf4: QLoRA
         if four_bit:
             bnb_quantize(hf)
         PeftLoRA.last_hf = hf
         peft_model = get_peft_model(hf, LoraConfig(
-            task_type="SEQ_CLS", r=cfg["r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
-            target_modules=cfg["target_modules"], modules_to_save=cfg["modules_to_save"],
-            fan_in_fan_out=cfg["fan_in_fan_out"] and not four_bit, use_rslora=cfg["use_rslora"]))
+            task_type="SEQ_CLS", r=c.rank, lora_alpha=c.alpha, lora_dropout=c.dropout,
+            target_modules=sorted(hf_name(family, n) for n in lora.adapter_layers(ours)),
+            modules_to_save=MODULES_TO_SAVE[family], fan_in_fan_out=family == "gpt2" and not four_bit,
+            use_rslora=c.rslora))
         theirs = dict(peft_model.named_parameters())
         with torch.no_grad():
             for n, p in ours.named_parameters():
@@ -116,50 +123,67 @@ class PeftLoRA(lora.LoRA):
                     continue
                 mod, _, leaf = n.rpartition(".")
                 if leaf.startswith("lora_"):
-                    key = f"base_model.model.{hf_name(model.cfg.family, mod)}.{leaf}.default.weight"
+                    key = f"base_model.model.{hf_name(family, mod)}.{leaf}.default.weight"
                 else:  # the head, as peft's trainable copy (modules_to_save)
-                    top, _, rest = hf_name(model.cfg.family, n).partition(".")
+                    top, _, rest = hf_name(family, n).partition(".")
                     key = f"base_model.model.{top}.modules_to_save.default.{rest}"
                     if key not in theirs:  # BERT's pooler: bert.pooler.dense.weight
-                        head, _, leaf2 = hf_name(model.cfg.family, n).rpartition(".")
-                        mod2, _, last = head.rpartition(".")
+                        head_name, _, leaf2 = hf_name(family, n).rpartition(".")
+                        mod2, _, last = head_name.rpartition(".")
                         key = f"base_model.model.{mod2}.modules_to_save.default.{last}.{leaf2}"
                 theirs[key].copy_(p)
-        return HFClassifier(peft_model, model.cfg.family, model.cfg)
+        return HFClassifier(peft_model, family, model.cfg)
 
-    def merge(self, model, float_only=False):
-        """As ours: float_only leaves a 4-bit base unmerged. peft would merge into it by dequantizing, adding
-        ΔW and quantizing again, which rounds most of a small ΔW away, and unmerge then leaves a base that
-        drifted."""
-        for layer in self.peft_layers(model, float_only):
+    @staticmethod
+    def peft_layers(model):
+        """peft's LoRA layers, except those over a 4-bit base: peft merges into one by dequantizing, adding ΔW
+        and quantizing again, which rounds most of a small ΔW away, and unmerge then leaves a drifted base."""
+        from peft.tuners.lora import LoraLayer
+        return [m for m in model.modules() if isinstance(m, LoraLayer)
+                and type(m.get_base_layer()).__name__ != "Linear4bit"]
+
+    def merge(self, model):
+        for layer in self.peft_layers(model):
             layer.merge()
 
     def unmerge(self, model):
-        for layer in self.peft_layers(model, float_only=True):
+        for layer in self.peft_layers(model):
             layer.unmerge()
-
-    @staticmethod
-    def peft_layers(model, float_only):
-        return [m for m in lora.mergeable_layers(model).values() if not (
-            float_only and type(getattr(m, "base_layer", None)).__name__ == "Linear4bit")]
 
     def param_groups(self, model):
         c, named = self.cfg, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         head = [p for n, p in named if ".lora_" not in n]
         groups = [{"params": [p for n, p in named if ".lora_A." in n], "lr": c.lr,
-                   "weight_decay": c.weight_decay},
+                   "weight_decay": c.weight_decay, "name": "A"},
                   {"params": [p for n, p in named if ".lora_B." in n], "lr": c.lr * c.lr_ratio,
-                   "weight_decay": c.weight_decay}]
+                   "weight_decay": c.weight_decay, "name": "B"}]
         return [g for g in groups + lora.groups_for("head", head, self.head_lr(), c.weight_decay)
                 if g["params"]]
 
-    def save(self, model, folder):
+    @staticmethod
+    def save(model, folder):
+        """peft's own adapter files (adapter_model.safetensors, adapter_config.json)."""
         model.peft_model.save_pretrained(folder)
 
 
+def save_adapter(method, model, folder, save=None):
+    """A method's files: peft's own for PeftLoRA, peft_format's for ours."""
+    if isinstance(method, PeftLoRA):
+        PeftLoRA.save(model, folder)
+    else:
+        (save or peft_format.save)(method, model, folder)
+
+
 def peft_glue(argv):
-    methods = {**finetune.METHODS, "peft_lora": PeftLoRA}
-    return finetune.run(finetune.parse_args(argv + ["--method", "peft_lora"], methods), methods)
+    """train.py's run on transformers + peft. train.py writes a run's files with peft_format.save, which
+    becomes save_adapter for the length of the run, so PeftLoRA's are peft's own."""
+    methods = {**train.METHODS, "peft_lora": PeftLoRA}
+    save = peft_format.save
+    peft_format.save = lambda method, model, folder: save_adapter(method, model, folder, save)
+    try:
+        return train.run(train.parse_args(argv + ["--method", "peft_lora"], methods), methods)
+    finally:
+        peft_format.save = save
 
 
 # -----------------------------------------------------------------------------
@@ -195,8 +219,8 @@ RANDOM_MODELS = {  # random init: memory does not depend on the weight values, s
     "roberta-large": dict(family="roberta", vocab_size=50265, n_positions=514, n_types=1, d=1024, n_layer=24,
                           n_head=16, d_ff=4096, act="gelu", eps=1e-5, pad_id=1),
 }
-MRPC_STEPS_30_EPOCHS = 30 * 230  # 3668 examples at batch 16: the schedule's length in timed steps
-MRPC_WARMUP = int(0.06 * MRPC_STEPS_30_EPOCHS)  # warmup_ratio 0.06 (SPEC §1.4)
+MRPC_STEPS_30_EPOCHS = report.MRPC_STEPS_30_EPOCHS  # the schedule's length in timed steps
+MRPC_WARMUP = int(0.06 * MRPC_STEPS_30_EPOCHS)  # warmup_ratio 0.06, train.py's default
 # base precision -> double_quant (None: not quantized)
 PRECISIONS = {"fp32": None, "nf4": False, "nf4_dq": True}
 
@@ -229,7 +253,7 @@ def random_model(cfg, double_quant):
 
 def lora_steps(c):
     """c: model (a RANDOM_MODELS name or a checkpoint folder), precision, batch, seq, steps. Runs train.py's
-    step (finetune.train_step: forward, loss, backward, clip, AdamW, schedule, after_step) with LoRA r=8 on
+    step (train.train_step: forward, loss, backward, clip, AdamW, schedule, after_step) with LoRA r=8 on
     all linears, on random tokens."""
     rss_imports = peak_rss_mb()
     torch.manual_seed(0)
@@ -248,15 +272,15 @@ def lora_steps(c):
     stored = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     n_params = quant.count_params(model)
     bits = quant.bits_per_param(model) if double_quant is not None else 32.0
-    method = lora.LoRA(lora.LoRAConfig(r=8, alpha=16, dropout=0.1))
-    model = method.wrap(model).train()
-    opt, sched = finetune.optimizer(method, model, MRPC_STEPS_30_EPOCHS, MRPC_WARMUP, "cpu")
+    method = lora.LoRA(lora.LoRAConfig(rank=8, alpha=16, dropout=0.1))
+    model = method.wrap(model, HEAD).train()
+    opt, sched = train.optimizer(method, model, MRPC_STEPS_30_EPOCHS, MRPC_WARMUP, "cpu")
     B, T, V = c["batch"], c["seq"], model.cfg.vocab_size
     batch = {"input_ids": torch.randint(V, (B, T)), "attention_mask": torch.ones(B, T, dtype=torch.long),
              "token_type_ids": torch.zeros(B, T, dtype=torch.long), "labels": torch.randint(2, (B,))}
     t0 = time.time()
     for step in range(1, c["steps"] + 1):
-        finetune.train_step(model, model, method, batch, opt, sched, step, 1.0, "cpu")
+        train.train_step(model, model, method, [batch], opt, sched, step, 1.0, "cpu")
         trim(0)
     return {**c, "params": n_params, "stored_bytes": stored, "bits_per_param": bits,
             "s_per_step": (time.time() - t0) / c["steps"], "rss_after_imports_mb": rss_imports,
@@ -344,17 +368,16 @@ def quant_bench(argv):
     print("\n".join(lines))
     if a.out:
         # temp file, then os.replace
-        finetune.write_json(a.out, {"runs": runs, "speed": speed, "threads": a.threads})
+        train.write_json(a.out, {"runs": runs, "speed": speed, "threads": a.threads})
         print(f"wrote {a.out}")
     return runs, speed
 
 
 # -----------------------------------------------------------------------------
-# memory: seed 003's claim (ADAQ-LoRA trains in less memory than QLoRA and LoRA), ours beside transformers
+# memory: the ADAQ-LoRA paper's claim (it trains in less memory than QLoRA and LoRA), ours beside transformers
 # + peft + bitsandbytes, on random-init GPT-2-medium (issue 19)
 
 MEMORY_ROWS = {"lora": False, "qlora": True, "adalora": False, "adaq_lora": True}  # row -> 4-bit base
-SEED003_MB = {"lora": (40132, 59551), "qlora": (9231, 12626), "adaq_lora": (8446, 9072)}  # Alpaca_zh, math
 
 
 def reset_peak_rss():
@@ -396,17 +419,17 @@ def memory_row(c):
     if c["stack"] == "ours":
         import adaq_lora
         model = random_model(cfg, True if four_bit else None)
-        method = lora.LoRA(lora.LoRAConfig(r=64, alpha=16, dropout=0.1)) if "ada" not in c["row"] else \
+        method = lora.LoRA(lora.LoRAConfig(rank=64, alpha=16, dropout=0.1)) if "ada" not in c["row"] else \
             adaq_lora.AdaLoRA(adaq_lora.AdaLoRAConfig(init_r=12, target_r=8, tinit=10, tfinal=10))
         dev = c.get("device", "cpu")
-        model = method.wrap(model).to(dev).train()
+        model = method.wrap(model, HEAD).to(dev).train()
         model.grad_checkpointing = c.get("grad_checkpointing", False)
         bits = quant.bits_per_param(model) if four_bit else 32.0
-        opt, sched = finetune.optimizer(method, model, 100, 0, dev)
+        opt, sched = train.optimizer(method, model, 100, 0, dev)
         method.schedule(100, 0)
         batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
                  "labels": labels}
-        step = lambda t: finetune.train_step(model, model, method, batch, opt, sched, t, 1.0, dev)
+        step = lambda t: train.train_step(model, model, method, [batch], opt, sched, t, 1.0, dev)
         named = model.named_parameters()
     else:
         model = reference_model(cfg, four_bit, c["row"]).train()
@@ -428,7 +451,7 @@ def memory_row(c):
     reset_peak_rss()
     start = vm_hwm_mb()
     cuda = c.get("device", "cpu").startswith("cuda")
-    if cuda:  # SPEC §1.5: the GPU's own peak, from the step's start
+    if cuda:  # the GPU's own peak, from the step's start
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     for t in range(1, c["steps"] + 1):
@@ -450,7 +473,7 @@ def random_model_flags(p):
 
 def memory_bench(argv):
     p = argparse.ArgumentParser(prog="python bench.py memory",
-                                description="seed 003's memory claim (issue 19)")
+                                description="the ADAQ-LoRA paper's memory claim (issue 19)")
     random_model_flags(p)
     p.add_argument("--steps", type=int, default=2, help="training steps (the 2nd has AdamW's state)")
     p.add_argument("--threads", type=int, default=1)
@@ -460,7 +483,7 @@ def memory_bench(argv):
     if a.table:
         with open(a.table) as f:
             saved = json.load(f)
-        print(memory_table(saved["rows"], saved["threads"]))
+        print(report.memory_table(saved["rows"], saved["threads"]))
         return saved["rows"]
     if a.model not in RANDOM_MODELS:
         raise ValueError(f"unknown model {a.model!r}; --model takes {', '.join(RANDOM_MODELS)}")
@@ -471,34 +494,11 @@ def memory_bench(argv):
                                            "seq": a.seq, "steps": a.steps}, a.threads))
             r = rows[-1]
             print(f"{stack} {row}: training peak {r['train_peak_mb']:.0f} MB", file=sys.stderr, flush=True)
-    print(memory_table(rows, a.threads))
+    print(report.memory_table(rows, a.threads))
     if a.out:
-        finetune.write_json(a.out, {"rows": rows, "threads": a.threads})
+        train.write_json(a.out, {"rows": rows, "threads": a.threads})
         print(f"wrote {a.out}")
     return rows
-
-
-def memory_table(rows, threads):
-    ref = {r["row"]: r for r in rows if r["stack"] == "reference"}
-    c = rows[0]
-    lines = [f"Peak RSS of {c['steps']} training steps (VmHWM reset after the build), {c['model']} "
-             f"random init, batch {c['batch']} x {c['seq']} tokens, one fresh process per row, {threads} "
-             f"thread(s). LoRA/QLoRA: r 64, α 16 on every block linear; AdaLoRA/ADAQ: init_r 12, "
-             f"target_r 8. Reference: transformers + peft (+ bitsandbytes NF4 + double quant for the "
-             f"4-bit rows).", "",
-             "| row | ours MB | reference MB | ours / ref | adapter params ours / ref | bits/param (4-bit) | "
-             "paper MB (Alpaca_zh, School_math; ChatGLM2-6B, GPU) |", "|---" * 7 + "|"]
-    for r in rows:
-        if r["stack"] != "ours":
-            continue
-        f = ref[r["row"]]
-        paper = SEED003_MB.get(r["row"])
-        lines.append(f"| {r['row']} | {r['train_peak_mb']:.0f} | {f['train_peak_mb']:.0f} | "
-                     f"{r['train_peak_mb'] / f['train_peak_mb']:.2f} | {r['adapter_params']:,} / "
-                     f"{f['adapter_params']:,} | "
-                     f"{'%.3f' % r['bits_per_param'] if r['bits_per_param'] != 32 else '–'} | "
-                     f"{'%d, %d' % paper if paper else '–'} |")
-    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
@@ -540,30 +540,12 @@ def scale_bench(argv):
                     m = json.load(f)
             runs.append({"processes": nproc, "steps": m["steps"], "train_seconds": m["train_seconds"],
                          "examples_per_s": m["steps"] * a.global_batch / m["train_seconds"]})
-    print("\n".join(scale_table(rows, runs, a.global_batch, os.cpu_count())))
+    print("\n".join(report.scale_table(rows, runs, a.global_batch, os.cpu_count())))
     if a.out:
-        finetune.write_json(a.out, {"checkpointing": rows, "throughput": runs, "global_batch": a.global_batch,
+        train.write_json(a.out, {"checkpointing": rows, "throughput": runs, "global_batch": a.global_batch,
                                     "cpus": os.cpu_count()})
         print(f"wrote {a.out}")
     return rows, runs
-
-
-def scale_table(rows, runs, global_batch, cpus):
-    """bench.py scale's tables, from its rows (printed here and by report.py)."""
-    r0 = rows[0]
-    peak = "RSS" if r0.get("device", "cpu") == "cpu" else "allocated"
-    lines = [f"LoRA r 64 on {r0['model']} (random init), batch {r0['batch']} x {r0['seq']}, {r0['steps']} "
-             f"steps, one fresh process and one thread per row", "",
-             f"| --grad_checkpointing | training peak {peak} MB | s/step |", "|---|---|---|"]
-    lines += [f"| {r['grad_checkpointing']} | {r['train_peak_mb']:.0f} | {r['s_per_step']:.2f} |"
-              for r in rows]
-    if runs:
-        lines += ["", f"train.py on MiniLM MRPC, global batch {global_batch}, {runs[0]['steps']} steps, "
-                  f"{cpus} CPU threads shared by the processes", "",
-                  "| processes | examples/s | × 1 process |", "|---|---|---|"]
-        lines += [f"| {r['processes']} | {r['examples_per_s']:.1f} | "
-                  f"{r['examples_per_s'] / runs[0]['examples_per_s']:.2f} |" for r in runs]
-    return lines
 
 
 # -----------------------------------------------------------------------------
@@ -574,7 +556,6 @@ def scale_table(rows, runs, global_batch, cpus):
 # the steps with it
 OURS = ("lora", "dynamic_lora", "dynamic_lora_sampled", "tlora_plus", "tlora", "adapter", "bitfit", "head",
         "full", "qlora")
-BF16_PEAK_TFLOPS = 989.0  # H100/H200 dense bf16 (datasheet); CUDA rows report the fraction of it
 
 
 def generate_bench(argv):
@@ -622,25 +603,11 @@ def generate_bench(argv):
     same = len({json.dumps(t) for t in tokens.values()}) == 1
     result = {"config": {**vars(a), "threads": torch.get_num_threads()}, "lengths": lengths,
               "same_tokens": same, "rows": rows}
-    print("\n".join(generate_table(result)))
+    print("\n".join(report.generate_table(result)))
     if not same:
         raise RuntimeError("the decoders gave different tokens: a bug in generate")
     if a.out:
-        finetune.write_json(a.out, result)
-
-
-def generate_table(result):
-    """bench.py generate's table, from its json (printed here and by report.py)."""
-    a, rows = result["config"], result["rows"]
-    ref = rows["transformers"]["tokens_per_s"]
-    return [f"greedy decoding, random GPT-2 {a['n_layer']}x{a['n_embd']}, batch {a['batch']}, prompts "
-            f"{min(result['lengths'])}-{a['prompt']} tokens (left-padded), {a['new']} new tokens, "
-            f"{a['device']}, {a['threads']} thread(s); the same tokens from all three: "
-            f"{result['same_tokens']}",
-            "",
-            "| decoding | s | tokens/s | vs transformers |", "|---|---|---|---|"] + [
-        f"| {name} | {r['seconds']:.3f} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / ref:.2f}x |"
-        for name, r in rows.items()]
+        train.write_json(a.out, result)
 
 
 def hf_config(cfg):
@@ -665,10 +632,10 @@ def build_for_speed(c):
         ours.wte.register_forward_hook(lambda m, i, out: out.detach().requires_grad_())
         return ours, None
     name = {"qlora": "lora", "dynamic_lora_sampled": "dynamic_lora"}.get(c["method"], c["method"])
-    cls = PeftLoRA if c["impl"] == "peft" else finetune.METHODS[name]
+    cls = PeftLoRA if c["impl"] == "peft" else train.METHODS[name]
     # the fields that LoRA's, TLoRA+'s and Dynamic LoRA's configs take; Dynamic LoRA samples importance on
     # every step (_sampled) or on none, so each row times one kind of step
-    adapter = {"r": c["rank"], "alpha": 2 * c["rank"], "dropout": 0.0, "n_cal": 1,
+    adapter = {"rank": c["rank"], "alpha": 2 * c["rank"], "dropout": 0.0, "n_cal": 1,
                "importance_every": 1 if c["method"] == "dynamic_lora_sampled" else 10**9}
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     method = cls(cls.Config(**{k: v for k, v in adapter.items() if k in fields}))
@@ -677,11 +644,11 @@ def build_for_speed(c):
                     "token_type_ids": torch.zeros_like(ids)}]
     if c["impl"] == "peft":
         from transformers import AutoModelForSequenceClassification as Auto
-        method.hf_model = Auto.from_pretrained(folder, num_labels=2) if folder else \
+        method.hf_model = Auto.from_pretrained(folder, num_labels=2, dtype=torch.float32) if folder else \
             Auto.from_config(hf_config(ours.cfg))
     if c["method"] == "qlora":
         quant.quantize_model(ours)
-    return method.wrap(ours, calibration), method
+    return method.wrap(ours, HEAD, calibration), method
 
 
 def speed_config(c):
@@ -698,20 +665,20 @@ def speed_config(c):
     ids, mask, types, labels = (t.to(dev) for t in (ids, mask, torch.zeros_like(ids), torch.randint(2, (B,))))
     batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels}
     params = [p for p in model.parameters() if p.requires_grad]
-    fwd = finetune.compile_model(model, dev) if c["compile"] else model
+    fwd = train.compile_model(model, dev) if c["compile"] else model
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-    if method:  # train.py's whole step: finetune.train_step, with its schedule and the method's after_step
-        opt, sched = finetune.optimizer(method, model, MRPC_STEPS_30_EPOCHS, MRPC_WARMUP, dev)
+    if method:  # train.py's whole step: train.train_step, with its schedule and the method's after_step
+        opt, sched = train.optimizer(method, model, MRPC_STEPS_30_EPOCHS, MRPC_WARMUP, dev)
         method.schedule(MRPC_STEPS_30_EPOCHS, MRPC_WARMUP)
         steps = itertools.count(1)
-        step = lambda: finetune.train_step(model, fwd, method, batch, opt, sched, next(steps), 1.0, dev)
+        step = lambda: train.train_step(model, fwd, method, [batch], opt, sched, next(steps), 1.0, dev)
     else:  # the frozen base: forward and the backward to the input embeddings, nothing to update
         def step():
-            with finetune.autocast(dev):
-                finetune.task_loss(fwd(ids, mask, types), labels).backward()
+            with train.autocast(dev):
+                train.task_loss(fwd(ids, mask, types), labels).backward()
 
     def infer():
-        with torch.no_grad(), finetune.autocast(dev):
+        with torch.no_grad(), train.autocast(dev):
             fwd(ids, mask, types)
 
     def median_ms(fn, n):
@@ -735,14 +702,14 @@ def speed_config(c):
     eval_ms, eval_merged_ms = median_ms(infer, c["steps"]), None
     # merged: what inference should cost
     if method and c["method"] not in ("qlora", "bitfit", "head", "full", "adapter"):
-        method.merge(model)  # peft's layers have merge()/unmerge() too: lora.Method's protocol merges both
+        method.merge(model)  # PeftLoRA merges peft's layers
         median_ms(infer, 1)
         eval_merged_ms = median_ms(infer, c["steps"])
         method.unmerge(model)
     adapter_bytes = None
     if method:
         with tempfile.TemporaryDirectory() as d:
-            method.save(model, d)
+            save_adapter(method, model, d)
             adapter_bytes = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
     n_backbone = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and "head" not in n) \
         + sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, quant.Linear4bit))
@@ -817,49 +784,23 @@ def speed_bench(argv):
             print(f"{os.path.basename(model)} {impl} {method}{' compiled' if compiled else ''}: "
                   f"{rows[-1]['step_ms']:.1f} ms/step", file=sys.stderr, flush=True)
         results += rows
-        lines += speed_table(rows, a.device)
+        lines += report.speed_table(rows, a.device)
     header = (f"{a.device}, batch {a.batch}, rank {a.rank}, median of {a.steps} steps after {a.warmup} "
               f"warm-up, one fresh process per row "
               f"({torch.get_num_threads() if a.threads is None else a.threads} threads)")
     print("\n".join([header, ""] + lines))
-    finetune.write_json(a.out, {"header": header, "rows": results})
+    train.write_json(a.out, {"header": header, "rows": results})
     print(f"wrote {a.out}")
     return results
 
 
-def speed_table(rows, device):
-    base = next(r for r in rows if r["impl"] == "base")
-    peft = next(r for r in rows if r["impl"] == "peft")
-    lora = next(r for r in rows if (r["impl"], r["method"], r["compile"]) == ("ours", "lora", False))
-    name = os.path.basename(rows[0]["model"].rstrip("/"))
-    out = [f"**{name}** (lengths: {base['real_tokens']} real tokens in {base['batch']} x {base['T']})", "",
-           "| impl | method | ms/step | tokens/s | × peft LoRA | × our LoRA | × frozen base | "
-           "eval ms (merged) | peak MB | adapter KB | trainable | 30 MRPC epochs s |" +
-           (" % bf16 peak |" if device == "cuda" else ""),
-           "|---" * (12 + (device == "cuda")) + "|"]
-    for r in rows:
-        label = r["method"] + (" (compiled)" if r["compile"] else "")
-        merged = f" ({r['eval_merged_ms']:.1f})" if r["eval_merged_ms"] is not None else ""
-        kb = f"{r['adapter_bytes'] / 1024:.0f}" if r["adapter_bytes"] else "–"
-        out.append(f"| {r['impl']} | {label} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | "
-                   f"{r['step_ms'] / peft['step_ms']:.2f} | {r['step_ms'] / lora['step_ms']:.2f} | "
-                   f"{r['step_ms'] / base['step_ms']:.2f} | "
-                   f"{r['eval_ms']:.1f}{merged} | {r['peak_mb']:.0f} | {kb} | {r['trainable']:,} | "
-                   f"{MRPC_STEPS_30_EPOCHS * r['step_ms'] / 1e3:.0f} |" +
-                   (f" {100 * r['tflops'] / BF16_PEAK_TFLOPS:.1f} |" if device == "cuda" else ""))
-    return out + [""]
-
-
-if __name__ == "__main__":
-    # a child of fresh(): run one function on one JSON config, print its result
-    if sys.argv[1:2] == ["_fresh"]:
-        print(json.dumps(globals()[sys.argv[2]](json.loads(sys.argv[3]))))
-        sys.exit()
+def main(argv=None):
+    """The command line: one mode and its flags; bad input is one line, "error: ...", and a non-zero exit."""
     modes = {"peft_glue": (peft_glue, "train.py's run on transformers + peft (takes train.py's flags)"),
              "speed": (speed_bench, "step time, tokens/s, latency and memory of every method vs peft LoRA"),
              "quant": (quant_bench,
                        "NF4 stored size, bits/param and training memory; NF4 speed vs bitsandbytes"),
-             "memory": (memory_bench, "seed 003: peak training memory of LoRA, QLoRA, AdaLoRA, ADAQ-LoRA, "
+             "memory": (memory_bench, "ADAQ-LoRA's claim: training memory of LoRA, QLoRA, AdaLoRA, ADAQ-LoRA, "
                                       "ours vs transformers + peft + bitsandbytes"),
              "scale": (scale_bench, "--grad_checkpointing's memory and time; torchrun's throughput"),
              "generate": (generate_bench, "greedy decoding tokens/s: ours, cached and not, vs transformers")}
@@ -867,7 +808,7 @@ if __name__ == "__main__":
     sub = p.add_subparsers(dest="mode", required=True, metavar="{" + ",".join(modes) + "}")
     for name, (_, help) in modes.items():
         sub.add_parser(name, help=help, add_help=False)  # each mode parses (and documents) its own flags
-    a, rest = p.parse_known_args()
+    a, rest = p.parse_known_args(argv)
     try:
         modes[a.mode][0](rest)
     except ImportError as e:  # transformers, peft, bitsandbytes: references, not dependencies
@@ -875,3 +816,11 @@ if __name__ == "__main__":
                  f"pip install -r requirements-dev.txt")
     except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    # a child of fresh(): run one function on one JSON config, print its result
+    if sys.argv[1:2] == ["_fresh"]:
+        print(json.dumps(globals()[sys.argv[2]](json.loads(sys.argv[3]))))
+        sys.exit()
+    main()

@@ -1,18 +1,17 @@
 """
 The eight GLUE tasks: read from the hub through `datasets`, or from a folder in the official GLUE TSV layout
-(--data_dir, as written by GLUE's download_glue_data.py), tokenized once, then batched with dynamic padding;
-and their metrics (SPEC §1.5, through scikit-learn). Labels follow the HF `glue` configs (e.g. RTE/QNLI:
-entailment = 0). The GLUE dev split is the reported "test".
-Two causal-LM tasks (SPEC §2.4) train a GPT-2 on prompt -> response text and are scored on generated
-answers (eval.py's ROUGE/BLEU): alpaca (instruction/input/output) and gsm8k (question/answer).
+(--data_dir, as written by GLUE's download_glue_data.py), tokenized once, then batched with dynamic padding
+(their metrics are metrics.py's). Labels follow the HF `glue` configs (e.g. RTE/QNLI: entailment = 0). The
+GLUE dev split is the reported "test".
+Two causal-LM tasks train a GPT-2 on prompt -> response text and are scored on generated answers
+(metrics.py's ROUGE/BLEU, as the ADAQ-LoRA paper scores instruction tuning): alpaca (instruction/input/output)
+and gsm8k (question/answer).
 """
 import json
-import math
 import os
 import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 
@@ -25,7 +24,7 @@ class Task:
     tsv_label: object   # TSV label column
     labels: tuple       # TSV label strings in HF label order; () = regression
     dev: str = "dev.tsv"
-    max_len: int = 128  # SPEC §1.4
+    max_len: int = 128  # tokens per example (RTE and QNLI: 256)
 
     @property
     def num_labels(self):
@@ -148,7 +147,7 @@ def load_split(task, split, data_dir=None):
 
 def holdout_split(rows, fraction=0.1, seed=0):
     """(train rows, held-out rows): a seeded `fraction` of train that never trains, to choose an epoch or a
-    learning rate without looking at the reported dev split (SPEC §1.4: 10% of train, seed 0)."""
+    learning rate without looking at the reported dev split (by default 10% of train, seed 0)."""
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     held = set(order[:max(1, round(fraction * len(rows)))])
@@ -156,7 +155,7 @@ def holdout_split(rows, fraction=0.1, seed=0):
 
 
 # -----------------------------------------------------------------------------
-# causal-LM tasks (SPEC §2.4)
+# causal-LM tasks (instruction tuning, as the ADAQ-LoRA paper's Alpaca_zh and School_math)
 
 def read_records(task, path):
     """-> list of (prompt, response) from a JSON list or a JSONL file of task.fields records; prompt =
@@ -205,7 +204,7 @@ def gen_files(task, data_dir):
 
 def load_gen_split(task, split, data_dir=None, seed=42, test_fraction=0.2):
     """The task's train or evaluation ("dev") rows. A task without a test split (alpaca) is split 80/20 with
-    a seeded shuffle (seed 42, as seed 003)."""
+    a seeded shuffle (seed 42)."""
     if data_dir:
         files = gen_files(task, data_dir)
         if len(files) == 2:  # gsm8k: its own test split
@@ -309,43 +308,3 @@ def eval_batches(examples, batch_size, pad_id, regression, multiple=1):
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
         yield idx, collate([examples[j] for j in idx], pad_id, regression, multiple)
-
-
-# -----------------------------------------------------------------------------
-# metrics (SPEC §1.5)
-
-# SPEC §1.4: RTE/QNLI entailment = 0
-POSITIVE = {"mrpc": 1, "qqp": 1, "sst2": 1, "cola": 1, "qnli": 0, "rte": 0}
-MAIN_METRIC = {"cola": "mcc", "stsb": "pearson", "alpaca": "avg"}  # the rest (gsm8k too): accuracy
-
-
-def main_metric(task):
-    return MAIN_METRIC.get(task, "accuracy")
-
-
-def softmax(x):
-    e = np.exp(x - x.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
-
-def glue_metrics(task, logits, labels):
-    """logits (N, C) or (N, 1) for STS-B, labels (N,) -> {metric: value}."""
-    # imported here: scipy and scikit-learn take seconds to import, and a bad flag should not wait for them
-    from scipy.stats import pearsonr, spearmanr
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, recall_score, roc_auc_score
-    logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
-    if task == "stsb":
-        pred = logits.reshape(-1)
-        return {"pearson": float(pearsonr(pred, labels)[0]), "spearman": float(spearmanr(pred, labels)[0]),
-                "mse": float(np.mean((pred - labels) ** 2))}
-    prob = softmax(logits)
-    pred = prob.argmax(1)
-    out = {"accuracy": float(accuracy_score(labels, pred)), "mcc": float(matthews_corrcoef(labels, pred)),
-           "loss": float(-np.mean(np.log(np.clip(prob[np.arange(len(labels)), labels], 1e-12, None))))}
-    if task in POSITIVE:  # binary tasks: F1, recall and ROC-AUC of the positive class
-        pos = POSITIVE[task]
-        out["f1"] = float(f1_score(labels, pred, pos_label=pos, zero_division=0))
-        out["recall"] = float(recall_score(labels, pred, pos_label=pos, zero_division=0))
-        out["auc"] = (float(roc_auc_score(labels == pos, prob[:, pos])) if len(set(labels.tolist())) == 2
-                      else math.nan)
-    return out

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Seed 000's experiments on this CPU, then RESULTS.md from every run folder under results/ (issue 18).
+# The per-matrix learning-rate experiments on this CPU, then RESULTS.md from every run folder under results/.
 #
 #   bash experiments.sh MINILM_DIR [GLUE_DIR]       # 1.5 h on 2 cores; finished runs are skipped on a re-run
 #   python report.py --out RESULTS.md               # the report alone, from the metrics.json already in results/
 #
-# Seed 000 (SPEC §2.1) reports QQP, which ../shared/data lacks, so its comparison runs on MRPC (the other GLUE
-# paraphrase task) and SST-2 (a larger train set, subsampled here). A reduced protocol: 1 epoch; SST-2 uses the
-# first 5000 train sentences. LoRA r 8, α 16, dropout 0.1 on every block linear; A at α, B at λ·α; the head at
+# The per-matrix-rate paper reports QQP, which our data folder lacks, so its comparison runs on MRPC (the other
+# GLUE paraphrase task) and SST-2 (a larger train set, subsampled here). A reduced protocol: 1 epoch; SST-2 uses
+# the first 5000 train sentences. LoRA r 8, α 16, dropout 0.1 on every block linear; A at α, B at λ·α; the head at
 # 4e-4; wd 0.1, batch 16, warmup 0.06. --select holdout keeps 10% of train (seed 0) apart: the grid's winner is
 # chosen on it, and GLUE dev (the reported split) plays no part in any choice.
 set -euo pipefail
@@ -28,13 +28,13 @@ run_all() {  # lines of "OUT_DIR FLAGS...": run each whose metrics.json is missi
 
 for t in mrpc sst2; do
     mkdir -p results/seed000/$t
-    # 1. the α × λ grid, seed 0 (SPEC §2.1)
+    # 1. the α × λ grid, seed 0: A at α, B at λ·α (the form of LoRA+, arXiv 2402.12354)
     for a in 5e-5 1e-4 2e-4 4e-4; do for l in 1 2 4 8 16; do
         echo "results/seed000/$t/grid-a$a-l$l ${TASK[$t]} --lr $a --lr_ratio $l --seed 0"
     done; done | run_all
     # 2. the 2 × 2 ablation at the grid's (α*, λ*) and tied η* (chosen on the held-out slice), seeds 0, 1, 2;
     #    seed 0 of "ours" and "tied" are grid runs already (report.py finds a row's runs by their flags)
-    read -r a l e < <(python report.py --seed000_best results/seed000/$t)
+    read -r a l e < <(python report.py --grid_best results/seed000/$t)
     for s in 0 1 2; do
         [ $s = 0 ] || echo "results/seed000/$t/ours-s$s ${TASK[$t]} --lr $a --lr_ratio $l --seed $s"
         [ $s = 0 ] || echo "results/seed000/$t/tied-s$s ${TASK[$t]} --lr $e --lr_ratio 1 --seed $s"

@@ -1,16 +1,22 @@
 """
-RESULTS.md, regenerated from the runs themselves (issue 18). Every table and plot comes out of the
-metrics.json files under results/ (and the json files bench.py wrote there); the papers' numbers beside ours
-come from one table per seed in the code; the text between the tables is results/notes/*.md, written by hand
-about those runs.
+Every table and plot of runs, and RESULTS.md, regenerated from the runs themselves: every table and plot comes
+out of the metrics.json files under results/ (and the json files bench.py wrote there); the papers' numbers
+beside ours come from one table per paper below; the text between the tables is results/notes/*.md, written
+by hand about those runs.
 
     python report.py --out RESULTS.md                      # the report, and its PNGs in results/
-    python report.py --seed000_best results/seed000/mrpc   # prints "α* λ* η*", chosen on the held-out slice
-    bash experiments.sh MINILM_DIR                          # seed 000's runs, then this report
+    python report.py --grid_best results/seed000/mrpc      # prints "α* λ* η*", chosen on the held-out slice
+    python report.py --table out/*/metrics.json            # one markdown table, mean ± std over seeds
+    python report.py --table out/*/metrics.json --last     # the same at the last epoch
+    python report.py --table runs/dyn/*/metrics.json --paper dynamic_lora   # the paper's Tables 1-2 beside
+    python report.py --plot_dynamic runs/dyn/dynamic_lora-*/metrics.json --png dyn.png   # r_l map, m_l curves
+    python report.py --plot_ranks runs/ada/mrpc-adalora-*/metrics.json --png ranks.png  # kept ranks
+    bash experiments.sh MINILM_DIR                          # the per-matrix-rate runs, then this report
 
 matplotlib is optional: without it the tables render and the report lists the plots it skipped.
 """
 import argparse
+import functools
 import json
 import os
 import sys
@@ -18,13 +24,410 @@ from collections import defaultdict
 
 import numpy as np
 
-import bench
 import data
-import eval as ev
-import finetune
+import metrics
+import train
 
 NEEDED = ("task", "method", "metrics", "last", "history", "args", "trainable_params", "trainable_pct")
-RUN_MARKERS = tuple(f for f in finetune.RUN_FILES if f != "metrics.json")  # a run folder's other files
+RUN_MARKERS = tuple(f for f in train.RUN_FILES if f != "metrics.json")  # a run folder's other files
+
+
+# -----------------------------------------------------------------------------
+# one table of runs, mean ± std over seeds
+
+# the only arguments runs may differ in and still be averaged as seeds: the seed, and where and how often a
+# run logs and saves (the flags a resumed run may change); latency_passes, a flag of older runs, only timed
+# inference after training
+SEED_ARGS = ("seed", "latency_passes") + tuple(train.RESUME_MAY_CHANGE)
+
+
+@functools.lru_cache(maxsize=None)
+def defaults(method):
+    """train.py's defaults for --method method (the run's flags and the method's config fields)."""
+    try:
+        return vars(train.parse_args(["--method", method, "--device", "cpu"]))
+    except ValueError:  # a method train.py does not know (bench.py's peft_lora): the run's flags alone
+        return vars(train.parse_args(["--device", "cpu"]))
+
+
+def config(run):
+    """A run's arguments except SEED_ARGS: runs with different configs are never averaged. A flag added to
+    train.py after a run was made counts at its default, which is what that run did."""
+    args = run.get("args", {})
+    base = defaults(args.get("method") or run.get("method", "lora"))
+    args = {**{k: v for k, v in base.items() if k not in args}, **args}
+    return {k: v for k, v in args.items() if k not in SEED_ARGS}
+
+
+def selected(run):
+    """Which epoch the run reports: --select's choice; runs from before --select kept the best dev epoch."""
+    return run.get("select") or ("last" if len(run.get("history", [])) <= 1 else "best on dev")
+
+
+def table(runs, columns=None, last=False):
+    """Markdown table of metrics.json dicts, mean ± std over seeds. One row per (task, label, model, every
+    argument but SEED_ARGS); a line under the table names the arguments that differ between rows.
+    The label is train.py's method.label(): each TLoRA+ configuration and λ, and QLoRA, get their own rows.
+    last=True reads the last epoch (with its train loss and accuracy) instead of the one --select kept."""
+    if last:
+        runs = [{**r, "metrics": {k: v for k, v in r["last"].items()
+                                  if k not in ("epoch", "step", "holdout")}}
+                for r in runs]
+    groups = defaultdict(list)
+    for r in runs:
+        key = json.dumps(config(r), sort_keys=True)
+        groups[(r["task"], r.get("label", r["method"]), os.path.basename(str(r["model"]).rstrip("/")),
+                key)].append(r)
+    configs = [json.loads(k[3]) for k in groups]
+    differ = sorted({a for c in configs for a in c if a != "method" and  # the method has its column
+                     len({json.dumps(d.get(a)) for d in configs}) > 1})
+    columns = columns or sorted({k for r in runs for k in r["metrics"]})
+    epochs = "the last epoch" if last else \
+        "the epoch each run kept (" + ", ".join(sorted({selected(r) for r in runs})) + ")"
+    lines = [f"Dev metrics at {epochs}; mean ± std over seeds.", "",
+             "| task | method | model | " + ("config | " if differ else "") + "seeds | " +
+             " | ".join(columns) + " | trainable % |", "|---" * (len(columns) + 5 + bool(differ)) + "|"]
+    for (task, method, model, key), rs in sorted(groups.items()):
+        cells = []
+        for c in columns:
+            vals = [r["metrics"][c] for r in rs if c in r["metrics"]]
+            cells.append(f"{np.mean(vals):.4f} ± {np.std(vals):.4f}" if len(vals) > 1 else
+                         f"{vals[0]:.4f}" if vals else "–")
+        cfg = json.loads(key)
+        differs = (" ".join(f"{a}={cfg[a]}" for a in differ if cfg.get(a) is not None) + " | "
+                   if differ else "")
+        lines.append(f"| {task} | {method} | {model} | {differs}{len(rs)} | " + " | ".join(cells) +
+                     f" | {rs[0]['trainable_pct']:.3f} |")
+    lines += ["", f"Rows differ in: {', '.join(differ)}." if differ else
+              "Rows share every argument except --method, --seed and where they log and save."]
+    return "\n".join(lines)
+
+
+def mean_std(values, scale=1.0, digits=1):
+    values = [scale * v for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+
+
+# -----------------------------------------------------------------------------
+# the papers' numbers, beside ours
+
+# the per-matrix-rate paper (LoRA with its own learning rate for A and for B, the form of LoRA+, Hayou et al.
+# 2024, arXiv 2402.12354), Table 2, QQP: row -> (ACC, F1, MCC)
+PER_MATRIX_TABLE2 = {
+    "Ours": (0.910, 0.913, 0.80),
+    "Remove adaptive learning rate": (0.900, 0.888, 0.76),
+    "Remove low-rank matrix updates": (0.903, 0.905, 0.78),
+    "LoRA": (0.882, 0.887, 0.73),
+}
+# the ADAQ-LoRA paper (Feng et al. 2024), Tables 1 and 2: training memory in MB on Alpaca_zh and School_math
+# (ChatGLM2-6B, GPU); it reports no AdaLoRA row
+ADAQ_MB = {"lora": (40132, 59551), "qlora": (9231, 12626), "adaq_lora": (8446, 9072)}
+
+# paper -> {our method: (the paper's row name, {column: the paper's value})}. Dynamic LoRA (arXiv 2501.14859),
+# Tables 1 (GLUE: ACC, AUC, F1, Recall in %) and 2 (training hours, inference ms, trainable %)
+PAPER = {
+    "dynamic_lora": {
+        "full": ("Full Fine-tuning",
+                 dict(accuracy=85.3, auc=88.2, f1=84.1, recall=83.7, hours=12.5, ms=15.2, pct=100)),
+        "head": ("Feature Extraction",
+                 dict(accuracy=81.5, auc=84.0, f1=80.2, recall=79.8, hours=6.8, ms=12.7, pct=0)),
+        "adapter": ("Adapter",
+                    dict(accuracy=86.1, auc=89.1, f1=85.3, recall=84.9, hours=8.2, ms=13.5, pct=3)),
+        "bitfit": ("BitFit",
+                   dict(accuracy=85.8, auc=88.5, f1=84.7, recall=84.3, hours=7.9, ms=13.2, pct=1.5)),
+        "lora": ("LoRA", dict(accuracy=87.4, auc=90.2, f1=86.5, recall=86.0, hours=7.1, ms=12.9, pct=0.8)),
+        "dynamic_lora": ("Ours (Dynamic LoRA)", dict(accuracy=88.1, auc=91.0, f1=87.3, recall=86.8, hours=7.4,
+                                                     ms=13.0, pct=0.9)),
+    },
+}
+
+
+def paper_tables(runs, paper_name):
+    """A paper's Table 1 (ACC, AUC, F1, Recall in %) and Table 2 (training time, inference ms at batch 1,
+    trainable %), ours (mean ± std over seeds) beside the paper's, one row per method in the paper's
+    order."""
+    paper = PAPER[paper_name]
+    by_method = defaultdict(list)
+    for r in runs:
+        by_method[r["method"]].append(r)
+    for method, rs in by_method.items():
+        if len({json.dumps(config(r), sort_keys=True) for r in rs}) > 1:
+            raise ValueError(f"the --method {method} runs differ in more than --seed; give one configuration "
+                             f"per method (report.py --table shows which arguments differ)")
+    unknown = sorted(set(by_method) - set(paper))
+    if unknown:
+        raise ValueError(f"--paper {paper_name} has no row for --method {unknown[0]}; its rows: "
+                         f"{', '.join(paper)}")
+    t1 = ["| row | seeds | ACC ours | paper | AUC ours | paper | F1 ours | paper | Recall ours | paper |",
+          "|---" * 10 + "|"]
+    t2 = ["| row | train s ours | paper h | infer ms merged | unmerged | paper ms "
+          "| trainable % ours | paper |",
+          "|---" * 8 + "|"]
+    for method, (row, p) in paper.items():
+        rs = by_method.get(method)
+        if not rs:
+            continue
+        cells = [f"{mean_std([r['metrics'][c] for r in rs], 100)} | {p[c]}"
+                 for c in ("accuracy", "auc", "f1", "recall")]
+        t1.append(f"| {row} | {len(rs)} | " + " | ".join(cells) + " |")
+        merged = [r.get("latency_merged_ms") for r in rs]
+        unmerged = [r.get("latency_ms") for r in rs]
+        ms = mean_std(merged, digits=2) if None not in merged else "–"
+        ms_un = mean_std(unmerged, digits=2) if None not in unmerged else "–"
+        t2.append(f"| {row} | {mean_std([r['train_seconds'] for r in rs], digits=0)} | {p['hours']} | {ms} | "
+                  f"{ms_un} | {p['ms']} | {rs[0]['trainable_pct']:.3f} | {p['pct']} |")
+    return "\n".join(["Table 1 (%), ours beside the paper's", "", *t1, "", "Table 2", "", *t2])
+
+
+# -----------------------------------------------------------------------------
+# bench.py's tables, from its json files (printed by bench.py too)
+
+MRPC_STEPS_30_EPOCHS = 30 * 230  # 3668 examples at batch 16: a 30-epoch MRPC schedule, in steps
+BF16_PEAK_TFLOPS = 989.0  # H100/H200 dense bf16 (datasheet); CUDA rows report the fraction of it
+
+
+def memory_table(rows, threads):
+    """bench.py memory's table: peak training memory, ours beside the reference, the ADAQ-LoRA paper's MB."""
+    ref = {r["row"]: r for r in rows if r["stack"] == "reference"}
+    c = rows[0]
+    lines = [f"Peak RSS of {c['steps']} training steps (VmHWM reset after the build), {c['model']} "
+             f"random init, batch {c['batch']} x {c['seq']} tokens, one fresh process per row, {threads} "
+             f"thread(s). LoRA/QLoRA: r 64, α 16 on every block linear; AdaLoRA/ADAQ: init_r 12, "
+             f"target_r 8. Reference: transformers + peft (+ bitsandbytes NF4 + double quant for the "
+             f"4-bit rows).", "",
+             "| row | ours MB | reference MB | ours / ref | adapter params ours / ref | bits/param (4-bit) | "
+             "paper MB (Alpaca_zh, School_math; ChatGLM2-6B, GPU) |", "|---" * 7 + "|"]
+    for r in rows:
+        if r["stack"] != "ours":
+            continue
+        f = ref[r["row"]]
+        paper = ADAQ_MB.get(r["row"])
+        lines.append(f"| {r['row']} | {r['train_peak_mb']:.0f} | {f['train_peak_mb']:.0f} | "
+                     f"{r['train_peak_mb'] / f['train_peak_mb']:.2f} | {r['adapter_params']:,} / "
+                     f"{f['adapter_params']:,} | "
+                     f"{'%.3f' % r['bits_per_param'] if r['bits_per_param'] != 32 else '–'} | "
+                     f"{'%d, %d' % paper if paper else '–'} |")
+    return "\n".join(lines)
+
+
+def speed_table(rows, device):
+    """bench.py speed's table for one model: step time, tokens/s, ratios, latency, memory, adapter size."""
+    base = next(r for r in rows if r["impl"] == "base")
+    peft = next(r for r in rows if r["impl"] == "peft")
+    lora = next(r for r in rows if (r["impl"], r["method"], r["compile"]) == ("ours", "lora", False))
+    name = os.path.basename(rows[0]["model"].rstrip("/"))
+    out = [f"**{name}** (lengths: {base['real_tokens']} real tokens in {base['batch']} x {base['T']})", "",
+           "| impl | method | ms/step | tokens/s | × peft LoRA | × our LoRA | × frozen base | "
+           "eval ms (merged) | peak MB | adapter KB | trainable | 30 MRPC epochs s |" +
+           (" % bf16 peak |" if device == "cuda" else ""),
+           "|---" * (12 + (device == "cuda")) + "|"]
+    for r in rows:
+        label = r["method"] + (" (compiled)" if r["compile"] else "")
+        merged = f" ({r['eval_merged_ms']:.1f})" if r["eval_merged_ms"] is not None else ""
+        kb = f"{r['adapter_bytes'] / 1024:.0f}" if r["adapter_bytes"] else "–"
+        out.append(f"| {r['impl']} | {label} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | "
+                   f"{r['step_ms'] / peft['step_ms']:.2f} | {r['step_ms'] / lora['step_ms']:.2f} | "
+                   f"{r['step_ms'] / base['step_ms']:.2f} | "
+                   f"{r['eval_ms']:.1f}{merged} | {r['peak_mb']:.0f} | {kb} | {r['trainable']:,} | "
+                   f"{MRPC_STEPS_30_EPOCHS * r['step_ms'] / 1e3:.0f} |" +
+                   (f" {100 * r['tflops'] / BF16_PEAK_TFLOPS:.1f} |" if device == "cuda" else ""))
+    return out + [""]
+
+
+def scale_table(rows, runs, global_batch, cpus):
+    """bench.py scale's tables, from its rows."""
+    r0 = rows[0]
+    peak = "RSS" if r0.get("device", "cpu") == "cpu" else "allocated"
+    lines = [f"LoRA r 64 on {r0['model']} (random init), batch {r0['batch']} x {r0['seq']}, {r0['steps']} "
+             f"steps, one fresh process and one thread per row", "",
+             f"| --grad_checkpointing | training peak {peak} MB | s/step |", "|---|---|---|"]
+    lines += [f"| {r['grad_checkpointing']} | {r['train_peak_mb']:.0f} | {r['s_per_step']:.2f} |"
+              for r in rows]
+    if runs:
+        lines += ["", f"train.py on MiniLM MRPC, global batch {global_batch}, {runs[0]['steps']} steps, "
+                  f"{cpus} CPU threads shared by the processes", "",
+                  "| processes | examples/s | × 1 process |", "|---|---|---|"]
+        lines += [f"| {r['processes']} | {r['examples_per_s']:.1f} | "
+                  f"{r['examples_per_s'] / runs[0]['examples_per_s']:.2f} |" for r in runs]
+    return lines
+
+
+def generate_table(result):
+    """bench.py generate's table, from its json."""
+    a, rows = result["config"], result["rows"]
+    ref = rows["transformers"]["tokens_per_s"]
+    return [f"greedy decoding, random GPT-2 {a['n_layer']}x{a['n_embd']}, batch {a['batch']}, prompts "
+            f"{min(result['lengths'])}-{a['prompt']} tokens (left-padded), {a['new']} new tokens, "
+            f"{a['device']}, {a['threads']} thread(s); the same tokens from all three: "
+            f"{result['same_tokens']}",
+            "",
+            "| decoding | s | tokens/s | vs transformers |", "|---|---|---|---|"] + [
+        f"| {name} | {r['seconds']:.3f} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / ref:.2f}x |"
+        for name, r in rows.items()]
+
+
+# -----------------------------------------------------------------------------
+# plots (matplotlib optional)
+
+def pyplot():
+    """matplotlib.pyplot, or None (with a note) when matplotlib is not installed: plots are optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("matplotlib is not installed: plot skipped (pip install matplotlib)")
+        return None
+
+
+def save_png(fig, png):
+    """A temp file renamed into place, so a failed write leaves no half image."""
+    fig.tight_layout()
+    tmp = png + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, png)
+    print(f"wrote {png}")
+    return True
+
+
+def plot_dynamic(runs, png):
+    plt = pyplot()
+    return plt is not None and save_png(dynamic_figure(plt, runs), png)
+
+
+def plot_ranks(runs, png):
+    plt = pyplot()
+    return plt is not None and save_png(ranks_figure(plt, runs), png)
+
+
+def dynamic_figure(plt, runs):
+    """The calibrated r_l of every adapted module (layer x matrix) and the m_l trajectories of one run."""
+    report = runs[0]["method_report"]
+    names = list(report["ranks"])
+    layers = sorted({int(n.split(".")[1]) for n in names})
+    kinds = list(dict.fromkeys(n.split(".", 2)[2] for n in names))
+    grid = np.array([[report["ranks"].get(f"h.{i}.{k}", np.nan) for k in kinds] for i in layers])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    im = a.imshow(grid, cmap="viridis")
+    a.set_xticks(range(len(kinds)), kinds, rotation=30)
+    a.set_yticks(range(len(layers)), [f"layer {i}" for i in layers])
+    for (i, j), v in np.ndenumerate(grid):
+        a.text(j, i, f"{v:.0f}", ha="center", va="center", color="w")
+    a.set_title(f"calibrated rank r_l ({runs[0]['args'].get('model', '')})"
+                .replace("/root/.cache/nanopeft/", ""))
+    fig.colorbar(im, ax=a)
+    for r in runs:
+        rows = [{"step": 0, "m": dict.fromkeys(names, 1.0)}]  # m = 1 at init, then one row per ω update
+        rows += r["method_report"]["m_trajectory"]
+        for n in names:
+            b.plot([row["step"] for row in rows], [row["m"][n] for row in rows], lw=0.8, alpha=0.6,
+                   color=plt.cm.tab10(kinds.index(n.split(".", 2)[2])), marker=".")
+    for k, kind in enumerate(kinds):
+        b.plot([], [], color=plt.cm.tab10(k), label=kind)
+    b.legend(fontsize=8, ncol=2)
+    b.axhline(1.0, color="k", lw=0.5)
+    b.set_xlabel("step")
+    b.set_ylabel("m_l = L_n·ω_l")
+    b.set_title(f"m_l per module, {len(runs)} seed(s), coloured by matrix")
+    return fig
+
+
+def ranks_figure(plt, runs):
+    """The kept (AdaLoRA, ADAQ-LoRA) or calibrated (Dynamic LoRA) rank of every adapted matrix, layer x
+    matrix, averaged over the runs given (their seeds)."""
+    names = list(runs[0]["method_report"]["ranks"])
+    layers = sorted({int(n.split(".")[1]) for n in names})
+    kinds = list(dict.fromkeys(n.split(".", 2)[2] for n in names))
+    grid = np.array([[np.mean([r["method_report"]["ranks"].get(f"h.{i}.{k}", np.nan) for r in runs])
+                      for k in kinds] for i in layers])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    im = ax.imshow(grid, cmap="viridis")
+    ax.set_xticks(range(len(kinds)), kinds, rotation=30)
+    ax.set_yticks(range(len(layers)), [f"layer {i}" for i in layers])
+    for (i, j), v in np.ndenumerate(grid):
+        ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="w")
+    ax.set_title(f"{runs[0]['label']} on {runs[0]['task']}: rank per matrix, mean of {len(runs)} run(s)")
+    fig.colorbar(im, ax=ax)
+    return fig
+
+
+class Plots:
+    """Writes PNGs into folder and returns the markdown that shows them; without matplotlib it records what
+    it skipped, and the report says so."""
+
+    def __init__(self, folder, out_dir):
+        self.folder, self.out_dir, self.skipped = folder, out_dir, []
+        self.plt = pyplot()
+
+    def add(self, name, title, draw):
+        """draw(plt) -> a figure. Returns the markdown image line, or "" when skipped."""
+        if self.plt is None:
+            self.skipped.append(name)
+            return ""
+        png = os.path.join(self.folder, name)
+        fig = draw(self.plt)
+        save_png(fig, png)
+        self.plt.close(fig)
+        return f"![{title}]({os.path.relpath(png, self.out_dir)})"
+
+
+def heat_map(plt, grid, xlabels, ylabels, title, xname="", fmt="{:.3f}"):
+    fig, ax = plt.subplots(figsize=(1.2 * len(xlabels) + 2, 0.6 * len(ylabels) + 1.6))
+    im = ax.imshow(grid, cmap="viridis")
+    ax.set_xticks(range(len(xlabels)), xlabels)
+    ax.set_xlabel(xname)
+    ax.set_yticks(range(len(ylabels)), ylabels)
+    for (i, j), v in np.ndenumerate(grid):
+        if not np.isnan(v):
+            ax.text(j, i, fmt.format(v), ha="center", va="center", color="w", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax)
+    return fig
+
+
+def loss_curves(plt, groups, title):
+    """groups: {row: [runs]}: the mean over seeds of each logged train-loss window, per row."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for row, rs in groups.items():
+        steps = [s for s, _, _ in rs[0]["loss_log"]]
+        losses = np.mean([[l for _, l, _ in r["loss_log"][:len(steps)]] for r in rs], axis=0)
+        ax.plot(steps, losses, label=f"{row} ({len(rs)} seed{'s' * (len(rs) > 1)})", lw=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train loss (window mean)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def metric_vs_params(plt, runs, task, metric, res):
+    """Each (section, label, config) group of a task with 2 or more seeds: dev metric (mean ± std) against
+    trainable parameters, coloured by the section (the results/ folder) it comes from."""
+    groups = defaultdict(list)
+    for r in runs:
+        if r["task"] == task and r["args"].get("epochs") != 0:
+            section = os.path.relpath(r["path"], res).split(os.sep)[0]
+            groups[(section, r.get("label", r["method"]), json.dumps(config(r), sort_keys=True))].append(r)
+    groups = {k: rs for k, rs in groups.items() if len(rs) > 1}
+    sections = sorted({k[0] for k in groups})
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for (section, label, _), rs in sorted(groups.items()):
+        y = [r["last"][metric] for r in rs]
+        c = plt.cm.tab10(sections.index(section))
+        ax.errorbar(rs[0]["trainable_params"], np.mean(y), yerr=np.std(y), fmt="o", ms=4, capsize=2, color=c)
+        ax.annotate(label, (rs[0]["trainable_params"], np.mean(y)), fontsize=6, xytext=(3, 2),
+                    textcoords="offset points", color=c)
+    for i, s in enumerate(sections):
+        ax.plot([], [], "o", color=plt.cm.tab10(i), label=s)
+    ax.legend(fontsize=7, title="results/", title_fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log)")
+    ax.set_ylabel(f"dev {metric}, last epoch (mean ± std over seeds)")
+    ax.set_title(f"{task}: every configuration with 2 or more seeds under results/ ({len(groups)})",
+                 fontsize=9)
+    return fig
 
 
 # -----------------------------------------------------------------------------
@@ -82,96 +485,26 @@ def lr(x):
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}" if x else "0"
 
 
-# -----------------------------------------------------------------------------
-# plots (matplotlib optional)
-
-class Plots:
-    """Writes PNGs into folder and returns the markdown that shows them; without matplotlib it records what
-    it skipped, and the report says so."""
-
-    def __init__(self, folder, out_dir):
-        self.folder, self.out_dir, self.skipped = folder, out_dir, []
-        self.plt = ev.pyplot()
-
-    def add(self, name, title, draw):
-        """draw(plt) -> a figure. Returns the markdown image line, or "" when skipped."""
-        if self.plt is None:
-            self.skipped.append(name)
-            return ""
-        png = os.path.join(self.folder, name)
-        fig = draw(self.plt)
-        ev.save_png(fig, png)
-        self.plt.close(fig)
-        return f"![{title}]({os.path.relpath(png, self.out_dir)})"
+def note(res, name):
+    """A hand-written paragraph about the runs (results/notes/NAME.md)."""
+    path = os.path.join(res, "notes", name + ".md")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [f.read().strip(), ""]
 
 
-def heat_map(plt, grid, xlabels, ylabels, title, xname="", fmt="{:.3f}"):
-    fig, ax = plt.subplots(figsize=(1.2 * len(xlabels) + 2, 0.6 * len(ylabels) + 1.6))
-    im = ax.imshow(grid, cmap="viridis")
-    ax.set_xticks(range(len(xlabels)), xlabels)
-    ax.set_xlabel(xname)
-    ax.set_yticks(range(len(ylabels)), ylabels)
-    for (i, j), v in np.ndenumerate(grid):
-        if not np.isnan(v):
-            ax.text(j, i, fmt.format(v), ha="center", va="center", color="w", fontsize=8)
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax)
-    return fig
-
-
-def loss_curves(plt, groups, title):
-    """groups: {row: [runs]}: the mean over seeds of each logged train-loss window, per row."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for row, rs in groups.items():
-        steps = [s for s, _, _ in rs[0]["loss_log"]]
-        losses = np.mean([[l for _, l, _ in r["loss_log"][:len(steps)]] for r in rs], axis=0)
-        ax.plot(steps, losses, label=f"{row} ({len(rs)} seed{'s' * (len(rs) > 1)})", lw=1)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("train loss (window mean)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    return fig
-
-
-def metric_vs_params(plt, runs, task, metric, res):
-    """Each (section, label, config) group of a task with 2 or more seeds: dev metric (mean ± std) against
-    trainable parameters, coloured by the section (the results/ folder) it comes from."""
-    groups = defaultdict(list)
-    for r in runs:
-        if r["task"] == task and r["args"].get("epochs") != 0:
-            section = os.path.relpath(r["path"], res).split(os.sep)[0]
-            groups[(section, r.get("label", r["method"]), json.dumps(ev.config(r), sort_keys=True))].append(r)
-    groups = {k: rs for k, rs in groups.items() if len(rs) > 1}
-    sections = sorted({k[0] for k in groups})
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for (section, label, _), rs in sorted(groups.items()):
-        y = [r["last"][metric] for r in rs]
-        c = plt.cm.tab10(sections.index(section))
-        ax.errorbar(rs[0]["trainable_params"], np.mean(y), yerr=np.std(y), fmt="o", ms=4, capsize=2, color=c)
-        ax.annotate(label, (rs[0]["trainable_params"], np.mean(y)), fontsize=6, xytext=(3, 2),
-                    textcoords="offset points", color=c)
-    for i, s in enumerate(sections):
-        ax.plot([], [], "o", color=plt.cm.tab10(i), label=s)
-    ax.legend(fontsize=7, title="results/", title_fontsize=7)
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log)")
-    ax.set_ylabel(f"dev {metric}, last epoch (mean ± std over seeds)")
-    ax.set_title(f"{task}: every configuration with 2 or more seeds under results/ ({len(groups)})",
-                 fontsize=9)
-    return fig
+def run_table(runs, columns, last=True):
+    if not runs:
+        return ["(no runs)", ""]
+    return [table(runs, columns.split(","), last), ""]
 
 
 # -----------------------------------------------------------------------------
-# seed 000: the α × λ grid and the 2 × 2 ablation (SPEC §2.1)
+# per-matrix learning rates: the α × λ grid and the 2 × 2 ablation (results/seed000)
 
 ALPHAS = (5e-5, 1e-4, 2e-4, 4e-4)  # the lr of every A
 LAMBDAS = (1, 2, 4, 8, 16)  # B's lr = λ·α
-SEED000_TABLE2 = {  # seed 000, Table 2 (QQP; SPEC §2.1): row -> (ACC, F1, MCC)
-    "Ours": (0.910, 0.913, 0.80),
-    "Remove adaptive learning rate": (0.900, 0.888, 0.76),
-    "Remove low-rank matrix updates": (0.903, 0.905, 0.78),
-    "LoRA": (0.882, 0.887, 0.73),
-}
 
 
 def holdout_score(run):
@@ -179,8 +512,8 @@ def holdout_score(run):
     train at the epoch the run kept, ties broken by the lower held-out loss. Dev is never read."""
     h = run["history"][run.get("selected_epoch", len(run["history"])) - 1].get("holdout")
     if h is None:
-        raise ValueError(f"{run['path']} has no held-out scores: seed 000's grid runs need --select holdout")
-    return h[data.main_metric(run["task"])], -h["loss"]
+        raise ValueError(f"{run['path']} has no held-out scores: the grid's runs need --select holdout")
+    return h[metrics.main_metric(run["task"])], -h["loss"]
 
 
 def grid_runs(runs):
@@ -194,7 +527,7 @@ def grid_runs(runs):
     return grid
 
 
-def seed000_best(runs):
+def grid_best(runs):
     """(α*, λ*) over the whole grid and the tied η* over its λ = 1 column, each by holdout_score."""
     grid = grid_runs(runs)
     tied = {c: r for c, r in grid.items() if c[1] == 1}
@@ -208,7 +541,8 @@ def seed000_best(runs):
 
 
 def ablation_rows(runs, a, l, e):
-    """SPEC §2.1's 2 × 2 design: the runs of each row, found by their flags (seeds 0, 1, 2)."""
+    """The 2 × 2 ablation of the paper's Table 2: the runs of each row, found by their flags (seeds 0, 1, 2).
+    Its "low-rank matrix updates" is undefined; our substitute adapts q and v only, as LoRA's paper did."""
     rows = {"Ours": (a, l, "all-linear"), "Remove adaptive learning rate": (e, 1.0, "all-linear"),
             "Remove low-rank matrix updates": (a, l, "query,value"), "LoRA": (e, 1.0, "query,value")}
     found = {}
@@ -220,7 +554,7 @@ def ablation_rows(runs, a, l, e):
 
 def verdict(found, better, worse):
     """A paper claim "better > worse" on dev accuracy, paired by seed, beside the paper's gap."""
-    paper_gap = 100 * (SEED000_TABLE2[better][0] - SEED000_TABLE2[worse][0])
+    paper_gap = 100 * (PER_MATRIX_TABLE2[better][0] - PER_MATRIX_TABLE2[worse][0])
     a = {arg(r, "seed"): r["last"]["accuracy"] for r in found[better]}
     b = {arg(r, "seed"): r["last"]["accuracy"] for r in found[worse]}
     seeds = sorted(set(a) & set(b))
@@ -234,12 +568,30 @@ def verdict(found, better, worse):
             ", ".join(f"{x:+.2f}" for x in d))
 
 
-def seed000_section(folder, task, plots):
+def grid_verdict(hold, metric):
+    """Per-matrix rates against the tied rate, within each α row of the grid (held-out scores, one seed):
+    the row's best λ > 1 cell against its λ = 1 cell, and every λ > 1 cell against it. *reproduced*: every
+    row's best beats λ = 1, and so do more than half of all λ > 1 cells; *not reproduced*: half the rows or
+    fewer."""
+    gaps = [100 * (max(row[1:]) - row[0]) for row in hold]
+    rows = sum(g > 0 for g in gaps)
+    cells, n = int((hold[:, 1:] > hold[:, :1]).sum()), hold[:, 1:].size
+    word = ("reproduced" if rows == len(gaps) and cells > n / 2 else
+            "not reproduced" if rows <= len(gaps) / 2 else "not shown")
+    return (f"- Per-matrix rates beat the tied rate within an α row (held-out {metric}, seed 0): the row's best "
+            f"λ > 1 cell beats its λ = 1 cell in {rows} of {len(gaps)} rows (by " +
+            ", ".join(f"{g:+.2f}" for g in gaps) + f" points, α {lr(ALPHAS[0])} to {lr(ALPHAS[-1])}), and "
+            f"{cells} of {n} λ > 1 cells beat their row's λ = 1 cell: **{word}** (*reproduced*: every row and "
+            f"more than half the cells; *not reproduced*: half the rows or fewer; one seed, on the selection "
+            f"split, so a gap of one held-out example is noise).")
+
+
+def lr_grid_section(folder, task, plots):
     runs = runs_under(folder)
     if not runs:
         return [f"No runs in `{folder}`: `bash experiments.sh MINILM_DIR` makes them.", ""]
     grid = grid_runs(runs)
-    metric = data.main_metric(task)
+    metric = metrics.main_metric(task)
     out = [f"### {data.get_task(task).folder}", ""]
     hold = np.full((len(ALPHAS), len(LAMBDAS)), np.nan)
     loss = hold.copy()
@@ -254,91 +606,104 @@ def seed000_section(folder, task, plots):
         out.append(f"| {lr(a)} | " + " | ".join("–" if np.isnan(v) else f"{v:.4f} / {-n:.3f}"
                                                 for v, n in zip(hold[i], loss[i])) + " |")
     out.append("")
-    out.append(plots.add(f"seed000_{task}_grid.png", f"seed 000 grid, {task}", lambda plt: heat_map(
-        plt, hold, [str(l) for l in LAMBDAS], [f"α {lr(a)}" for a in ALPHAS],
-        f"{task}: held-out {metric}, seed 0 (B at λ·α)", "λ")))
+    out.append(plots.add(f"lr_grid_{task}.png", f"per-matrix learning rates: the grid, {task}",
+                         lambda plt: heat_map(plt, hold, [str(l) for l in LAMBDAS],
+                                              [f"α {lr(a)}" for a in ALPHAS],
+                                              f"{task}: held-out {metric}, seed 0 (B at λ·α)", "λ")))
     if len(grid) < hold.size:
         return out + ["", "The grid is incomplete: no choice and no ablation yet.", ""]
-    a, l, e = seed000_best(runs)
+    a, l, e = grid_best(runs)
     sa, sl = holdout_score(grid[(a, l)]), holdout_score(grid[(e, 1.0)])
     out += ["", f"Chosen on the held-out slice: **α\\* = {lr(a)}, λ\\* = {l:g}** (held-out {metric} "
             f"{sa[0]:.4f}); the best tied rate (λ = 1) **η\\* = {lr(e)}** ({sl[0]:.4f}).", ""]
     rows, found = ablation_rows(runs, a, l, e)
-    out += ["The 2 × 2 ablation (SPEC §2.1) on GLUE dev at the last (only) epoch, mean ± std over seeds; the "
+    out += ["The paper's 2 × 2 ablation on GLUE dev at the last (only) epoch, mean ± std over seeds; the "
             "paper's Table 2 (QQP) beside:", "",
             "| row | targets | A lr | B lr | seeds | ACC | F1 | MCC | paper ACC | F1 | MCC | trainable % |",
             "|---" * 12 + "|"]
     for row, (a_lr, ratio, tgt) in rows.items():
         rs = found[row]
-        p = SEED000_TABLE2[row]
-        cells = " | ".join(ev.mean_std([r["last"][c] for r in rs], digits=3) if rs else "–"
+        p = PER_MATRIX_TABLE2[row]
+        cells = " | ".join(mean_std([r["last"][c] for r in rs], digits=3) if rs else "–"
                            for c in ("accuracy", "f1", "mcc"))
         pct = f"{rs[0]['trainable_pct']:.3f}" if rs else "–"
         out.append(f"| {row} | {tgt} | {lr(a_lr)} | {lr(a_lr * ratio)} | {len(rs)} | {cells} | {p[0]} | "
                    f"{p[1]} | {p[2]} | {pct} |")
-    out += ["", "Verdicts (dev accuracy, paired by seed; *reproduced*: the paper's direction on every seed; "
-            "*not shown*: on average only; *not reproduced*: not even on average):", "",
-            f"- Tuned per-matrix rates beat tied ones on the grid: the best cell has λ\\* = {l:g}" +
-            (f", held-out {metric} {sa[0]:.4f} against {sl[0]:.4f} at the best λ = 1 cell: **reproduced** "
-             f"(on the selection split, one seed)." if l > 1 and sa[0] > sl[0] else
-             f": **not reproduced** (the held-out {metric} of the best λ > 1 cell does not beat λ = 1)."),
+    out += ["", "Verdicts (the ablation's on dev accuracy, paired by seed; *reproduced*: the paper's direction "
+            "on every seed; *not shown*: on average only; *not reproduced*: not even on average):", "",
+            grid_verdict(hold, metric),
             f"- Ours > Remove adaptive learning rate (tied η\\*): "
             f"{verdict(found, 'Ours', 'Remove adaptive learning rate')}.",
-            f"- Ours > Remove low-rank matrix updates (q, v only, SPEC's substitute): "
+            f"- Ours > Remove low-rank matrix updates (q, v only, our substitute for the undefined row): "
             f"{verdict(found, 'Ours', 'Remove low-rank matrix updates')}.",
             f"- Ours > LoRA (q, v only, tied η\\*): {verdict(found, 'Ours', 'LoRA')}.",
             "- The absolute QQP numbers (0.910 ACC) and Table 1 (a closed GPT-4 fine-tune, full fine-tuning "
-            "of BERT/RoBERTa-base for 25 epochs): **not testable here** (no QQP data in ../shared, a 2-core "
-            "CPU, MiniLM for 1 epoch).", ""]
+            "of BERT/RoBERTa-base for 25 epochs): **not testable here** (no QQP data on this machine, a "
+            "2-core CPU, MiniLM for 1 epoch).", ""]
     curves = {row: rs for row, rs in found.items() if rs and "loss_log" in rs[0]}
     if curves:
-        out.append(plots.add(f"seed000_{task}_loss.png", f"seed 000 ablation train loss, {task}",
-                             lambda plt: loss_curves(plt, curves, f"{task}: seed 000 ablation, train loss")))
+        out.append(plots.add(f"lr_ablation_{task}_loss.png", f"per-matrix learning rates: ablation train "
+                             f"loss, {task}", lambda plt: loss_curves(plt, curves, f"{task}: the 2 × 2 "
+                                                                      f"ablation, train loss")))
     return out + [""]
 
 
 # -----------------------------------------------------------------------------
-# the other seeds' sections: their runs and bench files, tabled by eval.py's and bench.py's own functions
+# the other sections: their runs and bench files, tabled by the functions above
 
-def note(res, name):
-    """A hand-written paragraph about the runs (results/notes/NAME.md)."""
-    path = os.path.join(res, "notes", name + ".md")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [f.read().strip(), ""]
+def kind(name):
+    """The matrix of an adapted module: h.3.attn.value -> attn.value."""
+    return name.split(".", 2)[2]
 
 
-def run_table(runs, columns, last=True):
-    if not runs:
-        return ["(no runs)", ""]
-    return [ev.table(runs, columns.split(","), last), ""]
+def m_table(runs):
+    """Dynamic LoRA's importance multipliers m_l at each ω update, per matrix: the mean over the blocks that
+    matrix is adapted in, and the largest block's, each as its range over the runs (seeds)."""
+    steps = [row["step"] for row in runs[0]["method_report"]["m_trajectory"]]
+    kinds = list(dict.fromkeys(kind(n) for n in runs[0]["method_report"]["ranks"]))
+
+    def span(values):  # min–max at two decimals, or one number where they agree
+        lo, hi = f"{min(values):.2f}", f"{max(values):.2f}"
+        return lo if lo == hi else f"{lo}–{hi}"
+    blocks = len(runs[0]["method_report"]["ranks"]) // len(kinds)
+    lines = [f"Dynamic LoRA's m_l = L_n·ω_l per matrix at each ω update (1 at the start): the mean over the "
+             f"{blocks} blocks, and the largest block's, each as its range over the {len(runs)} runs (seeds).", "",
+             "| matrix | " + " | ".join(f"step {s} mean | step {s} largest" for s in steps) + " |",
+             "|---" * (1 + 2 * len(steps)) + "|"]
+    for k in kinds:
+        cells = []
+        for i in range(len(steps)):
+            per_run = [[v for n, v in r["method_report"]["m_trajectory"][i]["m"].items() if kind(n) == k]
+                       for r in runs]
+            cells += [span([np.mean(v) for v in per_run]), span([max(v) for v in per_run])]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
-def seed001(res, plots):
+def dynamic_lora_section(res, plots):
     runs = runs_under(os.path.join(res, "seed001"))
     if not runs:
         return []
     dyn = [r for r in runs if r["method"] == "dynamic_lora"]
     by = defaultdict(list)
     for r in runs:
-        by[ev.PAPER["001"][r["method"]][0]].append(r)
-    out = ["## Dynamic LoRA (seed 001) on MRPC with MiniLM", "", *note(res, "seed001"),
-           ev.paper_tables(runs, "001"), ""]
+        by[PAPER["dynamic_lora"][r["method"]][0]].append(r)
+    out = ["## Dynamic LoRA (arXiv 2501.14859) on MRPC with MiniLM", "", *note(res, "dynamic_lora"),
+           paper_tables(runs, "dynamic_lora"), ""]
     if dyn:
-        out.append(plots.add("seed001_dynamic_lora.png", "Dynamic LoRA: calibrated ranks and m_l",
-                             lambda plt: ev.dynamic_figure(plt, dyn)))
-    out.append(plots.add("seed001_loss.png", "seed 001 rows: train loss",
-                         lambda plt: loss_curves(plt, by, "MRPC, seed 001's six rows: train loss")))
-    return out + ["", *note(res, "seed001_verdicts")]
+        out += [plots.add("dynamic_lora.png", "Dynamic LoRA: calibrated ranks and m_l",
+                          lambda plt: dynamic_figure(plt, dyn)), "", *m_table(dyn)]
+    out.append(plots.add("dynamic_lora_loss.png", "Dynamic LoRA and its comparison rows: train loss",
+                         lambda plt: loss_curves(plt, by, "MRPC, Dynamic LoRA's six rows: train loss")))
+    return out + ["", *note(res, "dynamic_lora_verdict")]
 
 
-def seed002(res, plots):
-    out = ["## TLoRA and TLoRA+ (seed 002)", "", *note(res, "seed002")]
+def tlora_section(res, plots):
+    out = ["## TLoRA (arXiv 2504.18735) and TLoRA+ (arXiv 2604.13368)", "", *note(res, "tlora")]
     runs = runs_under(os.path.join(res, "tlora_init"))
     if runs:
-        out += ["### TLoRA's initialisation: SPEC's reading against the official code (`--tlora_init`)", "",
-                *note(res, "tlora_init"),
+        out += ["### TLoRA's initialisation: our reading of the paper against the official code "
+                "(`--tlora_init`)", "", *note(res, "tlora_init"),
                 *run_table(runs, "accuracy,f1,mcc,auc,loss,train_loss,train_accuracy"),
                 *note(res, "tlora_init_verdict")]
     sweep = runs_under(os.path.join(res, "seed002", "lambda"))
@@ -347,7 +712,7 @@ def seed002(res, plots):
         for r in sorted(sweep, key=lambda r: arg(r, "ratio")):
             by[arg(r, "ratio")].append(r)
         epochs = max(len(r["history"]) for r in sweep)
-        out += ["### The λ sweep", "", *note(res, "seed002_lambda"),
+        out += ["### TLoRA+'s λ sweep", "", *note(res, "tlora_plus_lambda"),
                 "Dev accuracy / MCC at each epoch (mean over seeds), and the last epoch's dev and train "
                 "loss:", "",
                 "| λ | η_B / η | η_C / η | seeds | " + " | ".join(f"epoch {e + 1}" for e in range(epochs)) +
@@ -360,33 +725,33 @@ def seed002(res, plots):
                        f" | {np.mean([r['last']['loss'] for r in rs]):.4f} | "
                        f"{np.mean([r['last']['train_loss'] for r in rs]):.4f} |")
         curves = {f"λ = {lam:g}": rs for lam, rs in by.items()}
-        out += ["", plots.add("seed002_lambda.png", "TLoRA+ λ sweep: train loss", lambda plt: loss_curves(
-            plt, curves, "MRPC, TLoRA+ (ABC) λ sweep: train loss")), "", *note(res, "seed002_lambda_verdict")]
+        out += ["", plots.add("tlora_plus_lambda.png", "TLoRA+ λ sweep: train loss", lambda plt: loss_curves(
+            plt, curves, "MRPC, TLoRA+ (ABC) λ sweep: train loss")), "", *note(res, "tlora_plus_lambda_verdict")]
     return out
 
 
-def seed003(res, plots):
-    s3 = os.path.join(res, "seed003")
-    out = ["## ADAQ-LoRA and AdaLoRA (seed 003)", ""]
-    if os.path.exists(os.path.join(s3, "memory.json")):
-        m = read_bench(os.path.join(s3, "memory.json"))
-        out += ["### Memory: seed 003's claim, ours beside transformers + peft + bitsandbytes", "",
-                *note(res, "seed003_memory"), bench.memory_table(m["rows"], m["threads"]), "",
-                *note(res, "seed003_memory_verdict")]
-    if os.path.exists(os.path.join(s3, "qlora_speed.json")):
-        q = read_bench(os.path.join(s3, "qlora_speed.json"))
+def adaq_section(res, plots):
+    folder = os.path.join(res, "seed003")
+    out = ["## ADAQ-LoRA (Feng et al. 2024) and AdaLoRA (arXiv 2303.10512)", ""]
+    if os.path.exists(os.path.join(folder, "memory.json")):
+        m = read_bench(os.path.join(folder, "memory.json"))
+        out += ["### Memory: the ADAQ-LoRA paper's claim, ours beside transformers + peft + bitsandbytes", "",
+                *note(res, "adaq_memory"), memory_table(m["rows"], m["threads"]), "",
+                *note(res, "adaq_memory_verdict")]
+    if os.path.exists(os.path.join(folder, "qlora_speed.json")):
+        q = read_bench(os.path.join(folder, "qlora_speed.json"))
         out += ["### QLoRA step time with the fused dequantize (`--compile`)", "",
-                *note(res, "seed003_speed"),
-                q["header"], "", *bench.speed_table(q["rows"], q["rows"][0].get("device", "cpu")),
-                *note(res, "seed003_speed_verdict")]
+                *note(res, "qlora_speed"),
+                q["header"], "", *speed_table(q["rows"], q["rows"][0].get("device", "cpu")),
+                *note(res, "qlora_speed_verdict")]
     cols = "accuracy,f1,mcc,auc,loss,train_loss,train_accuracy"
     for task in ("mrpc", "rte"):
-        runs = runs_under(os.path.join(s3, task))
+        runs = runs_under(os.path.join(folder, task))
         rows = [r for r in runs if os.path.basename(os.path.dirname(r["path"])).startswith(task + "-")]
         if not rows:
             continue
         out += [f"### {task.upper()}: ADAQ-LoRA and AdaLoRA against LoRA and QLoRA (MiniLM)", "",
-                *note(res, f"seed003_{task}"), *run_table(rows, cols), *note(res, f"seed003_{task}_verdict")]
+                *note(res, f"adaq_{task}"), *run_table(rows, cols), *note(res, f"adaq_{task}_verdict")]
         sel = [r for r in runs if os.path.basename(os.path.dirname(r["path"])).startswith("sel_")]
         if sel:  # a learning-rate choice made on the held-out slice: the numbers it was made on
             out += [f"The {sel[0]['label']} learning-rate choice (seed 0, `--select holdout`): held-out "
@@ -400,26 +765,26 @@ def seed003(res, plots):
         for m in ("adalora", "adaq_lora"):
             rs = [r for r in rows if r["method"] == m]
             if rs and task == "mrpc":
-                out.append(plots.add(f"seed003_{m}_ranks.png", f"{m} kept ranks",
-                                     lambda plt, rs=rs: ev.ranks_figure(plt, rs)))
+                out.append(plots.add(f"{m}_ranks.png", f"{m} kept ranks",
+                                     lambda plt, rs=rs: ranks_figure(plt, rs)))
         out.append("")
         peft = [r for r in runs if "peft" in r.get("label", r["method"])]
         if peft:  # the reference QLoRA (bench.py peft_glue) beside ours
             ours = [r for r in rows if r["method"] == "lora"]
             out += ["### QLoRA's gap to LoRA: peft + bitsandbytes QLoRA on the same protocol", "",
-                    *note(res, "seed003_peft_qlora"),
+                    *note(res, "peft_qlora"),
                     *run_table(ours + peft, "accuracy,f1,mcc,auc,loss,train_loss"),
-                    *note(res, "seed003_peft_qlora_verdict")]
-    gen = runs_under(os.path.join(s3, "gsm8k"))
+                    *note(res, "peft_qlora_verdict")]
+    gen = runs_under(os.path.join(folder, "gsm8k"))
     if gen:
         out += ["### Instruction tuning on GSM8K: the pipeline on a random GPT-2", "",
-                *note(res, "seed003_gsm8k"),
+                *note(res, "gsm8k"),
                 *run_table(gen, "rouge-1,rouge-2,rouge-l,bleu-4,avg,corpus_bleu,accuracy", last=False),
-                *note(res, "seed003_gsm8k_verdict")]
-    if os.path.exists(os.path.join(s3, "generate.json")):
-        out += ["### Greedy decoding speed: `python bench.py generate`", "", *note(res, "seed003_generate"),
-                *bench.generate_table(read_bench(os.path.join(s3, "generate.json"))), "",
-                *note(res, "seed003_generate_verdict")]
+                *note(res, "gsm8k_verdict")]
+    if os.path.exists(os.path.join(folder, "generate.json")):
+        out += ["### Greedy decoding speed: `python bench.py generate`", "", *note(res, "generate"),
+                *generate_table(read_bench(os.path.join(folder, "generate.json"))), "",
+                *note(res, "generate_verdict")]
     return out
 
 
@@ -429,8 +794,7 @@ def scale(res):
         return []
     s = read_bench(path)
     return ["## Past one process: checkpointing and torchrun", "", *note(res, "scale"),
-            *bench.scale_table(s["checkpointing"], s["throughput"], s.get("global_batch", 16),
-                               s.get("cpus", 2)), "",
+            *scale_table(s["checkpointing"], s["throughput"], s.get("global_batch", 16), s.get("cpus", 2)), "",
             *note(res, "scale_verdict")]
 
 
@@ -448,13 +812,12 @@ def report(res, out_path):
     """The whole RESULTS.md as one string; PNGs go into res."""
     plots = Plots(res, os.path.dirname(os.path.abspath(out_path)))
     lines = ["# Results", "", *note(res, "intro"),
-             "## Seed 000: per-matrix learning rates (the α × λ grid and the 2 × 2 ablation)", "",
-             *note(res, "seed000")]
+             "## Per-matrix learning rates: the α × λ grid and the 2 × 2 ablation", "", *note(res, "lr_grid")]
     for task in ("mrpc", "sst2", "qqp"):
         if os.path.isdir(os.path.join(res, "seed000", task)):
-            lines += seed000_section(os.path.join(res, "seed000", task), task, plots)
-    lines += [*note(res, "seed000_verdict"), *seed001(res, plots), *seed002(res, plots), *seed003(res, plots),
-              *scale(res), *overview(res, plots), *note(res, "not_regenerated")]
+            lines += lr_grid_section(os.path.join(res, "seed000", task), task, plots)
+    lines += [*note(res, "lr_grid_verdict"), *dynamic_lora_section(res, plots), *tlora_section(res, plots),
+              *adaq_section(res, plots), *scale(res), *overview(res, plots), *note(res, "not_regenerated")]
     if plots.skipped:
         lines += [f"Plots skipped (matplotlib is not installed): {', '.join(plots.skipped)}.", ""]
     text = "\n".join(line for line in lines if line is not None)
@@ -463,23 +826,62 @@ def report(res, out_path):
     return text.strip() + "\n"
 
 
-if __name__ == "__main__":
+def read_runs(paths):
+    """metrics.json files named on the command line, for --table and the plots."""
+    runs = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                runs.append(json.load(f))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read {path}: {e}") from None
+    return runs
+
+
+def main(argv=None):
+    """The command line; bad input is one line, "error: ...", and a non-zero exit."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default="results", help="the folder of run folders and bench json files")
     p.add_argument("--out", default="RESULTS.md", help="written atomically (a temp file, then a rename)")
-    p.add_argument("--seed000_best", metavar="FOLDER", help="print the grid's α* λ* η* and exit")
-    a = p.parse_args()
+    p.add_argument("--grid_best", metavar="FOLDER", help="print the per-matrix-rate grid's α* λ* η* and exit")
+    p.add_argument("--table", nargs="+", metavar="METRICS_JSON", help="metrics.json files to merge into a table")
+    p.add_argument("--columns", help="with --table: comma-separated metrics to show (default: all)")
+    p.add_argument("--last", action="store_true",
+                   help="with --table: the last epoch instead of the one each run kept (--select)")
+    p.add_argument("--paper", choices=sorted(PAPER), help="with --table: the paper's tables, its numbers beside")
+    p.add_argument("--plot_dynamic", nargs="+", metavar="METRICS_JSON",
+                   help="Dynamic LoRA runs: plot r_l and m_l")
+    p.add_argument("--plot_ranks", nargs="+", metavar="METRICS_JSON",
+                   help="runs with per-matrix ranks (adalora, adaq_lora, dynamic_lora): a layer x matrix "
+                        "heat map")
+    p.add_argument("--png", default="dynamic_lora.png", help="where --plot_dynamic / --plot_ranks write")
+    a = p.parse_args(argv)
     try:
-        if a.seed000_best:
-            if not os.path.isdir(a.seed000_best):
-                raise ValueError(f"{a.seed000_best} is not a folder of runs (e.g. results/seed000/mrpc)")
-            print(" ".join(f"{x:g}" for x in seed000_best(runs_under(a.seed000_best))))  # α* λ* η*
+        if a.grid_best:
+            if not os.path.isdir(a.grid_best):
+                raise ValueError(f"{a.grid_best} is not a folder of runs (e.g. results/seed000/mrpc)")
+            print(" ".join(f"{x:g}" for x in grid_best(runs_under(a.grid_best))))  # α* λ* η*
+        elif a.table or a.plot_dynamic or a.plot_ranks:
+            runs = read_runs(a.table or a.plot_dynamic or a.plot_ranks)
+            if a.plot_dynamic:
+                plot_dynamic(runs, a.png)
+            elif a.plot_ranks:
+                plot_ranks(runs, a.png)
+            elif a.paper:
+                print(paper_tables(runs, a.paper))
+            else:
+                print(table(runs, a.columns.split(",") if a.columns else None, a.last))
         else:
             if not os.path.isdir(a.results):
                 raise ValueError(f"{a.results} is not a folder of runs; give --results DIR")
-            finetune.write_text(a.out, report(a.results, a.out))
+            train.write_text(a.out, report(a.results, a.out))
             print(f"wrote {a.out}")
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     except KeyError as e:
-        sys.exit(f"error: a run or bench file under {a.results} lacks the key {e}; re-run it or remove it")
+        sys.exit(f"error: a metrics.json lacks the key {e}" if a.table or a.plot_dynamic or a.plot_ranks else
+                 f"error: a run or bench file under {a.results} lacks the key {e}; re-run it or remove it")
+
+
+if __name__ == "__main__":
+    main()
