@@ -1,14 +1,19 @@
 """
-One small transformer that loads three checkpoint families:
+One small transformer that loads four checkpoint families:
 - GPT-2: pre-LN, causal, fused q/k/v (`c_attn`), Conv1D layers that store the weight as (in, out), tied LM
   head.
 - RoBERTa: post-LN encoder, positions offset past the padding index, dense-tanh-out classification head.
 - BERT: post-LN encoder, token types, pooler (dense + tanh on [CLS]) then a linear classifier.
-Module names are our own and short; HF_NAMES below is the only place that knows the checkpoint names, used
-both to load weights (from_pretrained) and to write adapters under peft's key names (lora.py).
+- Llama (also Qwen2, Mistral, SmolLM2): pre-RMSNorm, causal, rotary positions instead of a position table,
+  grouped-query attention (n_kv_head key/value heads shared by the query heads), SwiGLU MLP, tied or untied
+  LM head; Qwen2 adds q/k/v biases. Its modules keep Llama's names (q_proj ... down_proj), so LoRA targets
+  read as they do in peft.
+Module names are otherwise our own and short; HF_NAMES below is the only place that knows the checkpoint
+names, used both to load weights (from_pretrained) and to write adapters under peft's key names (lora.py).
 This file knows no adapter: lora.py wraps its Linear/Conv1D layers from the outside.
 """
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -18,9 +23,12 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 
+CAUSAL = ("gpt2", "llama")  # decoders: pre-norm, causal mask, positions that skip left padding, can generate
+
+
 @dataclass
 class Config:
-    family: str = "bert"         # "gpt2" | "roberta" | "bert": decides LN placement, masking, positions, head
+    family: str = "bert"         # "gpt2" | "roberta" | "bert" | "llama": norms, masking, positions, head
     vocab_size: int = 30522
     n_positions: int = 512
     n_types: int = 2             # token-type embeddings (BERT 2, RoBERTa 1, GPT-2 0)
@@ -32,7 +40,40 @@ class Config:
     eps: float = 1e-12
     dropout: float = 0.1
     pad_id: int = 0              # RoBERTa: 1, and positions start at pad_id + 1
-    num_labels: int = 2          # 1 = regression (STS-B); 0 = a causal LM (GPT-2's tied LM head, no head)
+    num_labels: int = 2          # 1 = regression (STS-B); 0 = a causal LM (an LM head, no task head)
+    # Llama only
+    n_kv_head: int = 0           # grouped-query attention: key/value heads, each serving n_head // n_kv_head
+    head_dim: int = 0            # 0 = d // n_head
+    rope_theta: float = 10000.0  # base of the rotary frequencies
+    rope_scaling: dict = None    # Llama 3.x's "llama3" rescaling (see rope_frequencies); None = plain RoPE
+    qkv_bias: bool = False       # Qwen2 (and Llama's attention_bias) give q/k/v a bias
+    o_bias: bool = False         # Llama's attention_bias also gives o_proj one (Qwen2 does not)
+    tie: bool = True             # the LM head is wte; False: a separate lm_head (Llama 3 8B, Qwen2 7B)
+
+
+def rope_frequencies(cfg, device=None):
+    """RoPE's inverse frequencies (hs/2,): theta^(-2i/hs), and Llama 3.x's rescaling: wavelengths longer
+    than the original context / low_freq_factor are stretched by `factor`, shorter than original context /
+    high_freq_factor kept, and those between blended smoothly (transformers' _compute_llama3_parameters)."""
+    hs = cfg.head_dim or cfg.d // cfg.n_head
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hs, 2, device=device, dtype=torch.float) / hs))
+    if cfg.rope_scaling is None:
+        return inv_freq
+    s = cfg.rope_scaling
+    old, lo, hi = s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / lo, inv_freq / s["factor"], inv_freq)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * scaled / s["factor"] + smooth * scaled
+    middle = (wavelen >= old / hi) & (wavelen <= old / lo)
+    return torch.where(middle, blended, scaled)
+
+
+def rotate(x, cos, sin):
+    """Rotary embedding of q or k (B, nh, T, hs): each pair (x_i, x_{i + hs/2}) turns by its position times
+    its frequency (the half-split layout of HF's Llama, not the interleaved one of the RoPE paper)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class Conv1D(nn.Module):
@@ -52,58 +93,84 @@ class Attention(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_head = cfg.n_head  # the causal mask (GPT-2) comes with `mask` from Transformer.encode
+        self.hs = cfg.head_dim or cfg.d // cfg.n_head  # the causal mask comes with `mask` from encode
+        self.llama = cfg.family == "llama"
         if cfg.family == "gpt2":
             self.c_attn = Conv1D(cfg.d, 3 * cfg.d)  # one fused (d, 3d) matrix; one adapter covers all of it
             self.out = Conv1D(cfg.d, cfg.d)
+        elif self.llama:
+            n_q, n_kv = cfg.n_head * self.hs, (cfg.n_kv_head or cfg.n_head) * self.hs
+            self.q_proj = nn.Linear(cfg.d, n_q, bias=cfg.qkv_bias)    # (n_q, d)
+            self.k_proj = nn.Linear(cfg.d, n_kv, bias=cfg.qkv_bias)   # (n_kv, d): fewer heads under GQA
+            self.v_proj = nn.Linear(cfg.d, n_kv, bias=cfg.qkv_bias)
+            self.o_proj = nn.Linear(n_q, cfg.d, bias=cfg.o_bias)
         else:
             self.query, self.key, self.value = (nn.Linear(cfg.d, cfg.d) for _ in range(3))
             self.out = nn.Linear(cfg.d, cfg.d)
         self.p = cfg.dropout
 
-    def forward(self, x, mask, kv=None):
-        """kv (decoding): this block's cache, [] or [k, v] of the earlier tokens, (B, nh, T_past, hs) each;
-        this call's keys and values are appended to it."""
+    def forward(self, x, mask, rope=None, kv=None):
+        """rope (Llama): (cos, sin) of the tokens' positions, (B, 1, T, hs) each. kv (decoding): this block's
+        cache, [] or [k, v] of the earlier tokens, (B, n_kv, T_past, hs) each; this call's keys and values
+        are appended to it."""
         B, T, C = x.size()
         if hasattr(self, "c_attn"):
             q, k, v = self.c_attn(x).split(C, dim=2)
+        elif self.llama:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
             q, k, v = self.query(x), self.key(x), self.value(x)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for t in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = (t.view(B, T, -1, self.hs).transpose(1, 2) for t in (q, k, v))  # (B, nh or n_kv, T, hs)
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)  # the cache keeps keys already rotated
         if kv is not None:
             if kv:
-                k, v = torch.cat([kv[0], k], 2), torch.cat([kv[1], v], 2)  # (B, nh, T_past + T, hs)
+                k, v = torch.cat([kv[0], k], 2), torch.cat([kv[1], v], 2)  # (B, n_kv, T_past + T, hs)
             kv[:] = [k, v]
+        if k.size(1) != q.size(1):  # GQA: key/value head j serves query heads j*g ... j*g + g-1
+            k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))  # (B, nh, S, hs)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.p if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(B, T, C))
+                                           dropout_p=self.p if self.training else 0.0)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hs)
+        return self.o_proj(y) if self.llama else self.out(y)
 
 
 class MLP(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        Lin = Conv1D if cfg.family == "gpt2" else nn.Linear
-        self.fc, self.proj = Lin(cfg.d, cfg.d_ff), Lin(cfg.d_ff, cfg.d)
-        self.approx = "tanh" if cfg.act == "gelu_new" else "none"
+        self.swiglu = cfg.family == "llama"
+        if self.swiglu:  # down(silu(gate x) * up x), no biases
+            self.gate_proj = nn.Linear(cfg.d, cfg.d_ff, bias=False)  # (d_ff, d)
+            self.up_proj = nn.Linear(cfg.d, cfg.d_ff, bias=False)    # (d_ff, d)
+            self.down_proj = nn.Linear(cfg.d_ff, cfg.d, bias=False)  # (d, d_ff)
+        else:
+            Lin = Conv1D if cfg.family == "gpt2" else nn.Linear
+            self.fc, self.proj = Lin(cfg.d, cfg.d_ff), Lin(cfg.d_ff, cfg.d)
+            self.approx = "tanh" if cfg.act == "gelu_new" else "none"
 
     def forward(self, x):
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return self.proj(F.gelu(self.fc(x), approximate=self.approx))
+
+
+def norm(cfg):
+    return nn.RMSNorm(cfg.d, eps=cfg.eps) if cfg.family == "llama" else nn.LayerNorm(cfg.d, eps=cfg.eps)
 
 
 class Block(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.pre_ln = cfg.family == "gpt2"
-        self.ln_1, self.attn = nn.LayerNorm(cfg.d, eps=cfg.eps), Attention(cfg)
-        self.ln_2, self.mlp = nn.LayerNorm(cfg.d, eps=cfg.eps), MLP(cfg)
+        self.pre_ln = cfg.family in CAUSAL
+        self.ln_1, self.attn = norm(cfg), Attention(cfg)
+        self.ln_2, self.mlp = norm(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask, kv=None):
-        if self.pre_ln:  # GPT-2
-            x = x + self.drop(self.attn(self.ln_1(x), mask, kv))
+    def forward(self, x, mask, rope=None, kv=None):
+        if self.pre_ln:  # GPT-2, Llama
+            x = x + self.drop(self.attn(self.ln_1(x), mask, rope, kv))
             return x + self.drop(self.mlp(self.ln_2(x)))
         x = self.ln_1(x + self.drop(self.attn(x, mask)))  # BERT / RoBERTa
         return self.ln_2(x + self.drop(self.mlp(x)))
@@ -111,19 +178,19 @@ class Block(nn.Module):
 
 class Head(nn.Module):
     """Task head, always trainable. RoBERTa: dense-tanh-out on <s>. BERT: pooler (dense-tanh on [CLS]) +
-    linear. GPT-2: `score` (no bias) on the last non-pad token."""
+    linear. GPT-2, Llama: `score` (no bias) on the last non-pad token."""
 
     def __init__(self, cfg):
         super().__init__()
         self.family, self.drop = cfg.family, nn.Dropout(cfg.dropout)
-        if cfg.family == "gpt2":
+        if cfg.family in CAUSAL:
             self.score = nn.Linear(cfg.d, cfg.num_labels, bias=False)
         else:
             self.dense = nn.Linear(cfg.d, cfg.d)  # RoBERTa classifier.dense, BERT pooler.dense
             self.out_proj = nn.Linear(cfg.d, cfg.num_labels)
 
     def forward(self, h, attention_mask):
-        if self.family == "gpt2":
+        if self.family in CAUSAL:
             # last non-pad position
             last = attention_mask.size(1) - 1 - attention_mask.flip(1).long().argmax(1)
             return self.score(h[torch.arange(h.size(0), device=h.device), last])
@@ -140,13 +207,16 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d)
-        self.wpe = nn.Embedding(cfg.n_positions, cfg.d)
+        # Llama rotates q and k by position instead of adding a learned position embedding
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.d) if cfg.family != "llama" else None
         self.wtt = nn.Embedding(cfg.n_types, cfg.d) if cfg.n_types else None
-        self.ln_emb = nn.LayerNorm(cfg.d, eps=cfg.eps) if cfg.family != "gpt2" else None  # post-LN families
+        self.ln_emb = nn.LayerNorm(cfg.d, eps=cfg.eps) if cfg.family not in CAUSAL else None  # post-LN ones
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d, eps=cfg.eps) if cfg.family == "gpt2" else None
-        self.head = Head(cfg) if cfg.num_labels else None  # a causal LM scores tokens with wte instead
+        self.ln_f = norm(cfg) if cfg.family in CAUSAL else None
+        self.head = Head(cfg) if cfg.num_labels else None  # a causal LM scores tokens with its LM head
+        untied = cfg.num_labels == 0 and not cfg.tie
+        self.lm_head = nn.Linear(cfg.d, cfg.vocab_size, bias=False) if untied else None  # (vocab, d)
         self.apply(self._init_weights)
         # recompute each block's activations in backward instead of keeping them (torch.utils.checkpoint):
         # memory for time, the same gradients
@@ -160,7 +230,7 @@ class Transformer(nn.Module):
             nn.init.zeros_(m.bias)
 
     def encode(self, input_ids, attention_mask=None, token_type_ids=None, cache=None):
-        """Final hidden states (B, T, d): HF's last_hidden_state. cache (GPT-2 decoding): one list per block
+        """Final hidden states (B, T, d): HF's last_hidden_state. cache (decoding): one list per block
         (see Attention), holding the earlier tokens' keys and values; attention_mask then covers the earlier
         tokens and these, (B, T_past + T)."""
         cfg, (B, T) = self.cfg, input_ids.shape
@@ -170,27 +240,34 @@ class Transformer(nn.Module):
         S = keep.size(1)
         if cfg.family == "roberta":  # positions count real tokens only, starting after the padding index
             pos = (torch.cumsum(keep, 1) * keep).long() + cfg.pad_id
-        elif cfg.family == "gpt2":  # count real tokens: a left-padded prompt starts at 0, as in HF's generate
+        elif cfg.family in CAUSAL:  # count real tokens: a left-padded prompt starts at 0, as in HF's generate
             pos = (torch.cumsum(keep, 1) - 1).clamp(min=0)[:, S - T:]
         else:
             pos = torch.arange(T, device=input_ids.device).expand(B, T)
-        x = self.wte(input_ids) + self.wpe(pos)  # (B, T, d)
+        x = self.wte(input_ids)  # (B, T, d)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        else:  # Llama: the angles pos * inv_freq, in fp32 as HF computes them, then cast like x
+            angles = pos[..., None].float() * rope_frequencies(cfg, x.device)  # (B, T, hs/2)
+            angles = torch.cat((angles, angles), -1)[:, None]  # (B, 1, T, hs): both halves of each pair
+            rope = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         if self.wtt is not None:
             x = x + self.wtt(token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids))
         if self.ln_emb is not None:
             x = self.ln_emb(x)
         x = self.drop(x)
         mask = keep[:, None, None, :]  # (B, 1, 1, S): True = attend to this key
-        if cfg.family == "gpt2":  # causal, and every token sees itself, so a left pad's row is never empty
+        if cfg.family in CAUSAL:  # causal, and every token sees itself, so a left pad's row is never empty
             causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
             itself = torch.eye(T, S, dtype=torch.bool, device=x.device).roll(S - T, 1)
             mask = mask & causal | itself  # (B, 1, T, S)
         for i, block in enumerate(self.h):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 # replayed in backward with the same RNG state, so dropout masks match
-                x = torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, rope, use_reentrant=False)
             else:
-                x = block(x, mask, cache[i] if cache is not None else None)
+                x = block(x, mask, rope, cache[i] if cache is not None else None)
         return self.ln_f(x) if self.ln_f is not None else x
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
@@ -198,11 +275,12 @@ class Transformer(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         h = self.encode(input_ids, attention_mask, token_type_ids)
-        return self.head(h, attention_mask) if self.head is not None else self.lm_head(h)
+        return self.head(h, attention_mask) if self.head is not None else self.logits(h)
 
-    def lm_head(self, h):
-        """GPT-2's LM head, tied to the token embedding: (…, d) -> (…, vocab)."""
-        return h @ self.wte.weight.t()
+    def logits(self, h):
+        """The LM head: (…, d) -> (…, vocab), tied to the token embedding unless the checkpoint has its own
+        lm_head (a module under that name, which "all-linear" LoRA leaves out as peft does)."""
+        return self.lm_head(h) if self.lm_head is not None else h @ self.wte.weight.t()
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, max_new_tokens, eos_id, use_cache=True):
@@ -210,9 +288,9 @@ class Transformer(nn.Module):
         a finished row continues with eos_id, and decoding stops when every row has ended (HF's
         generate(do_sample=False) with pad = eos). With the KV cache each step feeds only the newest token;
         use_cache=False runs the whole sequence again at every step (the plain reference)."""
-        if self.cfg.family != "gpt2":
+        if self.cfg.family not in CAUSAL:
             raise ValueError(f"a {self.cfg.family} model is an encoder and cannot generate; "
-                             f"use a GPT-2 checkpoint")
+                             f"use a GPT-2 or Llama-family checkpoint")
         B, T = input_ids.shape
         if T + max_new_tokens > self.cfg.n_positions:
             raise ValueError(f"a {T}-token prompt and {max_new_tokens} new tokens exceed the "
@@ -223,7 +301,7 @@ class Transformer(nn.Module):
         out = []
         for _ in range(max_new_tokens):
             h = self.encode(new if use_cache else ids, mask, cache=cache)[:, -1]  # (B, d)
-            token = self.lm_head(h).argmax(-1).masked_fill(done, eos_id)       # (B,)
+            token = self.logits(h).argmax(-1).masked_fill(done, eos_id)        # (B,)
             out.append(token)
             done |= token == eos_id
             if done.all():
@@ -254,14 +332,21 @@ HF_NAMES = {
 }
 HF_NAMES["roberta"] = {**HF_NAMES["bert"], "head.dense": "classifier.dense",
                        "head.out_proj": "classifier.out_proj"}
+HF_NAMES["llama"] = {
+    "wte": "embed_tokens", "h": "layers", "ln_f": "norm", "ln_1": "input_layernorm",
+    "ln_2": "post_attention_layernorm", "head.score": "score", "lm_head": "lm_head",
+    **{f"attn.{p}_proj": f"self_attn.{p}_proj" for p in "qkvo"},
+    **{f"mlp.{p}_proj": f"mlp.{p}_proj" for p in ("gate", "up", "down")},
+}
 # the backbone's attribute in HF's
-HF_PREFIX = {"bert": "bert.", "roberta": "roberta.", "gpt2": "transformer."}
-HEAD_IN_BACKBONE = {"bert": ("head.dense",), "roberta": (), "gpt2": ()}  # BERT's pooler lives inside "bert."
+HF_PREFIX = {"bert": "bert.", "roberta": "roberta.", "gpt2": "transformer.", "llama": "model."}
+HEAD_IN_BACKBONE = {"bert": ("head.dense",), "roberta": (), "gpt2": (), "llama": ()}  # BERT's pooler: in bert.
 
 
 def hf_name(family, name):
-    """Our module/parameter name -> its name in HF's *ForSequenceClassification model, e.g.
-    h.3.attn.query.weight -> roberta.encoder.layer.3.attention.self.query.weight."""
+    """Our module/parameter name -> its name in HF's *ForSequenceClassification (*ForCausalLM) model, e.g.
+    h.3.attn.query.weight -> roberta.encoder.layer.3.attention.self.query.weight,
+    h.3.attn.q_proj.weight -> model.layers.3.self_attn.q_proj.weight, lm_head.weight -> lm_head.weight."""
     table, prefix = HF_NAMES[family], HF_PREFIX[family]
     if name.startswith("h."):
         _, i, rest = name.split(".", 2)
@@ -270,17 +355,51 @@ def hf_name(family, name):
         return f"{prefix}{table['h']}.{i}.{local}"
     module, _, leaf = name.rpartition(".") if name.endswith((".weight", ".bias")) else (name, "", "")
     local = table[module] + (("." + leaf) if leaf else "")
-    if module.startswith("head.") and module not in HEAD_IN_BACKBONE[family]:
+    if module == "lm_head" or module.startswith("head.") and module not in HEAD_IN_BACKBONE[family]:
         return local
     return prefix + local
+
+
+LLAMA_TYPES = ("llama", "qwen2", "mistral")  # one architecture up to q/k/v biases and the sliding window
+
+
+def llama_config(hf, num_labels):
+    """A Llama-family config.json -> our Config. rope_theta/rope_scaling (transformers 4) or rope_parameters
+    (transformers 5); anything this model would compute differently is refused here, not run wrongly."""
+    rope = hf.get("rope_parameters") or {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta")}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise ValueError(f"rope type {kind!r} is not supported: nanoPEFT computes plain RoPE and Llama 3's")
+    if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias"):
+        raise ValueError("only the SwiGLU MLP without biases (hidden_act silu) is supported")
+    n_positions = hf["max_position_embeddings"]
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", hf["model_type"] == "mistral") else None
+    if window:  # within the window, sliding-window attention is plain causal attention: cap the length there
+        n_positions = min(n_positions, window)
+    pad = next((v for v in (hf.get("pad_token_id"), hf.get("eos_token_id")) if v is not None), 0)
+    qwen2 = hf["model_type"] == "qwen2"  # q/k/v always carry biases, o_proj never
+    return Config(family="llama", vocab_size=hf["vocab_size"], n_positions=n_positions, n_types=0,
+                  d=hf["hidden_size"], n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+                  d_ff=hf["intermediate_size"], act="silu", eps=hf.get("rms_norm_eps", 1e-6),
+                  dropout=hf.get("attention_dropout", 0.0),
+                  pad_id=pad[0] if isinstance(pad, list) else pad,  # Llama 3.1: a list of eos ids
+                  num_labels=num_labels, n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                  head_dim=hf.get("head_dim") or 0, rope_theta=float(rope.get("rope_theta") or 10000.0),
+                  rope_scaling={k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                     "original_max_position_embeddings")}
+                  if kind == "llama3" else None,
+                  qkv_bias=qwen2 or bool(hf.get("attention_bias")), o_bias=bool(hf.get("attention_bias")),
+                  tie=hf.get("tie_word_embeddings", False))  # transformers' default for these types
 
 
 def config_from_hf(hf, num_labels):
     """transformers' config.json (a dict) -> our Config."""
     family = hf.get("model_type")
+    if family in LLAMA_TYPES:
+        return llama_config(hf, num_labels)
     if family not in HF_NAMES:
-        raise ValueError(f"model_type {family!r} is not supported: "
-                         "nanoPEFT loads gpt2, roberta and bert checkpoints")
+        raise ValueError(f"model_type {family!r} is not supported: nanoPEFT loads gpt2, roberta, bert and "
+                         f"Llama-family ({', '.join(LLAMA_TYPES)}) checkpoints")
     if family == "gpt2":
         pad_id = hf.get("eos_token_id", 50256) if hf.get("pad_token_id") is None else hf["pad_token_id"]
         return Config(family=family, vocab_size=hf["vocab_size"], n_positions=hf["n_positions"], n_types=0,
@@ -306,8 +425,9 @@ def resolve(name_or_dir):
     from huggingface_hub import snapshot_download
     try:
         return snapshot_download(name_or_dir, allow_patterns=["config.json", "*.safetensors",
-                                 "pytorch_model.bin", "vocab.json", "merges.txt", "vocab.txt",
-                                 "tokenizer_config.json"])
+                                 "model.safetensors.index.json", "pytorch_model.bin", "vocab.json",
+                                 "merges.txt", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
+                                 "generation_config.json"])
     except Exception as e:
         raise ConnectionError(f"cannot fetch {name_or_dir!r} from the Hugging Face hub ({type(e).__name__}); "
                               "offline, pass --model DIR (a local folder with config.json and "
@@ -320,6 +440,12 @@ def load_state_dict(folder):
         if os.path.exists(path):
             from safetensors.torch import load_file
             return load_file(path)
+        path = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.exists(path):  # a checkpoint in shards (Llama 3B and up): the index names each file
+            from safetensors.torch import load_file
+            with open(path) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            return {k: t for name in files for k, t in load_file(os.path.join(folder, name)).items()}
         path = os.path.join(folder, "pytorch_model.bin")
         if os.path.exists(path):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -331,7 +457,7 @@ def load_state_dict(folder):
 
 
 # HF's saved masks and position ranges: no weights
-HF_BUFFERS = (".attn.bias", ".attn.masked_bias", "position_ids")
+HF_BUFFERS = (".attn.bias", ".attn.masked_bias", "position_ids", "rotary_emb.inv_freq")
 
 
 def read_config(folder, num_labels=2):
@@ -358,8 +484,10 @@ def read_config(folder, num_labels=2):
         v = getattr(cfg, k)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{cfg_path}: {key} is {v!r}, not a positive integer; fix the file")
-    if cfg.d % cfg.n_head:
+    if cfg.d % cfg.n_head and not cfg.head_dim:
         raise ValueError(f"{cfg_path}: the hidden size {cfg.d} is not a multiple of the {cfg.n_head} heads")
+    if cfg.n_kv_head and cfg.n_head % cfg.n_kv_head:
+        raise ValueError(f"{cfg_path}: {cfg.n_head} query heads cannot share {cfg.n_kv_head} key/value heads")
     return cfg
 
 

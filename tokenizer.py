@@ -1,7 +1,10 @@
 """
 The two tokenizers our checkpoints use, built from the files in the checkpoint folder:
-- byte-level BPE (GPT-2, RoBERTa) through tiktoken: merges.txt gives the merge ranks, vocab.json the model's
-  ids (identical to the ranks for GPT-2, a different order for RoBERTa);
+- byte-level BPE (GPT-2, RoBERTa, Llama-family: SmolLM2, Qwen2, Llama 3) through tiktoken: the merges give
+  the merge ranks, the vocab the model's ids (identical to the ranks for GPT-2, a different order for the
+  others). GPT-2 and RoBERTa read vocab.json + merges.txt; Llama-family checkpoints read tokenizer.json
+  (transformers' fast tokenizer: its pre-tokenizer, e.g. SmolLM2's digits one by one, and its added tokens
+  such as <|im_start|>), and render the chat template of an instruct checkpoint as transformers does;
 - WordPiece (BERT) from vocab.txt: basic tokenization (clean, CJK split, lowercase, strip accents, split
   punctuation) then greedy longest-match-first with "##" continuations.
 Both encode sentence pairs with the family's special tokens and truncate the longer segment first.
@@ -13,6 +16,10 @@ import unicodedata
 import tiktoken
 
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# tokenizers' Sequence[Digits(individual_digits), ByteLevel] (SmolLM2) as one regex. It acts as GPT-2's
+# pieces with every ASCII digit then cut out on its own: " 12" -> " ", "1", "2" (other numerals, "½" or
+# "٣", stay in runs as in GPT-2)
+DIGITS_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?[^\P{N}0-9]+| (?=[0-9])|[0-9]| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
 def bytes_to_unicode():
@@ -44,27 +51,78 @@ def truncate_pair(a, b, budget):
     return (a[:n_short], b[:n_long]) if a_short else (a[:n_long], b[:n_short])
 
 
+def read_json(folder, name):
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_vocab_merges(folder):
+    with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
+        # first line: #version
+        merges = [line.split() for line in f.read().split("\n")[1:] if line.strip()]
+    return vocab, merges
+
+
+def read_tokenizer_json(folder):
+    """tokenizer.json -> (vocab, merges, regex, added tokens {text: id}, NFC or not). Only what tiktoken can
+    run exactly: a byte-level BPE whose pre-tokenizer is GPT-2's regex, SmolLM2's digits + GPT-2's regex, or
+    one Split regex (Llama 3, Qwen2); anything else (SentencePiece-style Llama 2/Mistral) is refused."""
+    tj = read_json(folder, "tokenizer.json")
+    model, pre, norm = tj["model"], tj.get("pre_tokenizer") or {}, tj.get("normalizer")
+    steps = pre.get("pretokenizers", [pre])
+    kinds = [p.get("type") for p in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        pat = GPT2_PAT
+    elif kinds == ["Digits", "ByteLevel"] and steps[0]["individual_digits"] and steps[1].get("use_regex", True):
+        pat = DIGITS_PAT
+    elif (kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) and "Regex" in steps[0]["pattern"]
+          and steps[0]["behavior"] == "Isolated" and not steps[0]["invert"]):
+        pat = steps[0]["pattern"]["Regex"]
+    else:
+        pat = None
+    if model.get("type") != "BPE" or model.get("byte_fallback") or pat is None or norm not in (None, {"type": "NFC"}):
+        raise ValueError(f"{folder}/tokenizer.json is not a byte-level BPE tiktoken can run (pre-tokenizer "
+                         f"{kinds}, normalizer {norm and norm.get('type')}); nanoPEFT reads GPT-2-style ones")
+    merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+    added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+    return model["vocab"], merges, pat, added, norm is not None
+
+
 class BPETokenizer:
-    """Byte-level BPE; family "gpt2" adds no special tokens, "roberta" writes <s> A </s></s> B </s>."""
+    """Byte-level BPE; family "gpt2" adds no special tokens, "roberta" writes <s> A </s></s> B </s>, "llama"
+    adds none (SmolLM2 and Qwen2 add none to plain text; Llama 3's <|begin_of_text|> comes with its chat
+    template only)."""
 
     def __init__(self, folder, family):
         b2u = bytes_to_unicode()
         u2b = {c: b for b, c in b2u.items()}
         to_bytes = lambda s: bytes(u2b[c] for c in s)
-        with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
-            vocab = json.load(f)
-        with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
-            # first line: #version
-            merges = [line.split() for line in f.read().split("\n")[1:] if line.strip()]
+        pat, added, self.nfc = GPT2_PAT, {}, False
+        if family == "llama" and os.path.exists(os.path.join(folder, "tokenizer.json")):
+            vocab, merges, pat, added, self.nfc = read_tokenizer_json(folder)
+        else:
+            vocab, merges = read_vocab_merges(folder)
         ranks = {bytes([b]): i for i, b in enumerate(b2u)}  # 256 single bytes, then one per merge
         for a, b in merges:
             ranks.setdefault(to_bytes(a) + to_bytes(b), len(ranks))
-        self.enc = tiktoken.Encoding(f"bpe-{family}", pat_str=GPT2_PAT, mergeable_ranks=ranks,
-                                     special_tokens={})
         to_str = lambda bs: "".join(b2u[b] for b in bs)
         self.rank_to_id = {r: vocab[to_str(tok)] for tok, r in ranks.items() if to_str(tok) in vocab}
-        self.id_to_rank = {i: r for r, i in self.rank_to_id.items()}
+        self.id_to_rank = {i: r for r, i in self.rank_to_id.items()}  # decoding: added tokens left out
         self.family = family
+        if family == "llama":
+            self._llama_specials(folder, vocab, added)
+            added = self.added
+        specials = {t: len(ranks) + j for j, t in enumerate(added)}  # tiktoken's ids for them, past the ranks
+        self.rank_to_id.update({specials[t]: i for t, i in added.items()})
+        self.enc = tiktoken.Encoding(f"bpe-{family}", pat_str=pat, mergeable_ranks=ranks,
+                                     special_tokens=specials)
+        if family == "llama":
+            return
         specials = ("<s>", "</s>", "<pad>") if family == "roberta" else ("<|endoftext|>",)
         missing = [s for s in specials if s not in vocab]
         if missing:
@@ -73,9 +131,72 @@ class BPETokenizer:
             self.bos, self.eos, self.pad_id = vocab["<s>"], vocab["</s>"], vocab["<pad>"]
         else:
             self.bos = self.eos = self.pad_id = vocab["<|endoftext|>"]  # GPT-2 pads with eos
+        self.chat_template = None
 
-    def tokenize(self, text):
-        return [self.rank_to_id[r] for r in self.enc.encode_ordinary(text)]
+    def _llama_specials(self, folder, vocab, added):
+        """Added tokens, bos/eos/pad and the chat template, from tokenizer_config.json (transformers' view)
+        and the model's generation_config.json/config.json."""
+        tc = read_json(folder, "tokenizer_config.json")
+        text = lambda t: t.get("content") if isinstance(t, dict) else t  # "<|im_end|>" or {"content": ...}
+        self.special_text = {k: text(tc.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        named = [*self.special_text.values(), *map(text, tc.get("additional_special_tokens") or [])]
+        self.added = {**{t: vocab[t] for t in named if t in vocab}, **added}
+        ids = lambda v: v[0] if isinstance(v, list) else v
+        model_cfg = {**read_json(folder, "config.json"), **read_json(folder, "generation_config.json")}
+        self.eos = (self.added.get(self.special_text["eos_token"])  # an instruct model ends its turn here
+                    if self.special_text["eos_token"] in self.added else ids(model_cfg.get("eos_token_id")))
+        self.bos = self.added.get(self.special_text["bos_token"], ids(model_cfg.get("bos_token_id")))
+        self.pad_id = self.added.get(self.special_text["pad_token"], self.eos)
+        if self.eos is None:
+            raise ValueError(f"{folder} names no end-of-sequence token (tokenizer_config.json eos_token or "
+                             "config.json eos_token_id); a causal LM needs one to stop generating")
+        template = tc.get("chat_template")
+        if isinstance(template, list):  # several named templates: the default one
+            template = {t["name"]: t["template"] for t in template}.get("default")
+        path = os.path.join(folder, "chat_template.jinja")  # transformers 5 writes it beside the config
+        if template is None and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                template = f.read()
+        self.chat_template = template
+
+    def tokenize(self, text, special=False):
+        """Text -> ids. special=True (chat-template text): added tokens such as <|im_start|> written in the
+        text become their single ids, as in transformers; otherwise they are plain text."""
+        if self.nfc:
+            text = unicodedata.normalize("NFC", text)
+        ranks = self.enc.encode(text, allowed_special="all") if special else self.enc.encode_ordinary(text)
+        return [self.rank_to_id[r] for r in ranks]
+
+    def render_chat(self, messages, add_generation_prompt=True):
+        """The chat template applied to [{"role": ..., "content": ...}, ...] as transformers'
+        apply_chat_template(messages, tokenize=False, add_generation_prompt=...) renders it: jinja2's sandbox
+        with trim_blocks/lstrip_blocks, loop controls, its tojson and raise_exception, and the special tokens
+        as variables. SmolLM2's template adds its default system turn when the messages have none."""
+        if self.chat_template is None:
+            raise ValueError("this checkpoint's tokenizer_config.json has no chat_template")
+        import datetime
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                           extensions=[jinja2.ext.loopcontrols])
+        env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: \
+            json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+        specials = {k: v for k, v in self.special_text.items() if v is not None}
+        return env.from_string(self.chat_template).render(
+            messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **specials)
+
+    def encode_chat(self, user_text, system=None):
+        """One user turn -> the prompt ids an instruct model expects, ending with the assistant's header
+        (transformers' apply_chat_template(..., add_generation_prompt=True)); its answer then ends with eos."""
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+            [{"role": "user", "content": user_text}]
+        return self.tokenize(self.render_chat(messages), special=True)
 
     def decode(self, ids):
         """Token ids -> text; the special tokens (no bytes of their own) are left out."""
@@ -84,7 +205,7 @@ class BPETokenizer:
     def encode(self, a, b=None, max_len=512):
         """-> (input_ids, token_type_ids) for one sentence or a pair, at most max_len tokens."""
         ta, tb = self.tokenize(a), self.tokenize(b) if b is not None else []
-        if self.family == "gpt2":
+        if self.family in ("gpt2", "llama"):
             ta, tb = truncate_pair(ta, tb, max_len)
             ids = ta + tb
         elif b is None:
@@ -179,8 +300,10 @@ def load_tokenizer(folder, family):
         path = os.path.join(folder, "tokenizer_config.json")
         lower = json.load(open(path)).get("do_lower_case", True) if os.path.exists(path) else True
         return WordPieceTokenizer(folder, lower)
+    if family == "llama" and os.path.exists(os.path.join(folder, "tokenizer.json")):
+        return BPETokenizer(folder, family)
     for f in ("vocab.json", "merges.txt"):
         if not os.path.exists(os.path.join(folder, f)):
-            raise FileNotFoundError(f"{folder} has no {f}; "
-                                    f"a {family} checkpoint needs vocab.json and merges.txt")
+            raise FileNotFoundError(f"{folder} has no {f}; a {family} checkpoint needs vocab.json and "
+                                    "merges.txt" + (" (or tokenizer.json)" if family == "llama" else ""))
     return BPETokenizer(folder, family)
