@@ -177,16 +177,17 @@ class DynamicLoRA(LoRA):
     def after_step(self, model, step):
         c = self.cfg
         if self.sample_next:  # this step measured I_l in backward: fold it into the EMA
-            for name, layer in self.layers.items():
+            for layer in self.layers.values():
                 if layer.grad_w is not None and torch.distributed.is_initialized():  # every rank's rows
                     torch.distributed.all_reduce(layer.grad_w)
                     layer.grad_w /= torch.distributed.get_world_size()  # as DDP averages gradients
                     layer.importance = layer.grad_w.norm() / math.sqrt(layer.out_features * layer.in_features)
-                if layer.importance is not None:
-                    I, prev = layer.importance.item(), self.ema.get(name)
-                    self.ema[name] = (I if prev is None
-                                      else c.importance_beta * prev + (1 - c.importance_beta) * I)
-                    layer.importance = layer.grad_w = None
+            measured = {n: l.importance for n, l in self.layers.items() if l.importance is not None}
+            values = torch.stack(list(measured.values())).tolist() if measured else []  # one host sync
+            for name, I in zip(measured, values):
+                prev = self.ema.get(name)
+                self.ema[name] = I if prev is None else c.importance_beta * prev + (1 - c.importance_beta) * I
+                self.layers[name].importance = self.layers[name].grad_w = None
         if step >= self.omega_start and step % c.omega_every == 0 and len(self.ema) == len(self.layers):
             total = sum(self.ema.values())
             for name, layer in self.layers.items():  # ω_l = Ī_l / ΣĪ, m_l = L_n·ω_l

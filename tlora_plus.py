@@ -111,7 +111,7 @@ class TLoRAPlusConfig(MethodConfig):
         if self.tlora_init not in ("paper", "official"):
             raise ValueError(f"--tlora_init must be paper or official, not {self.tlora_init!r}")
         if not self.ratio > 0:
-            raise ValueError(f"--ratio (TLoRA+'s λ) must be > 0, not {self.ratio}")
+            raise ValueError(f"--ratio must be > 0 (TLoRA+'s λ), not {self.ratio}")
         check_rates(self)
 
 

@@ -1,7 +1,7 @@
 """
-Fine-tune a pretrained transformer on a GLUE task (or a GPT-2 on gsm8k/alpaca) with one PEFT method, and report
-the task's metrics. The whole run, read top to bottom: flags, setup, data, model and method, optimizer, the
-step, evaluation, checkpoints, the loop, metrics.json.
+Fine-tune a pretrained transformer on a GLUE task (or a GPT-2 on gsm8k/alpaca) with one PEFT method, and
+report the task's metrics. The whole run, read top to bottom: flags, setup, data, model and method,
+optimizer, the step, evaluation, checkpoints, the loop, metrics.json.
 
     python train.py --method tlora_plus --task mrpc                          # roberta-base from the hub
     python train.py --method lora --task mrpc --model DIR --data_dir GLUE     # offline: local folders
@@ -17,11 +17,11 @@ A method's flags are its config's fields (lora.LoRAConfig, ...), with their defa
 - --select holdout keeps the epoch that scores best on a seeded 10% of train held out from training; the
   reported dev split never chooses anything.
 metrics.json (written last, so its presence means the run is whole): task, method, label, model, metrics (dev,
-at the selected epoch), select, selected_epoch, history (one row per epoch: train loss/accuracy, dev metrics,
-holdout), loss_log ([step, mean loss since the previous row, lr]), trainable_params, total_params,
-trainable_pct, steps, train_seconds (training steps only), compile_seconds (log windows that compiled),
-s_per_step (the other steps), peak_memory_mb (training steps; CPU: the process's peak RSS), args,
-method_config, method_report. Beside it: the adapter (peft_format.py) and, for a causal LM, predictions.jsonl.
+at the selected epoch), select, selected_epoch, history (per epoch: train loss/accuracy, dev, holdout),
+loss_log ([step, mean loss since the previous row, lr]), trainable_params, total_params, trainable_pct, steps,
+train_seconds (training steps only), compile_seconds (steps that compiled), s_per_step (the others),
+peak_memory_mb (training; CPU: the process's peak RSS), args, method_config, method_report. Beside it: the
+adapter (peft_format.py) and, for a causal LM, predictions.jsonl.
 """
 import argparse
 import contextlib
@@ -35,12 +35,12 @@ import os
 import random
 import re
 import resource
+import signal
 import sys
+import threading
 import time
 
-import numpy as np
 import torch
-from torch._dynamo.utils import counters  # graphs compiled so far: a step that compiles is timed apart
 from torch.nn import functional as F
 from tqdm import tqdm
 
@@ -63,17 +63,16 @@ METHODS = {"full": baselines.FullFineTuning, "head": baselines.HeadOnly, "bitfit
 # -----------------------------------------------------------------------------
 # flags: the run's, then the method's config fields
 
-
 def run_flags(p):
     p.add_argument("--method", default="lora", help="one of " + ", ".join(METHODS))
-    p.add_argument("--task", default="mrpc", help=f"GLUE: {', '.join(data.TASKS)}; or a causal-LM task (GPT-2, "
-                   f"scored on generated text): {', '.join(data.GEN_TASKS)}")
+    p.add_argument("--task", default="mrpc", help=f"GLUE: {', '.join(data.TASKS)}; or a causal-LM task "
+                   f"(GPT-2, scored on generated text): {', '.join(data.GEN_TASKS)}")
     p.add_argument("--model", default="roberta-base", help="hub id or local folder (config.json + weights)")
-    p.add_argument("--data_dir", default=None, help="GLUE TSV folder, gsm8k's folder (train.jsonl, test.jsonl) "
-                   "or alpaca's JSON file; default: the hub")
+    p.add_argument("--data_dir", default=None, help="GLUE TSV folder, gsm8k's folder (train.jsonl, "
+                   "test.jsonl) or alpaca's JSON file; default: the hub")
     p.add_argument("--out_dir", default=None, help="where metrics.json and the trained tensors go")
-    p.add_argument("--quant", default=None, choices=["none", "nf4"], help="store the frozen base in NF4 (lora: "
-                   "QLoRA); default: the method's (adaq_lora: nf4)")
+    p.add_argument("--quant", default=None, choices=["none", "nf4"], help="store the frozen base in NF4 "
+                   "(lora: QLoRA); default: the method's (adaq_lora: nf4)")
     p.add_argument("--select", default="last", choices=["last", "holdout"],
                    help="the epoch to report: the last, or the best on a held-out 10%% of train")
     p.add_argument("--epochs", type=int, default=3, help="0: evaluate the model as loaded")
@@ -81,7 +80,7 @@ def run_flags(p):
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches of --batch_size per step")
     p.add_argument("--eval_batch_size", type=int, default=64)
-    p.add_argument("--eval_samples", type=int, default=0, help="causal LM: answer the first N prompts (0: all)")
+    p.add_argument("--eval_samples", type=int, default=0, help="causal LM: first N prompts (0: all)")
     p.add_argument("--max_new_tokens", type=int, default=256, help="causal LM: greedy tokens per answer")
     p.add_argument("--max_len", type=int, default=None, help="tokens per example (default: the task's)")
     p.add_argument("--max_train_samples", type=int, default=0, help="train on the first N examples only")
@@ -116,7 +115,8 @@ def method_flags(p, cls, taken):
         if f.name in taken:
             continue
         kind = {"action": "store_true"} if f.type is bool else {"type": f.type}
-        p.add_argument("--" + f.name, default=f.default, help=f"{comments.get(f.name, '')} ({f.default})", **kind)
+        help = f"{comments.get(f.name, '')} ({f.default})"
+        p.add_argument("--" + f.name, default=f.default, help=help, **kind)
 
 
 def parse_args(argv=None, methods=METHODS):
@@ -142,9 +142,10 @@ def parse_args(argv=None, methods=METHODS):
         v = getattr(args, flag)
         if v is not None and not v >= low:
             raise ValueError(f"--{flag} must be ≥ {low}, not {v}")
-    if not 0 <= args.warmup_ratio <= 1 or not args.grad_clip > 0:
-        raise ValueError(f"--warmup_ratio must be in [0, 1] and --grad_clip > 0, not {args.warmup_ratio} and "
-                         f"{args.grad_clip}")
+    if not 0 <= args.warmup_ratio <= 1:
+        raise ValueError(f"--warmup_ratio must be in [0, 1], not {args.warmup_ratio}")
+    if not args.grad_clip > 0:
+        raise ValueError(f"--grad_clip must be > 0, not {args.grad_clip}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA GPU here; pass --device cpu")
     if args.pad_multiple is None:
@@ -160,7 +161,6 @@ def method_from_args(args, methods=METHODS):
 
 # -----------------------------------------------------------------------------
 # setup: processes, devices, precision
-
 
 def distributed(args):
     """(rank, world): torchrun sets RANK and WORLD_SIZE; nccl on CUDA, gloo on CPU. Plain python is (0, 1)."""
@@ -200,17 +200,22 @@ def compile_model(model, device, grad_accum=1):
     (inductor's own was ~10% slower here)."""
     if device.startswith("cuda"):
         return torch.compile(model, mode="reduce-overhead" if grad_accum == 1 else "default")
-    import torch._inductor.config
-    torch._inductor.config.fallback_random = True
+    from torch._inductor import config as inductor
+    inductor.fallback_random = True
     return torch.compile(model)
+
+
+def graphs_compiled():
+    """Graphs torch.compile has built so far: a step that compiled is timed apart from s/step."""
+    from torch._dynamo.utils import counters  # here, not at the top: dynamo takes seconds to import
+    return counters["stats"]["unique_graphs"]
 
 
 # -----------------------------------------------------------------------------
 # data
 
-
 def load_examples(task, split, args, tok):
-    """split: "dev", "train", or "holdout" (with --select holdout: a seeded 10% of train that never trains)."""
+    """split: "dev", "train", or "holdout" (--select holdout: a seeded 10% of train that never trains)."""
     rows = data.load_split(task, "dev" if split == "dev" else "train", args.data_dir)
     if split != "dev" and args.max_train_samples:
         rows = rows[:args.max_train_samples]
@@ -221,17 +226,18 @@ def load_examples(task, split, args, tok):
         return data.encode(tok, rows, args.max_len or task.max_len)
     if split != "train" and args.eval_samples:
         rows = rows[:args.eval_samples]
-    examples, cut = data.encode_lm(tok, rows, args.max_len or task.max_len, train=split == "train")
+    max_len = args.max_len or task.max_len
+    examples, cut = data.encode_lm(tok, rows, max_len, train=split == "train")
     if cut:
-        print(f"{cut} of {len(rows)} {split} responses were cut to fit --max_len {args.max_len or task.max_len}")
+        print(f"{cut} of {len(rows)} {split} responses were cut to fit --max_len {max_len}")
     return examples
 
 
 def epoch_batches(examples, epoch, args, tok, world=1):
     """One epoch of shuffled batches of B·world, in an order drawn from (seed, epoch) alone."""
     rng = random.Random(args.seed + (epoch << 32))  # epoch 0: random.Random(seed)
-    regression = data.get_task(args.task).num_labels == 1
-    return data.train_batches(examples, args.batch_size * world, tok.pad_id, regression, rng, args.pad_multiple)
+    B, regression = args.batch_size * world, data.get_task(args.task).num_labels == 1
+    return data.train_batches(examples, B, tok.pad_id, regression, rng, args.pad_multiple)
 
 
 def shard(batch, rank, world):
@@ -246,6 +252,12 @@ def shard(batch, rank, world):
 # -----------------------------------------------------------------------------
 # model and method
 
+def calibration(task, args, tok):
+    """The first epoch's batches as the forward's arguments (no labels), tokenized only if a method reads
+    them (Dynamic LoRA)."""
+    for b in epoch_batches(load_examples(task, "train", args, tok), 0, args, tok):
+        yield {k: v for k, v in b.items() if k != "labels"}
+
 
 def build(args, method):
     """-> (model wrapped by the method, tokenizer, task), on args.device. Dynamic LoRA calibrates on the first
@@ -254,8 +266,8 @@ def build(args, method):
     folder = resolve(args.model)
     cfg = read_config(folder, task.num_labels)  # before the weights: refuse what cannot fit
     if task.num_labels == 0 and cfg.family != "gpt2":
-        raise ValueError(f"--task {task.name} trains a causal LM, and {args.model} is a {cfg.family} encoder, "
-                         f"which cannot generate; pass a GPT-2 checkpoint (--model gpt2)")
+        raise ValueError(f"--task {task.name} trains a causal LM, and {args.model} is a {cfg.family} "
+                         f"encoder, which cannot generate; pass a GPT-2 checkpoint (--model gpt2)")
     positions = cfg.n_positions - (cfg.pad_id + 1 if cfg.family == "roberta" else 0)  # RoBERTa's offset
     if (args.max_len or task.max_len) > positions:
         raise ValueError(f"--max_len {args.max_len or task.max_len} exceeds the {positions} positions of "
@@ -270,18 +282,18 @@ def build(args, method):
                          f"float-base twin is --method adalora)")
     if args.quant == "nf4":  # before wrap: an adapter then wraps a Linear4bit as it would an nn.Linear
         quant.quantize_model(model)
-        if any(method.trains(n + ".weight") for n, m in model.named_modules() if isinstance(m, quant.Linear4bit)):
-            raise ValueError(f"--quant nf4 stores the base weights in 4 bits, which cannot train, but --method "
-                             f"{args.method} trains them; use an adapter method (lora = QLoRA), head or bitfit")
+        four_bit = [n + ".weight" for n, m in model.named_modules() if isinstance(m, quant.Linear4bit)]
+        if any(method.trains(n) for n in four_bit):
+            raise ValueError(f"--quant nf4 stores the base weights in 4 bits, which cannot train, but "
+                             f"--method {args.method} trains them; use an adapter method (lora = QLoRA), "
+                             f"head or bitfit")
     model.grad_checkpointing = args.grad_checkpointing
-    calibration = ({k: v for k, v in b.items() if k != "labels"}  # the forward's arguments
-                   for b in epoch_batches(load_examples(task, "train", args, tok), 0, args, tok))
-    model = method.wrap(model.to(args.device), head=("head",), batches=calibration)
+    model = method.wrap(model.to(args.device), head=("head",), batches=calibration(task, args, tok))
     return model, tok, task
 
 
 def optimizer(method, model, total, warmup, device):
-    """AdamW over the method's groups; linear warmup over `warmup` steps, then linear decay to 0 at `total`."""
+    """AdamW over the method's groups; linear warmup over `warmup` steps, then linear decay to 0."""
     opt = torch.optim.AdamW(method.param_groups(model), betas=(0.9, 0.999), eps=1e-8,
                             fused=device.startswith("cuda"))
     lr = lambda t: t / max(1, warmup) if t < warmup else max(0.0, (total - t) / max(1, total - warmup))
@@ -291,10 +303,10 @@ def optimizer(method, model, total, warmup, device):
 # -----------------------------------------------------------------------------
 # the step
 
-
 def task_loss(logits, labels):
     if logits.dim() == 3:  # a causal LM: token t predicts token t+1; -100 (prompt, padding) is no loss
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                               ignore_index=-100)
     if logits.size(-1) == 1:  # STS-B regression
         return F.mse_loss(logits.view(-1).float(), labels)
     return F.cross_entropy(logits.float(), labels)
@@ -308,10 +320,10 @@ def weight(batch):
 
 def train_step(model, forward, method, batches, opt, sched, step, grad_clip, device):
     """The step-th optimizer step over a list of micro-batches: each one's task loss weighted by its share of
-    the step's examples (or response tokens), the method's extra loss once, clip, AdamW, the schedule, then the
-    method's after_step (before zero_grad, so it can read the gradients). `forward` is the model, compiled or
-    under DDP. Returns the task loss and the number of correct predictions (None for a causal LM or a
-    regression), on the device: reading them is the caller's host sync."""
+    the step's examples (or response tokens), the method's extra loss once, clip, AdamW, the schedule, then
+    the method's after_step (before zero_grad, so it can read the gradients). `forward` is the model,
+    compiled or under DDP. Returns the task loss and the number of correct predictions (None for a causal LM
+    or a regression), on the device: reading them is the caller's host sync."""
     n = sum(weight(b) for b in batches)
     loss_sum, correct = 0.0, None
     for i, batch in enumerate(batches):
@@ -337,7 +349,6 @@ def train_step(model, forward, method, batches, opt, sched, step, grad_clip, dev
 # -----------------------------------------------------------------------------
 # evaluation, on the unmerged weights (as peft does): W0 is never rounded, and a 4-bit base is never copied
 
-
 @torch.no_grad()
 def evaluate(model, examples, task, args, tok, forward=None):
     """Dev (or holdout) metrics; a causal-LM task generates greedy answers and scores them instead, and its
@@ -350,7 +361,7 @@ def evaluate(model, examples, task, args, tok, forward=None):
                                     args.pad_multiple):
         b = to_device(b, args.device)
         with autocast(args.device):
-            out = (forward or model)(b["input_ids"], b["attention_mask"], b["token_type_ids"]).float().cpu()
+            out = (model if forward is None else forward)(b["input_ids"], b["attention_mask"], b["token_type_ids"]).float().cpu()
         for i, row in zip(idx, out):
             logits[i] = row
     logits = torch.stack(logits)
@@ -373,7 +384,8 @@ def generate_and_score(model, examples, task, args, tok):
     refs = [e["reference"] for e in examples]
     scores = metrics.generation_metrics(texts, refs, gsm8k=task.name == "gsm8k")
     scores["predictions"] = [{"prompt": e["prompt"], "reference": e["reference"], "prediction": p,
-                              **metrics.per_sample_scores(p, e["reference"])} for e, p in zip(examples, texts)]
+                              **metrics.per_sample_scores(p, e["reference"])}
+                             for e, p in zip(examples, texts)]
     return scores
 
 
@@ -396,11 +408,11 @@ RESUME_MAY_CHANGE = ("out_dir", "resume", "overwrite", "save_every", "log_every"
 def check_out_dir(args):
     """Before anything loads: the folder is writable and holds no other run unless --resume continues it or
     --overwrite replaces it (whose files go first, so none can pass for this run's)."""
-    if not args.out_dir:
-        if args.resume or args.save_every:
-            raise ValueError("--resume and --save_every need --out_dir (where the checkpoint lives)")
-        return
     d = args.out_dir
+    if not d and (args.resume or args.save_every):
+        raise ValueError("--resume and --save_every need --out_dir (where the checkpoint lives)")
+    if not d:
+        return
     if os.path.exists(d) and not os.path.isdir(d):
         raise ValueError(f"--out_dir {d} is a file; pass a folder")
     os.makedirs(d, exist_ok=True)
@@ -413,8 +425,8 @@ def check_out_dir(args):
         if CHECKPOINT not in used:
             raise ValueError(f"{d} has no {CHECKPOINT} to resume from; drop --resume to start the run")
     elif used and not args.overwrite:
-        raise ValueError(f"--out_dir {d} holds another run ({used[0]}); pass --overwrite to replace it, --resume "
-                         f"to continue it, or another folder")
+        raise ValueError(f"--out_dir {d} holds another run ({used[0]}); pass --overwrite to replace it, "
+                         f"--resume to continue it, or another folder")
     else:
         for f in used:
             os.remove(os.path.join(d, f))
@@ -438,12 +450,12 @@ def trained_state(model):
 
 
 def save_checkpoint(args, progress, model, method, opt, sched):
-    """Everything to continue bit for bit: trained tensors, AdamW, the schedule, every RNG, the loop's progress
-    and the method's own state."""
+    """Everything to continue bit for bit: trained tensors, AdamW, the schedule, every RNG, the loop's
+    progress and the method's own state."""
     state = {"args": vars(args), "progress": progress, "opt": opt.state_dict(), "sched": sched.state_dict(),
-             "method": method.state_dict(), "tensors": {n: t.detach() for n, t in trained_state(model).items()},
+             "method": method.state_dict(),
+             "tensors": {n: t.detach() for n, t in trained_state(model).items()},
              "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
-                     "numpy": [x.tolist() if hasattr(x, "tolist") else x for x in np.random.get_state()],
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
     peft_format.write_atomic(args.out_dir, {CHECKPOINT: lambda path: torch.save(state, path)})
 
@@ -456,10 +468,10 @@ def load_checkpoint(args, model, method, opt, sched):
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}); start again with "
                          f"--overwrite") from None
     saved, now = state["args"], vars(args)
-    for k in sorted(set(saved) | set(now)):
+    for k in sorted(set(saved) | set(now), key=lambda k: (k != "method", k)):  # the method first
         if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k):
-            raise ValueError(f"{path} is a checkpoint of a run with --{k} {saved.get(k)}, not {now.get(k)}: resume "
-                             f"with the flags it was started with, or --overwrite to start over")
+            raise ValueError(f"{path} is a checkpoint of a run with --{k} {saved.get(k)}, not {now.get(k)}: "
+                             f"resume with the flags it was started with, or --overwrite to start over")
     tensors = trained_state(model)
     with torch.no_grad():
         for n, t in state["tensors"].items():
@@ -470,29 +482,26 @@ def load_checkpoint(args, model, method, opt, sched):
     rng = state["rng"]
     random.setstate(rng["python"])
     torch.set_rng_state(rng["torch"])
-    np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
     if rng["cuda"]:
         torch.cuda.set_rng_state_all(rng["cuda"])
     progress = state["progress"]
     progress["window"] = progress["window"].to(args.device)
     if progress["kept"] is not None:
-        progress["kept"] = (progress["kept"][0], {n: t.to(args.device) for n, t in progress["kept"][1].items()})
+        epoch, tensors = progress["kept"]
+        progress["kept"] = (epoch, {n: t.to(args.device) for n, t in tensors.items()})
     return progress
 
 
 def interrupt_flag():
-    """Ctrl-C during training sets a flag: the loop finishes its step, saves a checkpoint and stops."""
-    import signal
-    import threading
+    """Ctrl-C sets stop["now"]: the loop ends its step, saves a checkpoint and stops (twice: stops now)."""
     stop = {"now": False, "restore": lambda: None}
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.getsignal(signal.SIGINT)
 
-        def handler(signum, frame):
-            if stop["now"]:  # a second Ctrl-C: stop at once
-                raise KeyboardInterrupt
-            stop["now"] = True
-        signal.signal(signal.SIGINT, handler)
+    def handler(signum, frame):
+        if stop["now"]:
+            raise KeyboardInterrupt
+        stop["now"] = True
+    if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+        previous = signal.signal(signal.SIGINT, handler)
         stop["restore"] = lambda: signal.signal(signal.SIGINT, previous)
     return stop
 
@@ -500,10 +509,9 @@ def interrupt_flag():
 # -----------------------------------------------------------------------------
 # the loop
 
-
 def log_row(progress, sched, bar):
-    """Read the window's device sums back (the loop's one host sync), log the mean loss since the last row, and
-    stop on NaN/inf. Under torchrun: every rank's mean loss and summed counts."""
+    """Read the window's device sums back (the loop's one host sync), log the mean loss since the last row,
+    and stop on NaN/inf. Under torchrun: every rank's mean loss and summed counts."""
     window = progress["window"]
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(window)
@@ -515,8 +523,8 @@ def log_row(progress, sched, bar):
     lr = sched.get_last_lr()[0]  # the first group's, for the next step
     progress["log"].append((progress["step"], w_loss / steps, lr))
     if not math.isfinite(w_loss):
-        raise FloatingPointError(f"loss is {w_loss} by step {progress['step']}; lower --lr; the last checkpoint, "
-                                 f"if any, is kept")
+        raise FloatingPointError(f"loss is {w_loss} by step {progress['step']}; lower --lr; the last "
+                                 f"checkpoint, if any, is kept")
     bar.set_postfix(loss=f"{w_loss / steps:.4f}", lr=f"{lr:.2e}")
     if bar.disable:  # no terminal (a log file): one line per log row instead of the bar
         seconds = progress["seconds"]
@@ -551,11 +559,13 @@ def run(args, methods=METHODS):
     if task.num_labels == 0:  # generation must fit the model's positions: say so before training
         room = model.cfg.n_positions - max(len(e["input_ids"]) for e in dev)
         if args.max_new_tokens > room:
-            raise ValueError(f"the longest evaluation prompt and --max_new_tokens {args.max_new_tokens} exceed the "
-                             f"{model.cfg.n_positions} positions of {args.model}; pass --max_new_tokens {room}")
+            raise ValueError(f"the longest evaluation prompt and --max_new_tokens {args.max_new_tokens} "
+                             f"exceed the {model.cfg.n_positions} positions of {args.model}; pass "
+                             f"--max_new_tokens {room}")
     if not method.param_groups(model):
-        raise ValueError(f"--method {args.method} trains nothing on --task {task.name} (a causal LM has no task "
-                         f"head); pick an adapter method (--method full --epochs 0 evaluates the model as loaded)")
+        raise ValueError(f"--method {args.method} trains nothing on --task {task.name} (a causal LM has no "
+                         f"task head); pick an adapter method (--method full --epochs 0 evaluates the model "
+                         f"as loaded)")
     opt, sched = optimizer(method, model, total, warmup, args.device)
     method.schedule(total, warmup)
     # all parameters (a 4-bit weight counts out·in) plus the adapters' buffers (TLoRA's frozen factors)
@@ -570,9 +580,9 @@ def run(args, methods=METHODS):
 
     # all the loop carries from step to step; a checkpoint saves it and --resume restores it
     progress = {"step": 0, "epoch": 0, "batch": 0,  # steps done; epochs done; steps done in this epoch
-                "window": torch.zeros(3, device=args.device),  # Σ loss, Σ correct, Σ examples since the last row
+                "window": torch.zeros(3, device=args.device),  # Σ loss, Σ correct, Σ examples since a row
                 "sums": [0.0, 0.0, 0.0],  # the same, summed over this epoch's rows
-                "seconds": [0.0, 0.0, 0],  # in training steps; of them in steps that compiled; steps not compiling
+                "seconds": [0.0, 0.0, 0],  # in training steps; in steps that compiled; steps not compiling
                 "peak_mb": 0.0, "history": [], "log": [], "predictions": {},
                 "kept": None}  # (epoch, trained tensors) that --select holdout keeps
     if args.resume:
@@ -586,12 +596,12 @@ def run(args, methods=METHODS):
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats(args.device)
             micro = (shard(b, rank, world) for b in epoch_batches(train, epoch, args, tok, world))
-            micro = itertools.islice(micro, progress["batch"] * args.grad_accum, None)  # resume: skip the done
+            micro = itertools.islice(micro, progress["batch"] * args.grad_accum, None)  # resume: skip done
             steps = iter(lambda: list(itertools.islice(micro, args.grad_accum)), [])  # K micro-batches a step
             bar = tqdm(steps, total=steps_per_epoch, initial=progress["batch"], desc=f"epoch {epoch + 1}",
                        file=sys.stdout, disable=not sys.stdout.isatty())
             for batches in bar:
-                t0, graphs = time.time(), counters["stats"]["unique_graphs"]
+                t0, graphs = time.time(), graphs_compiled() if args.compile else 0
                 progress["step"] += 1
                 progress["batch"] += 1
                 loss, correct = train_step(model, forward, method, batches, opt, sched, progress["step"],
@@ -604,19 +614,19 @@ def run(args, methods=METHODS):
                 last = progress["batch"] == steps_per_epoch or progress["step"] >= total
                 if progress["step"] % args.log_every == 0 or last:
                     log_row(progress, sched, bar)
-                seconds, compiled = progress["seconds"], counters["stats"]["unique_graphs"] != graphs
+                seconds, compiled = progress["seconds"], args.compile and graphs_compiled() != graphs
                 seconds[0] += time.time() - t0  # host time, and the device's up to the last row's sync
                 seconds[1] += (time.time() - t0) * compiled
                 seconds[2] += not compiled
                 if progress["step"] >= total:
                     break
                 if stop["now"] and not args.out_dir:
-                    raise InterruptedError(f"interrupted at step {progress['step']}; nothing saved (no --out_dir)")
+                    raise InterruptedError(f"interrupted at step {progress['step']}; nothing saved")
                 if stop["now"] or args.save_every and progress["step"] % args.save_every == 0:
                     save_checkpoint(args, progress, model, method, opt, sched)
                     if stop["now"]:
-                        raise InterruptedError(f"interrupted at step {progress['step']}; resume with the same "
-                                               f"command and --resume")
+                        raise InterruptedError(f"interrupted at step {progress['step']}; resume with the "
+                                               f"same command and --resume")
             progress["peak_mb"] = max(progress["peak_mb"], peak_memory_mb(args.device))  # before evaluating
             row = epoch_row(progress, epoch, progress["batch"], classify)
             progress.update(epoch=epoch + 1, batch=0, sums=[0.0, 0.0, 0.0])
@@ -628,10 +638,11 @@ def run(args, methods=METHODS):
                 row["holdout"] = evaluate(model, holdout, task, args, tok, forward)
                 row["holdout"].pop("predictions", None)
             progress["history"].append(row)
-            print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in
-                  ("epoch", "step", "holdout")) + (f", holdout {key} {row['holdout'][key]:.4f}" if holdout else ""))
-            kept = progress["kept"]
-            if holdout and (kept is None or row["holdout"][key] > progress["history"][kept[0] - 1]["holdout"][key]):
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "step", "holdout"))
+            held = f", holdout {key} {row['holdout'][key]:.4f}" if holdout else ""
+            print(f"epoch {epoch + 1}: {shown}{held}")
+            kept = progress["kept"] and progress["history"][progress["kept"][0] - 1]["holdout"][key]
+            if holdout and (kept is None or row["holdout"][key] > kept):
                 progress["kept"] = (epoch + 1, {n: p.detach().clone() for n, p in model.named_parameters()
                                                 if p.requires_grad})
             if args.save_every and progress["epoch"] < args.epochs and progress["step"] < total:
@@ -661,14 +672,16 @@ def finish(args, progress, model, method, task, n_train, n_all, world):
     label = (method.label() + ("+nf4" if args.quant == "nf4" != method.quant else "")
              + (" zero-shot" if args.epochs == 0 else ""))  # QLoRA's row apart from LoRA's
     seconds, steps = progress["seconds"], progress["step"]
-    result = {"task": task.name, "method": args.method, "label": label, "model": args.model, "metrics": scores,
-              "select": args.select, "selected_epoch": selected, "last": history[-1], "history": history,
-              "loss_log": progress["log"], "trainable_params": n_train, "total_params": n_all,
+    result = {"task": task.name, "method": args.method, "label": label, "model": args.model,
+              "metrics": scores, "select": args.select, "selected_epoch": selected, "last": history[-1],
+              "history": history, "loss_log": progress["log"], "trainable_params": n_train,
+              "total_params": n_all,
               "trainable_pct": 100 * n_train / n_all, "steps": steps, "train_seconds": seconds[0],
               "compile_seconds": seconds[1], "s_per_step": (seconds[0] - seconds[1]) / max(1, seconds[2]),
               "peak_memory_mb": progress["peak_mb"] or peak_memory_mb(args.device), "args": vars(args),
               "method_config": dataclasses.asdict(method.cfg), "method_report": method.report(model)}
-    print(f"reported: dev at epoch {selected} ({'the last' if args.select == 'last' else 'best on holdout'}): "
+    which = "the last" if args.select == "last" else "best on holdout"
+    print(f"reported: dev at epoch {selected} ({which}): "
           + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     if "ranks" in result["method_report"]:  # per-matrix ranks (dynamic_lora, adalora, adaq_lora)
         ranks = result["method_report"]["ranks"]
