@@ -3273,6 +3273,8 @@ def test_compiled_and_eager_training_give_the_same_losses(tmp_path, monkeypatch)
         assert CountingLoRA.calls == list(range(1, 9)), f"after_step ran at {CountingLoRA.calls}"
         assert (counters["stats"]["unique_graphs"] > 0) == compiled, \
             f"compiled={compiled}: {dict(counters['stats'])}"
+    # compile time is its own field, and s/step leaves out the steps that compiled
+    assert runs[False]["compile_seconds"] == 0 < runs[True]["s_per_step"] < runs[True]["compile_seconds"]
     eager, comp = ([loss for _, loss, _ in runs[c]["loss_log"]] for c in (False, True))
     diff = max(abs(a - b) for a, b in zip(eager, comp))
     assert len(comp) == 8 and diff <= 1e-4, f"compiled losses differ from eager by {diff:.2e}"
