@@ -85,7 +85,7 @@ class HoulsbyAdapterLayer(nn.Module):
 @dataclass
 class HoulsbyConfig(MethodConfig):
     adapter_size: int = 64          # the bottleneck m
-    targets: str = "out,proj"       # after the attention-output and the FFN-output dense layers
+    targets: str = "out,proj,o_proj,down_proj"  # after attention-out and FFN-out (our names; Llama's)
     lr: float = 3e-4
 
     def __post_init__(self):

@@ -229,14 +229,15 @@ def load_gen_split(task, split, data_dir=None, seed=42, test_fraction=0.2):
     return [rows[i] for i in keep]
 
 
-def encode_lm(tok, rows, max_len, train=True):
+def encode_lm(tok, rows, max_len, train=True, chat=False):
     """Causal-LM examples: input_ids = prompt "\n" response EOS, with label -100 on the prompt (the loss
-    covers the response). train=False keeps the prompt and "\n" alone, and the reference text. A response cut
-    to fit max_len loses its end (and EOS); returns (examples, how many were cut). A prompt that leaves no
-    room for a response is refused."""
+    covers the response); chat=True renders the prompt through the tokenizer's chat template instead (a user
+    turn, then the assistant's header), and EOS is the template's end of turn. train=False keeps the prompt
+    alone, and the reference text. A response cut to fit max_len loses its end (and EOS); returns (examples,
+    how many were cut). A prompt that leaves no room for a response is refused."""
     out, cut, long = [], 0, []
     for prompt, response in rows:
-        p = tok.tokenize(prompt + "\n")
+        p = tok.encode_chat(prompt) if chat else tok.tokenize(prompt + "\n")
         if len(p) >= max_len:
             long.append(len(p))
             continue

@@ -529,6 +529,86 @@ def test_smollm2_logits_and_greedy_tokens_match_transformers():
           [tok.decode(r) for r in have.tolist()])
 
 
+def tiny_llama(root):
+    """A random 2-layer LlamaForCausalLM (GQA 4/2, tied) with SmolLM2's real tokenizer and chat template."""
+    import transformers as T
+    folder, src = str(root / "llama"), smollm2()
+    torch.manual_seed(0)
+    T.LlamaForCausalLM(T.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                     tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                                     pad_token_id=2)).save_pretrained(folder)
+    for f in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(src, f), folder)
+    return folder
+
+
+LLAMA_METHODS = [("lora", []), ("lora", ["--quant", "nf4"]), ("tlora_plus", []), ("tlora", []),
+                 ("dynamic_lora", ["--n_cal", "2"]), ("adalora", ["--tinit", "1", "--tfinal", "1"]),
+                 ("adaq_lora", ["--tinit", "1", "--tfinal", "1"]), ("full", []), ("adapter", [])]
+
+
+@pytest.mark.parametrize("method, extra", LLAMA_METHODS, ids=[m + "".join(e[:2]) for m, e in LLAMA_METHODS])
+def test_every_method_trains_a_llama_on_chat_prompts(method, extra, tmp_path):
+    """gsm8k on a Llama-family checkpoint: prompts are the chat template's (transformers' ids), the answer
+    ends with the template's end of turn, --lr_schedule constant keeps lr, and LoRA targets Llama's names."""
+    from transformers import AutoTokenizer
+    folder, gsm, out = tiny_llama(tmp_path), write_gsm8k(str(tmp_path / "gsm8k")), str(tmp_path / "out")
+    args = train.parse_args(["--method", method, "--task", "gsm8k", "--model", folder, "--data_dir", gsm,
+                             "--epochs", "1", "--batch_size", "8", "--max_len", "128", "--max_new_tokens", "4",
+                             "--lr", "1e-3", "--lr_schedule", "constant", "--log_every", "1", "--out_dir", out,
+                             *extra])
+    result = train.run(args)
+    assert result["steps"] == 3 and all(lr == 1e-3 for _, _, lr in result["loss_log"]), result["loss_log"]
+    assert all(math.isfinite(loss) for _, loss, _ in result["loss_log"])
+    preds = [json.loads(line) for line in open(os.path.join(out, "predictions.jsonl"))]
+    assert len(preds) == 6 and preds[0]["prompt"].startswith("Tom has 3 apples")
+    if method == "lora":
+        config = json.load(open(os.path.join(out, "adapter_config.json")))
+        assert sorted(config["target_modules"])[:3] == ["model.layers.0.mlp.down_proj",
+                                                        "model.layers.0.mlp.gate_proj",
+                                                        "model.layers.0.mlp.up_proj"], config["target_modules"]
+    if method == "tlora":
+        ref, tok = AutoTokenizer.from_pretrained(folder), load_tokenizer(folder, "llama")
+        row = json.loads(open(os.path.join(gsm, "train.jsonl")).readline())
+        ex = data.encode_lm(tok, [(row["question"], row["answer"])], 128, chat=True)[0][0]
+        prompt = ref.apply_chat_template([{"role": "user", "content": row["question"]}], tokenize=True,
+                                         add_generation_prompt=True)
+        prompt = prompt["input_ids"] if not isinstance(prompt, list) else prompt
+        assert ex["input_ids"] == prompt + ref(row["answer"], add_special_tokens=False)["input_ids"] + [2]
+        assert ex["label"] == [-100] * len(prompt) + ex["input_ids"][len(prompt):], "loss on the answer only"
+
+
+def test_bitfit_on_a_model_without_biases_is_refused_in_one_line(tmp_path):
+    folder, gsm = tiny_llama(tmp_path), write_gsm8k(str(tmp_path / "gsm8k"))
+    line = refused("train.py", ["--method", "bitfit", "--task", "gsm8k", "--model", folder, "--data_dir", gsm])
+    assert "bitfit" in line and "bias" in line, line
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_peft_loads_our_llama_adapters_with_the_same_logits(method, tmp_path):
+    """Our LoRA and AdaLoRA files, trained on a Llama, load into transformers' LlamaForCausalLM through peft
+    and give our logits."""
+    import transformers as T
+    peft = reference("peft")
+    folder, gsm, out = tiny_llama(tmp_path), write_gsm8k(str(tmp_path / "gsm8k")), str(tmp_path / "out")
+    extra = ["--tinit", "1", "--tfinal", "1", "--lr", "2e-2"] if method == "adalora" else ["--lr", "2e-2"]
+    train.run(train.parse_args(["--method", method, "--task", "gsm8k", "--model", folder, "--data_dir", gsm,
+                                "--epochs", "1", "--batch_size", "8", "--max_len", "128", "--max_new_tokens",
+                                "2", "--out_dir", out, "--dropout", "0", *extra]))
+    ours = M.from_pretrained(folder, num_labels=0)
+    m = train.METHODS[method](train.METHODS[method].Config())
+    ours = m.wrap(ours, head=())
+    peft_format.load(m, ours, out)
+    theirs = peft.PeftModel.from_pretrained(T.LlamaForCausalLM.from_pretrained(folder), out).eval()
+    ids = torch.randint(3, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ours.eval()(ids), theirs(ids).logits
+        base = T.LlamaForCausalLM.from_pretrained(folder).eval()(ids).logits
+    assert (a - base).abs().max() > 1e-4, "training changed nothing"
+    assert torch.allclose(a, b, atol=1e-5), f"peft's logits differ by {(a - b).abs().max():.2e}"
+
+
 # ------------------------------------------------------------------------ metrics.py: ROUGE, BLEU, GSM8K
 
 TOL = 1e-9  # metrics.py's generation metrics against rouge-score, nltk and sacrebleu

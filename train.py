@@ -52,7 +52,7 @@ import quant
 from adaq_lora import AdaLoRA, AdaQLoRA
 from dynamic_lora import DynamicLoRA
 from lora import LoRA
-from model import from_pretrained, read_config, resolve
+from model import CAUSAL, from_pretrained, read_config, resolve
 from tlora_plus import TLoRA, TLoRAPlus
 from tokenizer import load_tokenizer
 
@@ -82,9 +82,13 @@ def run_flags(p):
     p.add_argument("--eval_batch_size", type=int, default=64)
     p.add_argument("--eval_samples", type=int, default=0, help="causal LM: first N prompts (0: all)")
     p.add_argument("--max_new_tokens", type=int, default=256, help="causal LM: greedy tokens per answer")
+    p.add_argument("--no_chat_template", action="store_true", help="causal LM: plain \"prompt\\n\" prompts "
+                   "even when the tokenizer has a chat template (instruct checkpoints do)")
     p.add_argument("--max_len", type=int, default=None, help="tokens per example (default: the task's)")
     p.add_argument("--max_train_samples", type=int, default=0, help="train on the first N examples only")
-    p.add_argument("--warmup_ratio", type=float, default=0.06, help="linear warmup, then linear decay to 0")
+    p.add_argument("--lr_schedule", default="linear", choices=["linear", "constant"],
+                   help="linear: warmup (--warmup_ratio), then linear decay to 0; constant: lr throughout")
+    p.add_argument("--warmup_ratio", type=float, default=0.06, help="linear: the warmup's share of the steps")
     p.add_argument("--grad_clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -227,7 +231,8 @@ def load_examples(task, split, args, tok):
     if split != "train" and args.eval_samples:
         rows = rows[:args.eval_samples]
     max_len = args.max_len or task.max_len
-    examples, cut = data.encode_lm(tok, rows, max_len, train=split == "train")
+    chat = not args.no_chat_template and getattr(tok, "chat_template", None) is not None
+    examples, cut = data.encode_lm(tok, rows, max_len, train=split == "train", chat=chat)
     if cut:
         print(f"{cut} of {len(rows)} {split} responses were cut to fit --max_len {max_len}")
     return examples
@@ -265,9 +270,9 @@ def build(args, method):
     task = data.get_task(args.task)
     folder = resolve(args.model)
     cfg = read_config(folder, task.num_labels)  # before the weights: refuse what cannot fit
-    if task.num_labels == 0 and cfg.family != "gpt2":
+    if task.num_labels == 0 and cfg.family not in CAUSAL:
         raise ValueError(f"--task {task.name} trains a causal LM, and {args.model} is a {cfg.family} "
-                         f"encoder, which cannot generate; pass a GPT-2 checkpoint (--model gpt2)")
+                         f"encoder, which cannot generate; pass a GPT-2 or Llama-family checkpoint")
     positions = cfg.n_positions - (cfg.pad_id + 1 if cfg.family == "roberta" else 0)  # RoBERTa's offset
     if (args.max_len or task.max_len) > positions:
         raise ValueError(f"--max_len {args.max_len or task.max_len} exceeds the {positions} positions of "
@@ -292,12 +297,13 @@ def build(args, method):
     return model, tok, task
 
 
-def optimizer(method, model, total, warmup, device):
-    """AdamW over the method's groups; linear warmup over `warmup` steps, then linear decay to 0."""
+def optimizer(method, model, total, warmup, device, schedule="linear"):
+    """AdamW over the method's groups; linear warmup over `warmup` steps, then linear decay to 0, or a
+    constant rate (schedule "constant": no warmup)."""
     opt = torch.optim.AdamW(method.param_groups(model), betas=(0.9, 0.999), eps=1e-8,
                             fused=device.startswith("cuda"))
     lr = lambda t: t / max(1, warmup) if t < warmup else max(0.0, (total - t) / max(1, total - warmup))
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr if schedule == "linear" else lambda t: 1.0)
 
 
 # -----------------------------------------------------------------------------
@@ -555,7 +561,7 @@ def run(args, methods=METHODS):
     dev = load_examples(task, "dev", args, tok)
     steps_per_epoch = math.ceil(math.ceil(len(train) / (args.batch_size * world)) / args.grad_accum)
     total = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
-    warmup = int(args.warmup_ratio * total)
+    warmup = int(args.warmup_ratio * total) if args.lr_schedule == "linear" else 0
     if task.num_labels == 0:  # generation must fit the model's positions: say so before training
         room = model.cfg.n_positions - max(len(e["input_ids"]) for e in dev)
         if args.max_new_tokens > room:
@@ -566,7 +572,7 @@ def run(args, methods=METHODS):
         raise ValueError(f"--method {args.method} trains nothing on --task {task.name} (a causal LM has no "
                          f"task head); pick an adapter method (--method full --epochs 0 evaluates the model "
                          f"as loaded)")
-    opt, sched = optimizer(method, model, total, warmup, args.device)
+    opt, sched = optimizer(method, model, total, warmup, args.device, args.lr_schedule)
     method.schedule(total, warmup)
     # all parameters (a 4-bit weight counts out·in) plus the adapters' buffers (TLoRA's frozen factors)
     n_all = quant.count_params(model) + sum(b.numel() for n, b in model.named_buffers() if ".lora_" in n)
