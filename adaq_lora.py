@@ -1,7 +1,7 @@
 """
 ADAQ-LoRA (Feng et al. 2024, §3): AdaLoRA's SVD-form adapter and rank allocator (Zhang et al. 2023, "Adaptive
-Budget Allocation for Parameter-Efficient Fine-Tuning", arXiv 2303.10512, §3.1-3.3, as peft implements it) on a
-frozen NF4 + double-quant base (quant.py, QLoRA). `--method adalora` is the same adapter on a float base.
+Budget Allocation for Parameter-Efficient Fine-Tuning", arXiv 2303.10512, §3.1-3.3, as peft implements it) on
+a frozen NF4 + double-quant base (quant.py, QLoRA). `--method adalora` is the same adapter on a float base.
 
     ΔW_k = c·P_k·diag(λ_k)·Q_k,  c = α/(init_r + 1e-5)      P = lora_B (out, r), λ = lora_E (r, 1),
                                                             Q = lora_A (r, in)

@@ -89,7 +89,8 @@ def bnb_quantize(hf):
 
 
 HEAD = ("head",)  # our model's task head: it trains whole beside the adapters
-MODULES_TO_SAVE = {"gpt2": ["score"], "roberta": ["classifier"], "bert": ["classifier", "pooler"]}  # HF's head
+# HF's head
+MODULES_TO_SAVE = {"gpt2": ["score"], "roberta": ["classifier"], "bert": ["classifier", "pooler"]}
 
 
 class PeftLoRA(lora.LoRA):
@@ -800,8 +801,8 @@ def main(argv=None):
              "speed": (speed_bench, "step time, tokens/s, latency and memory of every method vs peft LoRA"),
              "quant": (quant_bench,
                        "NF4 stored size, bits/param and training memory; NF4 speed vs bitsandbytes"),
-             "memory": (memory_bench, "ADAQ-LoRA's claim: training memory of LoRA, QLoRA, AdaLoRA, ADAQ-LoRA, "
-                                      "ours vs transformers + peft + bitsandbytes"),
+             "memory": (memory_bench, "ADAQ-LoRA's claim: training memory of LoRA, QLoRA, AdaLoRA, "
+                                      "ADAQ-LoRA, ours vs transformers + peft + bitsandbytes"),
              "scale": (scale_bench, "--grad_checkpointing's memory and time; torchrun's throughput"),
              "generate": (generate_bench, "greedy decoding tokens/s: ours, cached and not, vs transformers")}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -7,8 +7,8 @@ calibration pass (§3.2), and whose per-layer scale follows the layer's importan
     I_l = ||G_lᵀ X_l||_F / √(out_l·in_l)  (the RMS of ∂L/∂W_l, G_l = ∂L/∂Y_l),   Ī_l ← β_I·Ī_l + (1 − β_I)·I_l
     ω_l = Ī_l / Σ_j Ī_j,    L = L_task + λ1·Σ_l ||A_l||_F² + λ2·Σ_l ||B_l||_F²
 
-What differs from lora.py: the ranks r_l (calibration in wrap), the buffer m_l in front of B·A (after_step) and
-the L2 terms (extra_loss).
+What differs from lora.py: the ranks r_l (calibration in wrap), the buffer m_l in front of B·A (after_step)
+and the L2 terms (extra_loss).
 
 Choices of ours, where the paper leaves it open:
 - Calibration runs the model in eval mode, forward only, on the first n_cal training batches, and counts each
@@ -143,7 +143,8 @@ class DynamicLoRA(LoRA):
         self.variances = input_variances(model, names, batches, c.n_cal)
         shapes = {l: features(model.get_submodule(l)) for l in names}  # (in, out)
         self.ranks = ranks_from_variances(self.variances, shapes, c.rank, c.beta, c.r_max or 4 * c.rank)
-        super().wrap(model, head)  # LoRA.wrap: inject make_layer at each target, freeze all but A, B, the head
+        # LoRA.wrap: inject make_layer at each target, freeze all but A, B, the head
+        super().wrap(model, head)
         self.layers = adapter_layers(model, DynamicLoRALinear)
         self.ema = {}         # Ī_l, once measured
         self.trajectory = []  # one row per ω update

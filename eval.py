@@ -1,14 +1,16 @@
 """
 Re-score a saved run, and time it. Tables and plots of runs are report.py's.
 
-    python eval.py --out_dir out/lora-mrpc          # rebuild the model, load the saved adapter, score dev again
+    python eval.py --out_dir out/lora-mrpc          # rebuild the model, load the saved adapter,
+                                                    # score dev again
     python eval.py --out_dir out/* --latency 200    # also time batch-1 inference, merged and not, into each
                                                     # metrics.json (run it with nothing else on the machine)
 
 The rebuilt run takes every argument from its metrics.json; a flag added to train.py since counts at its
-default. A run trained on a GPU is re-scored on the CPU when there is none. Latency is batch 1 on dev examples:
-20 warm-up passes, then the mean over N passes, with the adapters beside the base (as trained) and merged into
-it (what serving costs), as the Dynamic LoRA paper (arXiv 2501.14859) reports inference time in its Table 2.
+default. A run trained on a GPU is re-scored on the CPU when there is none. Latency is batch 1 on dev
+examples: 20 warm-up passes, then the mean over N passes, with the adapters beside the base (as trained) and
+merged into it (what serving costs), as the Dynamic LoRA paper (arXiv 2501.14859) reports inference time in
+its Table 2.
 """
 import argparse
 import json

@@ -57,8 +57,10 @@ class LoRALinear(nn.Module):
 
     def create_factors(self, dtype, device):
         """A ~ U(-1/√in, 1/√in) (peft's kaiming_uniform_(a=√5)); B = 0, so ΔW = 0 at step 0."""
-        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, dtype=dtype, device=device))  # (r, in)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, dtype=dtype, device=device))  # (out, r)
+        # (r, in)
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, dtype=dtype, device=device))
+        # (out, r)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def gain(self):
@@ -149,9 +151,11 @@ class MethodConfig:
 
 
 def groups_for(name, params, lr, wd):
-    """Two AdamW groups: `name` with weight decay and `name`_nd without (biases and norms, as HF's Trainer)."""
+    """Two AdamW groups: `name` with weight decay and `name`_nd without (biases and norms, as HF's
+    Trainer)."""
     return [{"params": [p for p in params if p.ndim >= 2], "lr": lr, "weight_decay": wd, "name": name},
-            {"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0, "name": name + "_nd"}]
+            {"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0,
+             "name": name + "_nd"}]
 
 
 class Method:
@@ -279,7 +283,8 @@ class LoRA(Method):
         c = self.cfg
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         groups = []
-        for x, m in self.lr_multipliers().items():  # a factor's group: all its matrices (or TLoRA's scalars g)
+        # a factor's group: all its matrices (or TLoRA's scalars g)
+        for x, m in self.lr_multipliers().items():
             ps = [p for n, p in named if n.endswith(".lora_" + x)]
             groups.append({"params": ps, "lr": c.lr * m, "name": x,
                            "weight_decay": 0.0 if all(p.ndim < 2 for p in ps) else c.weight_decay})

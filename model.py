@@ -340,7 +340,8 @@ HF_NAMES["llama"] = {
 }
 # the backbone's attribute in HF's
 HF_PREFIX = {"bert": "bert.", "roberta": "roberta.", "gpt2": "transformer.", "llama": "model."}
-HEAD_IN_BACKBONE = {"bert": ("head.dense",), "roberta": (), "gpt2": (), "llama": ()}  # BERT's pooler: in bert.
+# BERT's pooler: in bert.
+HEAD_IN_BACKBONE = {"bert": ("head.dense",), "roberta": (), "gpt2": (), "llama": ()}
 
 
 def hf_name(family, name):

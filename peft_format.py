@@ -1,13 +1,14 @@
 """
 A method's trained tensors to and from files. The LoRA family writes peft's adapter format
 (adapter_model.safetensors + adapter_config.json): peft.PeftModel.from_pretrained loads our LoRA, Dynamic LoRA
-and AdaLoRA files into transformers' model. Keys follow peft's pattern base_model.model.<HF name>.lora_X.weight,
-with model.hf_name mapping our module names to the checkpoint's.
+and AdaLoRA files into transformers' model. Keys follow peft's pattern
+base_model.model.<HF name>.lora_X.weight, with model.hf_name mapping our module names to the checkpoint's.
 - LoRA: peft's LORA config.
-- Dynamic LoRA: LORA with rank_pattern (r_l) and alpha_pattern (α_l = m_l·α, so that peft's α_l/r_l is our m_l·s_l).
+- Dynamic LoRA: LORA with rank_pattern (r_l) and alpha_pattern (α_l = m_l·α, so that peft's α_l/r_l is our
+  m_l·s_l).
 - AdaLoRA / ADAQ-LoRA: peft's ADALORA, holding only the kept triplets and rank_pattern (which ones).
-- TLoRA / TLoRA+: the same layout with our own peft_type (peft has no TLoRA), frozen factors included: they are
-  random, and a load must reproduce the outputs.
+- TLoRA / TLoRA+: the same layout with our own peft_type (peft has no TLoRA), frozen factors included: they
+  are random, and a load must reproduce the outputs.
 - The baselines (full, head, bitfit, adapter): trainable.safetensors, the trained tensors under our names.
 Every file is written to a temp name and renamed, so a full disk or a Ctrl-C never leaves half a file.
 """
@@ -28,7 +29,8 @@ from tlora_plus import TLoRAPlus
 
 def write_atomic(folder, files, size_mb=0.0):
     """files: {name: callable(path)}. Each is written to a temp name, then renamed. A failed write removes its
-    temp file and raises one OSError line that names the folder and the free space (size_mb: what is needed)."""
+    temp file and raises one OSError line that names the folder and the free space
+    (size_mb: what is needed)."""
     os.makedirs(folder, exist_ok=True)
     for name, write in files.items():
         tmp = os.path.join(folder, f".{name}.tmp")
@@ -40,15 +42,16 @@ def write_atomic(folder, files, size_mb=0.0):
             if isinstance(e, Exception):  # safetensors' own errors are not OSErrors
                 free = shutil.disk_usage(folder).free / 2**20
                 raise OSError(f"could not write {name} to {folder} ({type(e).__name__}); {free:.1f} MB free "
-                              f"there{f', about {size_mb:.1f} MB needed' if size_mb else ''}: free some space "
-                              f"or pass another --out_dir") from None
+                              f"there{f', about {size_mb:.1f} MB needed' if size_mb else ''}: "
+                              f"free some space or pass another --out_dir") from None
             raise
         os.replace(tmp, os.path.join(folder, name))
 
 
 def write_safetensors(folder, name, tensors, metadata, extra=None):
     size = sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
-    write_atomic(folder, {name: lambda path: save_file(tensors, path, metadata=metadata), **(extra or {})}, size)
+    write_atomic(folder, {name: lambda path: save_file(tensors, path, metadata=metadata), **(extra or {})},
+                 size)
 
 
 def saved_method(path, default):
@@ -57,7 +60,8 @@ def saved_method(path, default):
         with safe_open(path, "pt") as f:
             return (f.metadata() or {}).get("nanopeft_method", default)
     except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
-        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}); re-save it") from None
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}); "
+                         f"re-save it") from None
 
 
 def read_adapter_config(folder):
@@ -68,7 +72,8 @@ def read_adapter_config(folder):
         with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); re-save the adapter") from None
+        raise ValueError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); "
+                         f"re-save the adapter") from None
 
 
 # -----------------------------------------------------------------------------
@@ -110,10 +115,10 @@ def targets(model):
 
 def lora_config(method, model):
     c, family = method.cfg, model.cfg.family
-    cfg = {"peft_type": "LORA", **peft_task(model), "r": c.rank, "lora_alpha": c.alpha, "lora_dropout": c.dropout,
-           "use_rslora": c.rslora, "fan_in_fan_out": family == "gpt2", "target_modules": targets(model),
-           "bias": "none", "init_lora_weights": True, "inference_mode": True,
-           "base_model_name_or_path": getattr(model, "name_or_path", "")}
+    cfg = {"peft_type": "LORA", **peft_task(model), "r": c.rank, "lora_alpha": c.alpha,
+           "lora_dropout": c.dropout, "use_rslora": c.rslora, "fan_in_fan_out": family == "gpt2",
+           "target_modules": targets(model), "bias": "none", "init_lora_weights": True,
+           "inference_mode": True, "base_model_name_or_path": getattr(model, "name_or_path", "")}
     if isinstance(method, DynamicLoRA):
         layers = adapter_layers(model)
         cfg["rank_pattern"] = {hf_name(family, n): l.r for n, l in layers.items()}
@@ -137,14 +142,16 @@ def adalora_config(method, model):
     return {"peft_type": "ADALORA", **peft_task(model), "init_r": c.init_r, "target_r": c.target_r,
             "tinit": c.tinit, "tfinal": c.tfinal, "deltaT": c.delta_t, "beta1": c.beta1, "beta2": c.beta2,
             "orth_reg_weight": c.orth_reg_weight, "total_step": a.T if a else c.tinit + c.tfinal + 1,
-            "lora_alpha": c.alpha, "lora_dropout": c.dropout, "fan_in_fan_out": family == "gpt2", "bias": "none",
-            "inference_mode": True, "target_modules": targets(model), "init_lora_weights": True,
+            "lora_alpha": c.alpha, "lora_dropout": c.dropout, "fan_in_fan_out": family == "gpt2",
+            "bias": "none", "inference_mode": True, "target_modules": targets(model),
+            "init_lora_weights": True,
             "rank_pattern": {hf_name(family, n) + ".lora_E": k.tolist() for n, k in keep.items()} or None,
             "base_model_name_or_path": getattr(model, "name_or_path", "")}
 
 
 def file_tensors(method, model):
-    """{key in the adapter file: tensor}. AdaLoRA keeps only the kept triplets: rows of Q and λ, columns of P."""
+    """{key in the adapter file: tensor}. AdaLoRA keeps only the kept triplets: rows of Q and λ, columns
+    of P."""
     family, ada = model.cfg.family, isinstance(method, AdaLoRA)
     keep = method.allocator.keep if ada and method.allocator else {}
     tensors = {}
@@ -197,7 +204,8 @@ def load(method, model, folder):
             raise ValueError(f"adapter tensor {key} matches no layer of this model; wrong --model?")
         if params[ours[key]].shape != t.shape:
             raise ValueError(f"adapter tensor {key} is {tuple(t.shape)} but this model's is "
-                             f"{tuple(params[ours[key]].shape)}: pass the --rank it was trained with ({cfg.get('r')})")
+                             f"{tuple(params[ours[key]].shape)}: pass the --rank it was trained with "
+                             f"({cfg.get('r')})")
     absent = sorted(k for k in ours if k not in tensors)
     if absent:
         raise ValueError(f"{path} lacks {absent[0]} ({len(absent)} tensors missing): a partial adapter file?")
@@ -207,7 +215,8 @@ def load(method, model, folder):
         if isinstance(method, DynamicLoRA):  # m_l = α_l / α
             alpha = cfg.get("lora_alpha", method.cfg.alpha)
             for n, layer in adapter_layers(model).items():
-                layer.lora_m.fill_(cfg.get("alpha_pattern", {}).get(hf_name(model.cfg.family, n), alpha) / alpha)
+                layer.lora_m.fill_(
+                    cfg.get("alpha_pattern", {}).get(hf_name(model.cfg.family, n), alpha) / alpha)
 
 
 def check_ranks(model, cfg, folder):
@@ -215,8 +224,9 @@ def check_ranks(model, cfg, folder):
     for n, layer in adapter_layers(model).items():
         saved = cfg.get("rank_pattern", {}).get(hf_name(model.cfg.family, n), cfg.get("r"))
         if saved != layer.r:
-            raise ValueError(f"{folder} has rank {saved} at {n}, but calibration here gave {layer.r}: pass the "
-                             f"--rank, --beta, --r_max, --n_cal, --seed and data it was trained with")
+            raise ValueError(f"{folder} has rank {saved} at {n}, but calibration here gave {layer.r}: "
+                             f"pass the --rank, --beta, --r_max, --n_cal, --seed and data it was "
+                             f"trained with")
 
 
 def load_adalora(method, model, cfg, path):
@@ -229,7 +239,8 @@ def load_adalora(method, model, cfg, path):
     missing = sorted(k for k in keys if k not in tensors)
     if missing or len(tensors) != len(keys):
         raise ValueError(f"{path} does not match this model's adapters (e.g. "
-                         f"{(missing or sorted(set(tensors) - set(keys)) or ['?'])[0]}): another --model or --targets?")
+                         f"{(missing or sorted(set(tensors) - set(keys)) or ['?'])[0]}): "
+                         f"another --model or --targets?")
     with torch.no_grad():
         for key, n in keys.items():
             mod, _, leaf = n.rpartition(".")
@@ -238,8 +249,8 @@ def load_adalora(method, model, cfg, path):
                 p.copy_(t)
                 continue
             rows = p.shape[1] if leaf == "lora_B" else p.shape[0]
-            keep = torch.tensor(pattern.get(hf_name(family, mod) + ".lora_E", [True] * rows), dtype=torch.bool,
-                                device=p.device)
+            keep = torch.tensor(pattern.get(hf_name(family, mod) + ".lora_E", [True] * rows),
+                                dtype=torch.bool, device=p.device)
             if int(keep.sum()) != t.shape[1 if leaf == "lora_B" else 0]:
                 raise ValueError(f"{key} has {tuple(t.shape)}, which does not fit its rank_pattern")
             p.zero_()

