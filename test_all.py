@@ -2320,6 +2320,17 @@ def test_merge_into_4bit_base_dequantizes_and_unmerge_restores(family, tmp_path)
     assert torch.equal(y_back, y), f"unmerged output differs by {(y_back - y).abs().max().item():.2e}"
 
 
+def test_bench_reference_loads_in_fp32_even_from_an_fp16_checkpoint(tmp_path):
+    """bench.py's transformers + peft reference is built in fp32, as ours is, whatever dtype the file holds."""
+    import bench
+    folder = str(tmp_path / "hf16")
+    tiny_hf("bert").half().save_pretrained(folder)
+    model = M.from_pretrained(folder)
+    model.name_or_path = folder
+    bench.PeftLoRA(lora.LoRAConfig(rank=4)).wrap(model)
+    assert {p.dtype for p in bench.PeftLoRA.last_hf.parameters()} == {torch.float32}
+
+
 def test_peft_glue_qlora_on_bitsandbytes_trains_like_ours(tmp_path):
     """bench.py peft_glue --quant nf4 (transformers + bitsandbytes NF4 + peft, the reference QLoRA) and our
     train.py QLoRA, dropout off, from the same initial values: the same 6 losses and dev loss (bnb's CPU NF4
