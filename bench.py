@@ -44,6 +44,7 @@ import time
 import torch
 import torch.nn as nn
 
+import checkpoint
 import data
 import lora
 import model as M
@@ -369,7 +370,7 @@ def quant_bench(argv):
     print("\n".join(lines))
     if a.out:
         # temp file, then os.replace
-        train.write_json(a.out, {"runs": runs, "speed": speed, "threads": a.threads})
+        checkpoint.write_json(a.out, {"runs": runs, "speed": speed, "threads": a.threads})
         print(f"wrote {a.out}")
     return runs, speed
 
@@ -497,7 +498,7 @@ def memory_bench(argv):
             print(f"{stack} {row}: training peak {r['train_peak_mb']:.0f} MB", file=sys.stderr, flush=True)
     print(report.memory_table(rows, a.threads))
     if a.out:
-        train.write_json(a.out, {"rows": rows, "threads": a.threads})
+        checkpoint.write_json(a.out, {"rows": rows, "threads": a.threads})
         print(f"wrote {a.out}")
     return rows
 
@@ -543,7 +544,7 @@ def scale_bench(argv):
                          "examples_per_s": m["steps"] * a.global_batch / m["train_seconds"]})
     print("\n".join(report.scale_table(rows, runs, a.global_batch, os.cpu_count())))
     if a.out:
-        train.write_json(a.out, {"checkpointing": rows, "throughput": runs, "global_batch": a.global_batch,
+        checkpoint.write_json(a.out, {"checkpointing": rows, "throughput": runs, "global_batch": a.global_batch,
                                     "cpus": os.cpu_count()})
         print(f"wrote {a.out}")
     return rows, runs
@@ -608,7 +609,7 @@ def generate_bench(argv):
     if not same:
         raise RuntimeError("the decoders gave different tokens: a bug in generate")
     if a.out:
-        train.write_json(a.out, result)
+        checkpoint.write_json(a.out, result)
 
 
 def hf_config(cfg):
@@ -790,7 +791,7 @@ def speed_bench(argv):
               f"warm-up, one fresh process per row "
               f"({torch.get_num_threads() if a.threads is None else a.threads} threads)")
     print("\n".join([header, ""] + lines))
-    train.write_json(a.out, {"header": header, "rows": results})
+    checkpoint.write_json(a.out, {"header": header, "rows": results})
     print(f"wrote {a.out}")
     return results
 

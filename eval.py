@@ -20,6 +20,7 @@ import time
 
 import torch
 
+import checkpoint
 import data
 import peft_format
 import train
@@ -99,7 +100,7 @@ def main(argv=None):
         if a.latency:  # the run's own numbers stay; only the latency fields are replaced, atomically
             saved.update(latency_ms=metrics["latency_ms"], latency_merged_ms=metrics["latency_merged_ms"],
                          latency_note=f"re-measured by eval.py --latency {a.latency}")
-            train.write_json(os.path.join(out_dir, "metrics.json"), saved)
+            checkpoint.write_json(os.path.join(out_dir, "metrics.json"), saved)
 
 
 if __name__ == "__main__":

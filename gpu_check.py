@@ -37,6 +37,7 @@ import time
 
 import torch
 
+import checkpoint
 import model as M
 from tokenizer import bytes_to_unicode
 
@@ -275,15 +276,6 @@ def summary(res):
     return "\n".join(lines + [f"  speed: {line(res['speed'])}", f"  projection: {line(res['projection'])}"])
 
 
-def write_json(path, obj):
-    """A temp file beside path, then os.replace: a reader never sees half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minilm", default=None, help="MiniLM folder (default: a random BERT)")
@@ -306,7 +298,7 @@ def main(argv=None):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result = report(r, a, cuda, time.time() - t0)
-    write_json(a.out, result)
+    checkpoint.write_json(a.out, result)
     print(summary(result) + f"\nwrote {a.out}")
     return result
 

@@ -14,38 +14,17 @@ Every file is written to a temp name and renamed, so a full disk or a Ctrl-C nev
 """
 import json
 import os
-import shutil
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from adaq_lora import AdaLoRA, SVDLinear
+from checkpoint import write_atomic
 from dynamic_lora import DynamicLoRA
 from lora import LoRA, adapter_layers
 from model import hf_name
 from tlora_plus import TLoRAPlus
-
-
-def write_atomic(folder, files, size_mb=0.0):
-    """files: {name: callable(path)}. Each is written to a temp name, then renamed. A failed write removes its
-    temp file and raises one OSError line that names the folder and the free space
-    (size_mb: what is needed)."""
-    os.makedirs(folder, exist_ok=True)
-    for name, write in files.items():
-        tmp = os.path.join(folder, f".{name}.tmp")
-        try:
-            write(tmp)
-        except BaseException as e:  # a full disk, a Ctrl-C: no temp file stays behind
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            if isinstance(e, Exception):  # safetensors' own errors are not OSErrors
-                free = shutil.disk_usage(folder).free / 2**20
-                raise OSError(f"could not write {name} to {folder} ({type(e).__name__}); {free:.1f} MB free "
-                              f"there{f', about {size_mb:.1f} MB needed' if size_mb else ''}: "
-                              f"free some space or pass another --out_dir") from None
-            raise
-        os.replace(tmp, os.path.join(folder, name))
 
 
 def write_safetensors(folder, name, tensors, metadata, extra=None):

@@ -24,12 +24,13 @@ from collections import defaultdict
 
 import numpy as np
 
+import checkpoint
 import data
 import metrics
 import train
 
 NEEDED = ("task", "method", "metrics", "last", "history", "args", "trainable_params", "trainable_pct")
-RUN_MARKERS = tuple(f for f in train.RUN_FILES if f != "metrics.json")  # a run folder's other files
+RUN_MARKERS = tuple(f for f in checkpoint.RUN_FILES if f != "metrics.json")  # a run folder's other files
 
 
 # -----------------------------------------------------------------------------
@@ -38,7 +39,7 @@ RUN_MARKERS = tuple(f for f in train.RUN_FILES if f != "metrics.json")  # a run 
 # the only arguments runs may differ in and still be averaged as seeds: the seed, and where and how often a
 # run logs and saves (the flags a resumed run may change); latency_passes, a flag of older runs, only timed
 # inference after training
-SEED_ARGS = ("seed", "latency_passes") + tuple(train.RESUME_MAY_CHANGE)
+SEED_ARGS = ("seed", "latency_passes") + tuple(checkpoint.RESUME_MAY_CHANGE)
 
 
 @functools.lru_cache(maxsize=None)
@@ -879,7 +880,7 @@ def main(argv=None):
         else:
             if not os.path.isdir(a.results):
                 raise ValueError(f"{a.results} is not a folder of runs; give --results DIR")
-            train.write_text(a.out, report(a.results, a.out))
+            checkpoint.write_text(a.out, report(a.results, a.out))
             print(f"wrote {a.out}")
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")

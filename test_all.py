@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves
 
 import adaq_lora
 import baselines
+import checkpoint
 import data
 import dynamic_lora
 import eval as ev
@@ -2761,7 +2762,7 @@ def test_a_failed_write_leaves_no_temp_file_and_no_half_file(tmp_path, monkeypat
     """A full disk while metrics.json or a checkpoint is written: one line naming the file, the folder's free
     space and the fix; the temp file is gone, and the previous complete file is untouched."""
     path = str(tmp_path / "metrics.json")
-    train.write_json(path, {"complete": True})
+    checkpoint.write_json(path, {"complete": True})
     real_open = open
 
     def full_disk_open(name, mode="r", **k):  # writes half of the text, then the disk is full
@@ -2771,17 +2772,17 @@ def test_a_failed_write_leaves_no_temp_file_and_no_half_file(tmp_path, monkeypat
             raise OSError(28, "No space left on device")
         return type("Full", (), {"write": staticmethod(write), "__enter__": lambda s: s,
                                  "__exit__": lambda s, *a: f.close()})()
-    monkeypatch.setattr(train, "open", full_disk_open, raising=False)
+    monkeypatch.setattr(checkpoint, "open", full_disk_open, raising=False)
     line = r"could not write metrics.json to .* \(OSError\); [0-9.]+ MB free there: free some space or pass another"
     with pytest.raises(OSError, match=line):
-        train.write_json(path, {"complete": False})
+        checkpoint.write_json(path, {"complete": False})
     assert os.listdir(tmp_path) == ["metrics.json"] and json.load(open(path)) == {"complete": True}
 
     def full(*a, **k):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(OSError, match="could not write checkpoint.pt to "):
-        peft_format.write_atomic(str(tmp_path), {"checkpoint.pt": lambda p: torch.save({}, open(p, "wb"))})
+        checkpoint.write_atomic(str(tmp_path), {"checkpoint.pt": lambda p: torch.save({}, open(p, "wb"))})
     assert os.listdir(tmp_path) == ["metrics.json"]
 
 
@@ -2822,7 +2823,7 @@ def test_resume_refuses_another_config_and_out_dir_is_checked_before_loading(tmp
     progress = {"step": 1, "epoch": 0, "batch": 1, "window": torch.zeros(3), "sums": [0.0, 0.0, 0.0],
                 "seconds": [0.0, 0.0, 1], "peak_mb": 0.0, "history": [], "log": [], "predictions": {},
                 "kept": None}
-    train.save_checkpoint(args, progress, model, method, opt, sched)
+    checkpoint.save(args, progress, model, method, opt, sched)
     with pytest.raises(ValueError, match="is a checkpoint of a run with --rank 8, not 4"):
         train.run(train.parse_args(argv + ["--resume", "--rank", "4"]))
     with pytest.raises(ValueError, match="is a checkpoint of a run with --method lora, not bitfit"):
@@ -3217,7 +3218,7 @@ BAD_INPUTS = [  # (script, argv with {placeholders} from `broken`, the message's
     ("train.py", "--out_dir {used}", "holds another run (metrics.json); pass --overwrite"),
     ("train.py", "--out_dir {root}/fresh --resume", "has no checkpoint.pt to resume from"),
     ("train.py", "--save_every 5", "--resume and --save_every need --out_dir"),
-    ("train.py", "--task gsm8k", "is a bert encoder, which cannot generate; pass a GPT-2 checkpoint"),
+    ("train.py", "--task gsm8k", "is a bert encoder, which cannot generate; pass a GPT-2 or Llama-family checkpoint"),
     ("train.py", "--task alpaca --model {lm} --data_dir {no_fields} --max_len 96",
      "record 1 has no 'instruction' field"),
     ("train.py", "--task alpaca --model {lm} --data_dir {empty_json} --max_len 96",

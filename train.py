@@ -1,26 +1,21 @@
 """
-Fine-tune a pretrained transformer on a GLUE task (or a GPT-2 on gsm8k/alpaca) with one PEFT method, and
-report the task's metrics. The whole run, read top to bottom: flags, setup, data, model and method,
-optimizer, the step, evaluation, checkpoints, the loop, metrics.json.
+Fine-tune a pretrained transformer with one PEFT method and report the task's metrics, read top to bottom:
+flags, setup, data, model and method, optimizer, the step, evaluation, the loop, metrics.json.
 
     python train.py --method tlora_plus --task mrpc                          # roberta-base from the hub
     python train.py --method lora --task mrpc --model DIR --data_dir GLUE     # offline: local folders
     python train.py --method adalora --help                                  # the run's and adalora's flags
     torchrun --standalone --nproc_per_node 2 train.py ...                    # data parallel
 
-A method's flags are its config's fields (lora.LoRAConfig, ...), with their defaults.
-- --grad_accum K: K micro-batches of --batch_size make one step, each weighted by its share of the step's
-  examples (a causal LM: its response tokens), so the step equals one batch of K·B.
-- --save_every N writes checkpoint.pt every N steps and at each epoch end (Ctrl-C writes one too); --resume
-  continues it and ends with the same tensors and metrics as a run never stopped.
-- torchrun: every rank trains on its shard of each global batch of B·world; rank 0 logs, evaluates and writes.
-- --select holdout keeps the epoch that scores best on a seeded 10% of train held out from training; the
-  reported dev split never chooses anything.
-metrics.json (written last, so its presence means the run is whole): task, method, label, model, metrics (dev,
-at the selected epoch), select, selected_epoch, history (per epoch: train loss/accuracy, dev, holdout),
-loss_log ([step, mean loss since the previous row, lr]), trainable_params, total_params, trainable_pct, steps,
-train_seconds (training steps only), compile_seconds (steps that compiled), s_per_step (the others),
-peak_memory_mb (training; CPU: the process's peak RSS), args, method_config, method_report. Beside it: the
+A method's flags are its config's fields (lora.LoRAConfig, ...). --grad_accum K weights each micro-batch by its
+share of the step's examples (a causal LM: response tokens), so a step equals one batch of K·B. --save_every and
+Ctrl-C write checkpoint.py's checkpoint; --resume ends where a run never stopped ends. Under torchrun each rank
+trains on its shard of a global batch of B·world, and rank 0 logs, evaluates and writes. --select holdout keeps
+the epoch best on a seeded 10% of train held out from it; the reported dev split never chooses anything.
+metrics.json, written last: task, method, label, model, metrics (dev, at selected_epoch), select, history (per
+epoch: train loss/accuracy, dev, holdout), loss_log ([step, mean loss since the last row, lr]), trainable_params,
+total_params, trainable_pct, steps, train_seconds (training steps only), compile_seconds, s_per_step (steps that
+did not compile), peak_memory_mb (training; CPU: peak RSS), args, method_config, method_report. Beside it: the
 adapter (peft_format.py) and, for a causal LM, predictions.jsonl.
 """
 import argparse
@@ -35,9 +30,7 @@ import os
 import random
 import re
 import resource
-import signal
 import sys
-import threading
 import time
 
 import torch
@@ -45,6 +38,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import baselines
+import checkpoint
 import data
 import metrics
 import peft_format
@@ -403,116 +397,6 @@ def peak_memory_mb(device):
 
 
 # -----------------------------------------------------------------------------
-# the run's folder and checkpoints
-
-CHECKPOINT = "checkpoint.pt"
-RUN_FILES = ("metrics.json", CHECKPOINT, "adapter_model.safetensors", "adapter_config.json",
-             "trainable.safetensors", "predictions.jsonl")
-RESUME_MAY_CHANGE = ("out_dir", "resume", "overwrite", "save_every", "log_every")  # not what it trains
-
-
-def check_out_dir(args):
-    """Before anything loads: the folder is writable and holds no other run unless --resume continues it or
-    --overwrite replaces it (whose files go first, so none can pass for this run's)."""
-    d = args.out_dir
-    if not d and (args.resume or args.save_every):
-        raise ValueError("--resume and --save_every need --out_dir (where the checkpoint lives)")
-    if not d:
-        return
-    if os.path.exists(d) and not os.path.isdir(d):
-        raise ValueError(f"--out_dir {d} is a file; pass a folder")
-    os.makedirs(d, exist_ok=True)
-    if not os.access(d, os.W_OK):
-        raise ValueError(f"--out_dir {d} is not writable; pass a folder you can write to")
-    used = [f for f in RUN_FILES if os.path.exists(os.path.join(d, f))]
-    if args.resume:
-        if "metrics.json" in used:
-            raise ValueError(f"the run in {d} is complete (metrics.json); nothing to resume")
-        if CHECKPOINT not in used:
-            raise ValueError(f"{d} has no {CHECKPOINT} to resume from; drop --resume to start the run")
-    elif used and not args.overwrite:
-        raise ValueError(f"--out_dir {d} holds another run ({used[0]}); pass --overwrite to replace it, "
-                         f"--resume to continue it, or another folder")
-    else:
-        for f in used:
-            os.remove(os.path.join(d, f))
-
-
-def write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    peft_format.write_atomic(os.path.dirname(path) or ".", {os.path.basename(path): write})
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False))
-
-
-def trained_state(model):
-    """The tensors training changes: the trainable parameters and the adapters' buffers (Dynamic LoRA's m)."""
-    return {**{n: p for n, p in model.named_parameters() if p.requires_grad},
-            **{n: b for n, b in model.named_buffers() if ".lora_" in n}}
-
-
-def save_checkpoint(args, progress, model, method, opt, sched):
-    """Everything to continue bit for bit: trained tensors, AdamW, the schedule, every RNG, the loop's
-    progress and the method's own state."""
-    state = {"args": vars(args), "progress": progress, "opt": opt.state_dict(), "sched": sched.state_dict(),
-             "method": method.state_dict(),
-             "tensors": {n: t.detach() for n, t in trained_state(model).items()},
-             "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-    peft_format.write_atomic(args.out_dir, {CHECKPOINT: lambda path: torch.save(state, path)})
-
-
-def load_checkpoint(args, model, method, opt, sched):
-    path = os.path.join(args.out_dir, CHECKPOINT)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}); start again with "
-                         f"--overwrite") from None
-    saved, now = state["args"], vars(args)
-    for k in sorted(set(saved) | set(now), key=lambda k: (k != "method", k)):  # the method first
-        if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k):
-            raise ValueError(f"{path} is a checkpoint of a run with --{k} {saved.get(k)}, not {now.get(k)}: "
-                             f"resume with the flags it was started with, or --overwrite to start over")
-    tensors = trained_state(model)
-    with torch.no_grad():
-        for n, t in state["tensors"].items():
-            tensors[n].copy_(t)
-    opt.load_state_dict(state["opt"])
-    sched.load_state_dict(state["sched"])
-    method.load_state_dict(state["method"])
-    rng = state["rng"]
-    random.setstate(rng["python"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"]:
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    progress = state["progress"]
-    progress["window"] = progress["window"].to(args.device)
-    if progress["kept"] is not None:
-        epoch, tensors = progress["kept"]
-        progress["kept"] = (epoch, {n: t.to(args.device) for n, t in tensors.items()})
-    return progress
-
-
-def interrupt_flag():
-    """Ctrl-C sets stop["now"]: the loop ends its step, saves a checkpoint and stops (twice: stops now)."""
-    stop = {"now": False, "restore": lambda: None}
-
-    def handler(signum, frame):
-        if stop["now"]:
-            raise KeyboardInterrupt
-        stop["now"] = True
-    if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-        previous = signal.signal(signal.SIGINT, handler)
-        stop["restore"] = lambda: signal.signal(signal.SIGINT, previous)
-    return stop
-
-
-# -----------------------------------------------------------------------------
 # the loop
 
 def log_row(progress, sched, bar):
@@ -550,7 +434,7 @@ def run(args, methods=METHODS):
     (None on ranks other than 0)."""
     rank, world = distributed(args)
     if rank == 0:
-        check_out_dir(args)
+        checkpoint.check_out_dir(args)
     else:
         sys.stdout = open(os.devnull, "w")
     random.seed(args.seed)
@@ -592,9 +476,9 @@ def run(args, methods=METHODS):
                 "peak_mb": 0.0, "history": [], "log": [], "predictions": {},
                 "kept": None}  # (epoch, trained tensors) that --select holdout keeps
     if args.resume:
-        progress = load_checkpoint(args, model, method, opt, sched)
+        progress = checkpoint.load(args, model, method, opt, sched)
         print(f"resumed at step {progress['step']} (epoch {progress['epoch'] + 1}, step {progress['batch']})")
-    stop, classify, key = interrupt_flag(), task.num_labels > 1, metrics.main_metric(task.name)
+    stop, classify, key = checkpoint.interrupt_flag(), task.num_labels > 1, metrics.main_metric(task.name)
     try:
         while progress["epoch"] < args.epochs and progress["step"] < total:
             epoch = progress["epoch"]
@@ -629,7 +513,7 @@ def run(args, methods=METHODS):
                 if stop["now"] and not args.out_dir:
                     raise InterruptedError(f"interrupted at step {progress['step']}; nothing saved")
                 if stop["now"] or args.save_every and progress["step"] % args.save_every == 0:
-                    save_checkpoint(args, progress, model, method, opt, sched)
+                    checkpoint.save(args, progress, model, method, opt, sched)
                     if stop["now"]:
                         raise InterruptedError(f"interrupted at step {progress['step']}; resume with the "
                                                f"same command and --resume")
@@ -652,7 +536,7 @@ def run(args, methods=METHODS):
                 progress["kept"] = (epoch + 1, {n: p.detach().clone() for n, p in model.named_parameters()
                                                 if p.requires_grad})
             if args.save_every and progress["epoch"] < args.epochs and progress["step"] < total:
-                save_checkpoint(args, progress, model, method, opt, sched)
+                checkpoint.save(args, progress, model, method, opt, sched)
     finally:
         stop["restore"]()
     if args.epochs == 0:  # zero-shot: the model as loaded, its adapters at their identity init
@@ -696,11 +580,11 @@ def finish(args, progress, model, method, task, n_train, n_all, world):
     if args.out_dir:
         peft_format.save(method, model, args.out_dir)
         if progress["predictions"].get(selected):  # one JSON line per evaluation prompt
-            write_text(os.path.join(args.out_dir, "predictions.jsonl"), "".join(
+            checkpoint.write_text(os.path.join(args.out_dir, "predictions.jsonl"), "".join(
                 json.dumps(p, ensure_ascii=False) + "\n" for p in progress["predictions"][selected]))
-        write_json(os.path.join(args.out_dir, "metrics.json"), result)  # last: the run is whole
-        if os.path.exists(os.path.join(args.out_dir, CHECKPOINT)):
-            os.remove(os.path.join(args.out_dir, CHECKPOINT))
+        checkpoint.write_json(os.path.join(args.out_dir, "metrics.json"), result)  # last: the run is whole
+        if os.path.exists(os.path.join(args.out_dir, checkpoint.CHECKPOINT)):
+            os.remove(os.path.join(args.out_dir, checkpoint.CHECKPOINT))
         print(f"wrote {args.out_dir}/metrics.json")
     if world > 1:
         torch.distributed.barrier()
