@@ -544,8 +544,8 @@ def scale_bench(argv):
                          "examples_per_s": m["steps"] * a.global_batch / m["train_seconds"]})
     print("\n".join(report.scale_table(rows, runs, a.global_batch, os.cpu_count())))
     if a.out:
-        checkpoint.write_json(a.out, {"checkpointing": rows, "throughput": runs, "global_batch": a.global_batch,
-                                    "cpus": os.cpu_count()})
+        checkpoint.write_json(a.out, {"checkpointing": rows, "throughput": runs,
+                                      "global_batch": a.global_batch, "cpus": os.cpu_count()})
         print(f"wrote {a.out}")
     return rows, runs
 

@@ -97,7 +97,8 @@ def save(args, progress, model, method, opt, sched):
 
 
 def load(args, model, method, opt, sched):
-    """Back to a checkpoint's state, after refusing one that another command wrote. Returns the loop's progress."""
+    """Back to a checkpoint's state, after refusing one that another command wrote. Returns the loop's
+    progress."""
     path = os.path.join(args.out_dir, CHECKPOINT)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -1,9 +1,10 @@
 """
 The metrics every run reports, from scratch or through scikit-learn, each as the reference it follows:
 
-- GLUE (glue_metrics): accuracy, Matthews correlation (MCC), and for the binary tasks F1, recall and ROC-AUC of
-  the positive class, as scikit-learn computes them; STS-B's Pearson and Spearman correlations as scipy; the
-  cross-entropy of the softmax. main_metric names the one a task is selected on (CoLA: MCC, STS-B: Pearson).
+- GLUE (glue_metrics): accuracy, Matthews correlation (MCC), and for the binary tasks F1, recall and ROC-AUC
+  of the positive class, as scikit-learn computes them; STS-B's Pearson and Spearman correlations as scipy;
+  the cross-entropy of the softmax. main_metric names the one a task is selected on (CoLA: MCC, STS-B:
+  Pearson).
 - Generation (generation_metrics), scored 0..1: per-sample ROUGE-1, ROUGE-2 and ROUGE-L F (rouge-score's
   formulas) and BLEU-4 (nltk's sentence_bleu with method3 smoothing), averaged over samples, and "avg", their
   mean. The ADAQ-LoRA paper (Feng et al. 2024, "Large Language Model Fine-tuning Method Based on Adaptive

@@ -7,16 +7,16 @@ flags, setup, data, model and method, optimizer, the step, evaluation, the loop,
     python train.py --method adalora --help                                  # the run's and adalora's flags
     torchrun --standalone --nproc_per_node 2 train.py ...                    # data parallel
 
-A method's flags are its config's fields (lora.LoRAConfig, ...). --grad_accum K weights each micro-batch by its
-share of the step's examples (a causal LM: response tokens), so a step equals one batch of K·B. --save_every and
-Ctrl-C write checkpoint.py's checkpoint; --resume ends where a run never stopped ends. Under torchrun each rank
-trains on its shard of a global batch of B·world, and rank 0 logs, evaluates and writes. --select holdout keeps
-the epoch best on a seeded 10% of train held out from it; the reported dev split never chooses anything.
-metrics.json, written last: task, method, label, model, metrics (dev, at selected_epoch), select, history (per
-epoch: train loss/accuracy, dev, holdout), loss_log ([step, mean loss since the last row, lr]), trainable_params,
-total_params, trainable_pct, steps, train_seconds (training steps only), compile_seconds, s_per_step (steps that
-did not compile), peak_memory_mb (training; CPU: peak RSS), args, method_config, method_report. Beside it: the
-adapter (peft_format.py) and, for a causal LM, predictions.jsonl.
+A method's flags are its config's fields (lora.LoRAConfig, ...). --grad_accum K weights each micro-batch by
+its share of the step's examples (a causal LM: response tokens), so a step equals one batch of K·B.
+--save_every and Ctrl-C write checkpoint.py's checkpoint; --resume ends where a run never stopped ends. Under
+torchrun each rank trains on its shard of a global batch of B·world, and rank 0 logs, evaluates and writes.
+--select holdout keeps the epoch best on a seeded 10% of train held out from it; the reported dev split never
+chooses anything. metrics.json, written last: task, method, label, model, metrics (dev, at selected_epoch),
+select, history (per epoch: train loss/accuracy, dev, holdout), loss_log ([step, mean loss since the last row,
+lr]), trainable_params, total_params, trainable_pct, steps, train_seconds (training steps only),
+compile_seconds, s_per_step (steps that did not compile), peak_memory_mb (training; CPU: peak RSS), args,
+method_config, method_report. Beside it: the adapter (peft_format.py) and, for a causal LM, predictions.jsonl.
 """
 import argparse
 import contextlib
@@ -361,7 +361,8 @@ def evaluate(model, examples, task, args, tok, forward=None):
                                     args.pad_multiple):
         b = to_device(b, args.device)
         with autocast(args.device):
-            out = (model if forward is None else forward)(b["input_ids"], b["attention_mask"], b["token_type_ids"]).float().cpu()
+            out = (model if forward is None else forward)(b["input_ids"], b["attention_mask"],
+                                                          b["token_type_ids"]).float().cpu()
         for i, row in zip(idx, out):
             logits[i] = row
     logits = torch.stack(logits)
