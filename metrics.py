@@ -5,14 +5,16 @@ The metrics every run reports, from scratch or through scikit-learn, each as the
   of the positive class, as scikit-learn computes them; STS-B's Pearson and Spearman correlations as scipy;
   the cross-entropy of the softmax. main_metric names the one a task is selected on (CoLA: MCC, STS-B:
   Pearson).
-- Generation (generation_metrics), scored 0..1: per-sample ROUGE-1, ROUGE-2 and ROUGE-L F (rouge-score's
-  formulas) and BLEU-4 (nltk's sentence_bleu with method3 smoothing), averaged over samples, and "avg", their
-  mean. The ADAQ-LoRA paper (Feng et al. 2024, "Large Language Model Fine-tuning Method Based on Adaptive
-  Quantization", Tables 1-2) names these columns but not how it computes them; we fill the gap with the
-  routine of ChatGLM-6B's fine-tuning script (the paper tunes ChatGLM2-6B), except that words() splits CJK
-  text per character where that script segments it with jieba. Also corpus BLEU as sacrebleu computes it
-  ("13a", or "zh" for Chinese), and GSM8K's exact match of the final number.
-test_all.py checks the generation metrics against rouge-score, nltk and sacrebleu, and the GLUE ones by hand.
+- Generation (generation_metrics), scored 0..1: per-sample ROUGE-1, ROUGE-2 and ROUGE-L F and BLEU-4,
+  averaged over samples, and "avg", their mean. The ADAQ-LoRA paper (Feng et al. 2024, "Large Language Model
+  Fine-tuning Method Based on Adaptive Quantization", Tables 1-2) names these columns but not how it computes
+  them; we take the routine of ChatGLM-6B's fine-tuning script (the paper tunes ChatGLM2-6B): ROUGE as the
+  rouge_chinese package scores it (paper_rouge: unique n-grams), BLEU-4 as nltk's sentence_bleu with method3
+  smoothing, except that words() splits CJK text per character where that script segments it with jieba.
+  rouge-score's ROUGE F (n-gram counts) is kept beside it as "rouge_score-1/2/l". Also corpus BLEU as
+  sacrebleu computes it ("13a", or "zh" for Chinese), and GSM8K's exact match of the final number.
+test_all.py checks the generation metrics against rouge-chinese, rouge-score, nltk and sacrebleu, and the GLUE
+ones by hand.
 """
 import math
 import re
@@ -62,8 +64,8 @@ def glue_metrics(task, logits, labels):
 
 
 # -----------------------------------------------------------------------------
-# generation: per-sample ROUGE-1/2/L F and BLEU-4 as ChatGLM's eval scripts score them, corpus BLEU as
-# sacrebleu does, GSM8K's final-number exact match; all 0..1
+# generation: per-sample ROUGE-1/2/L F (rouge_chinese's, and rouge-score's) and BLEU-4 as ChatGLM's eval
+# scripts score them, corpus BLEU as sacrebleu does, GSM8K's final-number exact match; all 0..1
 
 # Han ideographs, CJK punctuation (，。「」) and full-width forms: each such character is a token in words()
 CJK = re.compile("([\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef])")
@@ -109,6 +111,48 @@ def rouge_l(pred, ref):
     return f_score(lcs_length(pred, ref), len(pred), len(ref))
 
 
+# rouge_chinese's sentence ends (its Rouge.cut_sent): a line break after each match's first group
+SENTENCE_ENDS = [r"([。！？\?])([^”’])", r"(\.{6})([^”’])", r"(…{2})([^”’])", r"([。！？\?][”’])([^，。！？\?])"]
+
+
+def cut_sentences(text):
+    """rouge_chinese's sentences of a text: a break after 。！？ or ?, after "......" and after "……", unless a
+    closing quote ” or ’ follows (then after the quote, unless more of 。！？? follow); empty lines dropped."""
+    for pattern in SENTENCE_ENDS:
+        text = re.sub(pattern, r"\1\n\2", text)
+    return [s for s in text.rstrip().split("\n") if s]
+
+
+def paper_rouge(pred, ref):
+    """ROUGE-1, ROUGE-2 and ROUGE-L of two token lists as the ADAQ-LoRA paper scores them: the rouge_chinese
+    package 1.0.3, Rouge().get_scores(" ".join(pred), " ".join(ref)) as ChatGLM's fine-tuning script calls
+    it, a port of pltrdy/rouge's algorithm. -> {"rouge-1": {"p", "r", "f"}, "rouge-2": ..., "rouge-l": ...}
+    - Tokens: the text is cut into sentences (cut_sentences), whose space-separated words are concatenated:
+      n-grams and the LCS run across sentence ends, which only split a token such as "why?so" in two.
+    - ROUGE-N over the SETS of n-grams: P = |G(pred) & G(ref)| / |G(pred)|, R = |G(pred) & G(ref)| / |G(ref)|.
+    - ROUGE-L: P = LCS / len(pred), R = LCS / len(ref), the LCS of the whole token sequences (pltrdy/rouge,
+      and rouge_chinese's docstring, say the union LCS over reference sentences; 1.0.3's code does not).
+    - F = 2PR / (P + R + 1e-8), so identical texts get 0.999999995; P (R) = 0 when pred (ref) has no n-gram.
+    - An empty (or blank) prediction or reference scores 0 (rouge_chinese raises ValueError on it).
+    Where it differs from rouge-score's (rouge_n, rouge_l): sets of n-grams, where rouge-score clips counts
+    (a repeated n-gram counts once), F's 1e-8, and the sentence cut inside a token; ROUGE-L is otherwise the
+    same."""
+    p, r = ([w for s in cut_sentences(" ".join(t)) for w in s.split()] for t in (pred, ref))
+
+    def prf(match, n_pred, n_ref):
+        precision, recall = match / n_pred if n_pred else 0.0, match / n_ref if n_ref else 0.0
+        return {"p": precision, "r": recall, "f": 2.0 * ((precision * recall) / (precision + recall + 1e-8))}
+
+    if not p or not r:
+        return {k: {"p": 0.0, "r": 0.0, "f": 0.0} for k in ("rouge-1", "rouge-2", "rouge-l")}
+    out = {}
+    for n in (1, 2):
+        gp, gr = set(ngrams(p, n)), set(ngrams(r, n))
+        out[f"rouge-{n}"] = prf(len(gp & gr), len(gp), len(gr))
+    out["rouge-l"] = prf(lcs_length(p, r), len(p), len(r))
+    return out
+
+
 def bleu_counts(pred, ref):
     """Clipped matches and totals of pred's n-grams, n = 1..4: match_n = sum_g min(#g in pred, #g in ref),
     total_n = len(pred) - n + 1 (0 when pred is shorter than n)."""
@@ -139,10 +183,13 @@ def sentence_bleu(pred, ref):
 
 
 def per_sample_scores(pred, ref):
-    """The four per-sample scores of one prediction against its reference, on words() tokens."""
+    """The per-sample scores of one prediction against its reference, on words() tokens: the paper's
+    ROUGE-1/2/L F (paper_rouge) and BLEU-4, and rouge-score's ROUGE F as "rouge_score-1/2/l"."""
     p, r = words(pred), words(ref)
-    return {"rouge-1": rouge_n(p, r, 1), "rouge-2": rouge_n(p, r, 2), "rouge-l": rouge_l(p, r),
-            "bleu-4": sentence_bleu(p, r)}
+    paper = paper_rouge(p, r)
+    return {**{k: paper[k]["f"] for k in ("rouge-1", "rouge-2", "rouge-l")}, "bleu-4": sentence_bleu(p, r),
+            "rouge_score-1": rouge_n(p, r, 1), "rouge_score-2": rouge_n(p, r, 2),
+            "rouge_score-l": rouge_l(p, r)}
 
 
 def split_punct(line):
@@ -208,12 +255,16 @@ def gsm8k_accuracy(preds, refs):
 
 
 def generation_metrics(preds, refs, gsm8k=False, tokenize="13a"):
-    """Per-sample ROUGE-1, ROUGE-2, ROUGE-L F and BLEU-4 averaged over samples, "avg" = the mean of these four
-    (the paper's Avg), sacrebleu's corpus BLEU ("13a", or "zh" for Chinese), with gsm8k=True "accuracy"."""
+    """per_sample_scores averaged over samples: the paper's ROUGE-1, ROUGE-2, ROUGE-L F and BLEU-4, "avg" =
+    the mean of these four (the paper's Avg), rouge-score's "rouge_score-1/2/l"; sacrebleu's corpus BLEU
+    ("13a", or "zh" for Chinese), with gsm8k=True "accuracy"."""
     assert len(preds) == len(refs) > 0, (len(preds), len(refs))
     scores = [per_sample_scores(p, r) for p, r in zip(preds, refs)]
-    out = {k: float(np.mean([s[k] for s in scores])) for k in ("rouge-1", "rouge-2", "rouge-l", "bleu-4")}
-    out["avg"] = float(np.mean(list(out.values())))
+    mean = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+    four = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
+    out = {k: mean[k] for k in four}
+    out["avg"] = float(np.mean([mean[k] for k in four]))
+    out.update({k: mean[k] for k in ("rouge_score-1", "rouge_score-2", "rouge_score-l")})
     out["corpus_bleu"] = corpus_bleu(preds, refs, tokenize)
     if gsm8k:
         out["accuracy"] = gsm8k_accuracy(preds, refs)

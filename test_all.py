@@ -622,7 +622,7 @@ def test_peft_loads_our_llama_adapters_with_the_same_logits(method, tmp_path):
 
 # ------------------------------------------------------------------------ metrics.py: ROUGE, BLEU, GSM8K
 
-TOL = 1e-9  # metrics.py's generation metrics against rouge-score, nltk and sacrebleu
+TOL = 1e-9  # metrics.py's generation metrics against rouge-chinese, rouge-score, nltk and sacrebleu
 
 GEN_CORPUS = [  # (prediction, reference)
     ("The cat sat on the mat near the door.", "The cat is sitting on the mat by the door."),  # some overlap
@@ -665,8 +665,20 @@ def reference_scores(pred, ref):
     rouge = reference("rouge_score.rouge_scorer")
     scorer = rouge.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=Words())
     s = scorer.score(ref, pred)
-    return {"rouge-1": s["rouge1"].fmeasure, "rouge-2": s["rouge2"].fmeasure, "rouge-l": s["rougeL"].fmeasure,
-            "bleu-4": nltk_bleu(pred, ref)}
+    return {"rouge_score-1": s["rouge1"].fmeasure, "rouge_score-2": s["rouge2"].fmeasure,
+            "rouge_score-l": s["rougeL"].fmeasure, "bleu-4": nltk_bleu(pred, ref)}
+
+
+def rouge_chinese_scores(pred, ref):
+    """rouge_chinese (the paper's ROUGE) on our tokens joined by spaces, as its users join jieba's words;
+    zeros where the prediction or reference has no token, on which it raises ValueError."""
+    hyp, gold = " ".join(metrics.words(pred)), " ".join(metrics.words(ref))
+    rouge = reference("rouge_chinese").Rouge()
+    if not hyp or not gold:
+        with pytest.raises(ValueError, match="empty"):
+            rouge.get_scores(hyp, gold)
+        return {k: {"p": 0.0, "r": 0.0, "f": 0.0} for k in ("rouge-1", "rouge-2", "rouge-l")}
+    return rouge.get_scores(hyp, gold)[0]
 
 
 def random_pairs(n, vocab="a b c d . ,", max_len=8, seed=0):
@@ -686,16 +698,16 @@ def test_words_keeps_case_and_punctuation():
 
 
 @pytest.mark.parametrize("pred,ref", GEN_CORPUS)
-def test_rouge_matches_rouge_score(pred, ref):
+def test_rouge_score_keys_match_rouge_score(pred, ref):
     ours, theirs = metrics.per_sample_scores(pred, ref), reference_scores(pred, ref)
-    for k in ("rouge-1", "rouge-2", "rouge-l"):
+    for k in ("rouge_score-1", "rouge_score-2", "rouge_score-l"):
         assert ours[k] == pytest.approx(theirs[k], abs=TOL), k
 
 
-def test_rouge_matches_rouge_score_on_random_token_sequences():
+def test_rouge_score_keys_match_rouge_score_on_random_token_sequences():
     for pred, ref in random_pairs(300):
         ours, theirs = metrics.per_sample_scores(pred, ref), reference_scores(pred, ref)
-        for k in ("rouge-1", "rouge-2", "rouge-l"):
+        for k in ("rouge_score-1", "rouge_score-2", "rouge_score-l"):
             assert ours[k] == pytest.approx(theirs[k], abs=TOL), (pred, ref, k)
 
 
@@ -703,13 +715,76 @@ def test_rouge_is_zero_for_empty_prediction_and_no_overlap():
     for pred, ref in [("", "Paris is nice"), ("bananas and oranges", "The market fell"), ("", "")]:
         s = metrics.per_sample_scores(pred, ref)
         assert s["rouge-1"] == s["rouge-2"] == s["rouge-l"] == 0.0
+        assert s["rouge_score-1"] == s["rouge_score-2"] == s["rouge_score-l"] == 0.0
 
 
 def test_rouge_l_is_f_of_the_longest_common_subsequence():
-    # LCS 1 of 2 and 2: F = 0.5; unigrams all match: F = 1
+    # LCS 1 of 2 and 2: F = 0.5; unigrams all match: F = 1 (the paper's F: 2PR / (P + R + 1e-8))
     s = metrics.per_sample_scores("cat dog", "dog cat")
-    assert s["rouge-l"] == 0.5 and s["rouge-1"] == 1.0 and s["rouge-2"] == 0.0
+    assert s["rouge_score-l"] == 0.5 and s["rouge_score-1"] == 1.0 and s["rouge_score-2"] == 0.0
+    assert s["rouge-l"] == 0.5 / (1 + 1e-8) and s["rouge-1"] == 1 / (1 + 0.5e-8) and s["rouge-2"] == 0.0
     assert metrics.lcs_length("a b c b d a b".split(), "b d c a b a".split()) == 4
+
+
+ROUGE_CORPUS = GEN_CORPUS + [  # several sentences: rouge_chinese cuts after 。！？ ? ...... ……, not after "."
+    ("The cat sat. The cat sat on the mat. Did it sleep? It slept.",
+     "The cat sat on the mat? It slept. The cat."),
+    ("今天下雨了。我们不去公园了！你呢？", "今天下雨。我们不去公园。你去吗？"),
+    ("He asked “why?”Then left......and came back……ok", "He asked why?Then he left...... and came back."),
+    ("the cat the cat", "the cat sat on the mat"),  # test_rouge_differs_from_rouge_score_by_hand
+    ("甲丙戊。甲乙。", "甲乙丙丁戊"),  # ROUGE-L: the plain LCS, not the union LCS over sentences
+    ("   ", "a blank prediction"), ("", ""),
+]
+
+
+@pytest.mark.parametrize("pred,ref", ROUGE_CORPUS)
+def test_rouge_is_the_papers_rouge_chinese_definition(pred, ref):
+    """rouge-1/2/l are rouge_chinese's P, R and F (unique n-grams, its LCS, its sentence cut, F's 1e-8) of our
+    tokens; an empty prediction, where rouge_chinese raises, scores 0."""
+    ours = metrics.paper_rouge(metrics.words(pred), metrics.words(ref))
+    theirs = rouge_chinese_scores(pred, ref)
+    for k in ("rouge-1", "rouge-2", "rouge-l"):
+        for stat in ("p", "r", "f"):
+            assert ours[k][stat] == pytest.approx(theirs[k][stat], abs=TOL), (k, stat)
+        assert metrics.per_sample_scores(pred, ref)[k] == ours[k]["f"]
+
+
+def test_rouge_is_rouge_chinese_on_random_token_sequences():
+    for pred, ref in random_pairs(300, vocab="a b c . ? 。 ！ ” …… ...... x?y x......y") + random_pairs(300):
+        ours = metrics.paper_rouge(metrics.words(pred), metrics.words(ref))
+        theirs = rouge_chinese_scores(pred, ref)
+        for k in ("rouge-1", "rouge-2", "rouge-l"):
+            for stat in ("p", "r", "f"):
+                assert ours[k][stat] == pytest.approx(theirs[k][stat], abs=TOL), (pred, ref, k, stat)
+
+
+def test_rouge_differs_from_rouge_score_by_hand():
+    # pred "the cat the cat" (4 tokens), ref "the cat sat on the mat" (6 tokens)
+    # ROUGE-1, the paper: sets {the, cat} and {the, cat, sat, on, mat}: P = 2/2, R = 2/5, F = 2PR/(P+R) = 4/7
+    #   rouge-score: counts, matches min(2, 2) + min(2, 1) = 3: P = 3/4, R = 3/6, F = 3/5
+    # ROUGE-2, the paper: {the cat, cat the} and 5 distinct bigrams, 1 shared: P = 1/2, R = 1/5, F = 2/7
+    #   rouge-score: 3 bigrams (the cat twice) and 5, min(2, 1) = 1 match: P = 1/3, R = 1/5, F = 1/4
+    # ROUGE-L, both: LCS "the cat the" = 3: P = 3/4, R = 3/6, F = 3/5
+    s = metrics.per_sample_scores("the cat the cat", "the cat sat on the mat")
+    assert (s["rouge_score-1"], s["rouge_score-2"], s["rouge_score-l"]) == \
+        pytest.approx((3 / 5, 1 / 4, 3 / 5), abs=1e-12)
+    assert (s["rouge-1"], s["rouge-2"], s["rouge-l"]) == pytest.approx((4 / 7, 2 / 7, 3 / 5), abs=1e-8)
+    paper = metrics.paper_rouge("the cat the cat".split(), "the cat sat on the mat".split())
+    assert (paper["rouge-1"]["p"], paper["rouge-1"]["r"]) == (1.0, 2 / 5)
+    assert (paper["rouge-2"]["p"], paper["rouge-2"]["r"]) == (1 / 2, 1 / 5)
+    # F = 2PR / (P + R + 1e-8): identical texts score 1 - 5e-9, not 1
+    same = metrics.per_sample_scores("a b c", "a b c")
+    assert same["rouge_score-1"] == 1.0 and same["rouge-1"] == pytest.approx(1 - 5e-9, abs=1e-15)
+    # ROUGE-L is the LCS of the whole token sequences (rouge_chinese 1.0.3), not pltrdy/rouge's summary-level
+    # union LCS: ref 甲乙丙丁戊 (5 tokens), pred 甲丙戊。甲乙。 (7 tokens, 2 sentences): the LCS is 甲丙戊 = 3,
+    # P = 3/7, R = 3/5, F = 1/2, where the union of each sentence's LCS, {甲, 丙, 戊} | {甲, 乙}, would be 4
+    paper = metrics.paper_rouge(metrics.words("甲丙戊。甲乙。"), metrics.words("甲乙丙丁戊"))["rouge-l"]
+    assert (paper["p"], paper["r"]) == (3 / 7, 3 / 5) and paper["f"] == pytest.approx(1 / 2, abs=1e-8)
+    # its sentence cut after "?" splits a token, so it differs from rouge-score's there: why?so -> why?, so
+    assert metrics.cut_sentences("he said why?so 。 ok……fine “no?”yes") == \
+        ["he said why?", "so 。", " ok……", "fine “no?”", "yes"]
+    assert metrics.per_sample_scores("why?so", "so")["rouge-1"] == pytest.approx(2 / 3, abs=1e-8)
+    assert metrics.per_sample_scores("why?so", "so")["rouge_score-1"] == 0.0
 
 
 @pytest.mark.parametrize("pred,ref", GEN_CORPUS)
@@ -739,11 +814,15 @@ def test_sentence_bleu_edge_cases_match_nltk():
 def test_averages_match_the_references_and_avg_is_the_mean_of_four():
     out = metrics.generation_metrics(PREDS, REFS)
     theirs = [reference_scores(p, r) for p, r in GEN_CORPUS]
-    for k in ("rouge-1", "rouge-2", "rouge-l", "bleu-4"):
+    paper = [rouge_chinese_scores(p, r) for p, r in GEN_CORPUS]
+    for k in ("rouge_score-1", "rouge_score-2", "rouge_score-l", "bleu-4"):
         assert out[k] == pytest.approx(np.mean([s[k] for s in theirs]), abs=TOL), k
-    four = [out[k] for k in ("rouge-1", "rouge-2", "rouge-l", "bleu-4")]
+    for k in ("rouge-1", "rouge-2", "rouge-l"):
+        assert out[k] == pytest.approx(np.mean([s[k]["f"] for s in paper]), abs=TOL), k
+    four = [out[k] for k in ("rouge-1", "rouge-2", "rouge-l", "bleu-4")]  # the paper's ROUGE and BLEU-4
     assert out["avg"] == pytest.approx(np.mean(four), abs=TOL)
-    assert set(out) == {"rouge-1", "rouge-2", "rouge-l", "bleu-4", "avg", "corpus_bleu"}
+    assert set(out) == {"rouge-1", "rouge-2", "rouge-l", "bleu-4", "avg", "corpus_bleu",
+                        "rouge_score-1", "rouge_score-2", "rouge_score-l"}
     assert all(0 <= v <= 1 for v in out.values())
 
 
