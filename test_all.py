@@ -309,7 +309,8 @@ def test_every_method_trains_a_causal_lm_and_writes_its_predictions(method, extr
                                 "--lr", "1e-3", "--out_dir", out, *extra])
     result = train.run(args)
     m = result["metrics"]
-    assert set(m) == {"rouge-1", "rouge-2", "rouge-l", "bleu-4", "avg", "corpus_bleu", "accuracy"}
+    assert set(m) == {"rouge-1", "rouge-2", "rouge-l", "rouge_score-1", "rouge_score-2", "rouge_score-l",
+                      "bleu-4", "avg", "corpus_bleu", "accuracy"}
     assert m["avg"] == pytest.approx((m["rouge-1"] + m["rouge-2"] + m["rouge-l"] + m["bleu-4"]) / 4)
     preds = [json.loads(line) for line in open(os.path.join(out, "predictions.jsonl"))]
     assert len(preds) == 6 and {"prompt", "reference", "prediction"} <= set(preds[0])
