@@ -553,8 +553,8 @@ def tiny_llama(root):
     return folder
 
 
-LLAMA_METHODS = [("lora", []), ("lora", ["--quant", "nf4"]), ("tlora_plus", []), ("tlora", []),
-                 ("dynamic_lora", ["--n_cal", "2"]), ("adalora", ["--tinit", "1", "--tfinal", "1"]),
+# lora and adalora train a Llama in the peft test below; tlora stands for the TLoRA family
+LLAMA_METHODS = [("lora", ["--quant", "nf4"]), ("tlora", []), ("dynamic_lora", ["--n_cal", "2"]),
                  ("adaq_lora", ["--tinit", "1", "--tfinal", "1"]), ("full", []), ("adapter", [])]
 
 
@@ -573,7 +573,7 @@ def test_every_method_trains_a_llama_on_chat_prompts(method, extra, tmp_path):
     assert all(math.isfinite(loss) for _, loss, _ in result["loss_log"])
     preds = [json.loads(line) for line in open(os.path.join(out, "predictions.jsonl"))]
     assert len(preds) == 6 and preds[0]["prompt"].startswith("Tom has 3 apples")
-    if method == "lora":
+    if extra == ["--quant", "nf4"]:
         config = json.load(open(os.path.join(out, "adapter_config.json")))
         assert sorted(config["target_modules"])[:3] == ["model.layers.0.mlp.down_proj",
                                                         "model.layers.0.mlp.gate_proj",
@@ -3024,8 +3024,8 @@ def test_grad_accum_k_micro_batches_equal_one_batch_k_times_as_large(method, fla
         assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6), f"{k} differs with --grad_accum"
 
 
-@pytest.mark.parametrize("method, flags", [
-    ("lora", []), ("dynamic_lora", ["--importance_every", "1", "--omega_every", "2"]),
+@pytest.mark.parametrize("method, flags", [  # AdaLoRA: the method with the most state to keep in step
+    ("lora", []),
     ("adalora", ["--init_r", "4", "--target_r", "2", "--tinit", "1", "--tfinal", "2", "--delta_t", "1"])])
 def test_torchrun_two_processes_train_what_one_process_does(method, flags, tmp_path):
     """torchrun --nproc_per_node 2 (gloo, CPU) with --batch_size 4 against one process with --batch_size 8,
@@ -3405,7 +3405,6 @@ def test_bad_inputs_are_one_line_each_through_the_command_lines(broken):
 
 def test_scripts_turn_library_errors_into_one_line(tmp_path):
     """The library raises; train.py, eval.py and bench.py print "error: ..." and exit non-zero."""
-    import train
     glue = str(tmp_path / "glue")
     folder = tiny_checkpoint(tmp_path, write_glue(glue, n=16))
     for argv, message in ((["--rank", "99"], "error: rank 99 does not fit a 32x32 layer"),
@@ -3416,15 +3415,12 @@ def test_scripts_turn_library_errors_into_one_line(tmp_path):
             train.main(["--model", folder, "--data_dir", glue, "--out_dir", str(tmp_path / "out"), *argv])
         assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
     assert not os.path.exists(tmp_path / "out" / "metrics.json")
-    for argv, message in ((["eval.py", "--out_dir", str(tmp_path / "none")], "metrics.json not found"),
-                          (["bench.py", "speed", "--models", "gpt3"], "unknown model 'gpt3'")):
-        r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=HERE, timeout=600)
-        assert r.returncode != 0 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    r = subprocess.run([sys.executable, "bench.py", "--help"], capture_output=True, text=True, cwd=HERE,
-                       timeout=600)
-    assert r.returncode == 0 and all(m in r.stdout for m in ("peft_glue", "speed", "quant")), \
-        r.stdout + r.stderr
+    assert "metrics.json not found" in refused("eval.py", ["--out_dir", str(tmp_path / "none")])
+    assert "unknown model 'gpt3'" in refused("bench.py", ["speed", "--models", "gpt3"])
+    import bench
+    with pytest.raises(SystemExit) as e:  # --help lists every mode and exits 0
+        bench.main(["--help"])
+    assert e.value.code == 0
 
 
 def test_length_bucketing_never_truncates_and_keeps_labels():
