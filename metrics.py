@@ -1,9 +1,10 @@
 """
-The metrics every run reports, from scratch or through scikit-learn, each as the reference it follows:
+The metrics every run reports, written from scratch, each as the reference it follows:
 
 - GLUE (glue_metrics): accuracy, Matthews correlation (MCC), and for the binary tasks F1, recall and ROC-AUC
-  of the positive class, as scikit-learn computes them; STS-B's Pearson and Spearman correlations as scipy;
-  the cross-entropy of the softmax. main_metric names the one a task is selected on (CoLA: MCC, STS-B:
+  of the positive class, as scikit-learn computes them (MCC: Gorodkin's multi-class R_K; AUC: Mann-Whitney U);
+  STS-B's Pearson and Spearman (ties at their average rank) correlations as scipy; the cross-entropy of the
+  softmax. main_metric names the one a task is selected on (CoLA: MCC, STS-B:
   Pearson).
 - Generation (generation_metrics), scored 0..1: per-sample ROUGE-1, ROUGE-2 and ROUGE-L F and BLEU-4,
   averaged over samples, and "avg", their mean. The ADAQ-LoRA paper (Feng et al. 2024, "Large Language Model
@@ -14,7 +15,7 @@ The metrics every run reports, from scratch or through scikit-learn, each as the
   rouge-score's ROUGE F (n-gram counts) is kept beside it as "rouge_score-1/2/l". Also corpus BLEU as
   sacrebleu computes it ("13a", or "zh" for Chinese), and GSM8K's exact match of the final number.
 test_all.py checks the generation metrics against rouge-chinese, rouge-score, nltk and sacrebleu, and the GLUE
-ones by hand.
+ones by hand and against scikit-learn and scipy (test-only there).
 """
 import math
 import re
@@ -40,26 +41,51 @@ def softmax(x):
     return e / e.sum(1, keepdims=True)
 
 
+def mcc(labels, pred):
+    """Matthews correlation, multi-class (Gorodkin's R_K, as scikit-learn): 0 when the denominator is 0."""
+    classes = np.union1d(labels, pred)
+    t = (labels[:, None] == classes).sum(0)  # (K,) true counts
+    p = (pred[:, None] == classes).sum(0)    # (K,) predicted counts
+    n, c = len(labels), (labels == pred).sum()
+    den = math.sqrt(float(n * n - p @ p) * float(n * n - t @ t))
+    return float(c * n - p @ t) / den if den else 0.0
+
+
+def ranks(x):
+    """Ranks 1..n, ties given their average rank (scipy's rankdata "average")."""
+    order = np.argsort(x, kind="mergesort")
+    r = np.empty(len(x))
+    r[order] = np.arange(1, len(x) + 1)
+    _, inverse = np.unique(x, return_inverse=True)
+    return (np.bincount(inverse, r) / np.bincount(inverse))[inverse]
+
+
+def auc(positive, score):
+    """ROC-AUC as the Mann-Whitney U of the positives' score ranks (ties count half)."""
+    n_pos, n_neg = positive.sum(), (~positive).sum()
+    return float((ranks(score)[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def glue_metrics(task, logits, labels):
     """logits (N, C) or (N, 1) for STS-B, labels (N,) -> {metric: value}."""
-    # imported here: scipy and scikit-learn take seconds to import, and a bad flag should not wait for them
-    from scipy.stats import pearsonr, spearmanr
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, recall_score, roc_auc_score
     logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
     if task == "stsb":
         pred = logits.reshape(-1)
-        return {"pearson": float(pearsonr(pred, labels)[0]), "spearman": float(spearmanr(pred, labels)[0]),
+        return {"pearson": float(np.corrcoef(pred, labels)[0, 1]),
+                "spearman": float(np.corrcoef(ranks(pred), ranks(labels))[0, 1]),
                 "mse": float(np.mean((pred - labels) ** 2))}
     prob = softmax(logits)
     pred = prob.argmax(1)
-    out = {"accuracy": float(accuracy_score(labels, pred)), "mcc": float(matthews_corrcoef(labels, pred)),
+    out = {"accuracy": float(np.mean(pred == labels)), "mcc": mcc(labels, pred),
            "loss": float(-np.mean(np.log(np.clip(prob[np.arange(len(labels)), labels], 1e-12, None))))}
     if task in POSITIVE:  # binary tasks: F1, recall and ROC-AUC of the positive class
         pos = POSITIVE[task]
-        out["f1"] = float(f1_score(labels, pred, pos_label=pos, zero_division=0))
-        out["recall"] = float(recall_score(labels, pred, pos_label=pos, zero_division=0))
-        out["auc"] = (float(roc_auc_score(labels == pos, prob[:, pos])) if len(set(labels.tolist())) == 2
-                      else math.nan)
+        tp = float(np.sum((pred == pos) & (labels == pos)))
+        fp = float(np.sum((pred == pos) & (labels != pos)))
+        fn = float(np.sum((pred != pos) & (labels == pos)))
+        out["f1"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+        out["recall"] = tp / (tp + fn) if tp + fn else 0.0
+        out["auc"] = auc(labels == pos, prob[:, pos]) if len(set(labels.tolist())) == 2 else math.nan
     return out
 
 

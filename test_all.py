@@ -2513,6 +2513,31 @@ def test_glue_metrics_match_hand_computation():
     assert always_pos["mcc"] == 0.0  # MCC defined as 0 when the denominator is 0 (as scikit-learn)
 
 
+@pytest.mark.parametrize("task, classes", [("mrpc", 2), ("rte", 2), ("mnli", 3), ("cola", 2)])
+def test_glue_metrics_match_scikit_learn_and_scipy(task, classes):
+    """Random logits and labels with ties in the scores: our numpy metrics against scikit-learn's and
+    scipy's."""
+    stats, sk = reference("scipy.stats"), reference("sklearn.metrics")
+    rng = np.random.default_rng(classes)
+    for n in (7, 40, 301):
+        logits = rng.integers(-2, 3, (n, classes)).astype(float)  # small integers: many tied scores
+        labels = rng.integers(0, classes, n)
+        m, pred = metrics.glue_metrics(task, logits, labels), metrics.softmax(logits).argmax(1)
+        assert m["mcc"] == pytest.approx(sk.matthews_corrcoef(labels, pred), abs=1e-12)
+        if task in metrics.POSITIVE:
+            pos = metrics.POSITIVE[task]
+            prob = metrics.softmax(logits)[:, pos]
+            assert m["f1"] == pytest.approx(sk.f1_score(labels, pred, pos_label=pos, zero_division=0),
+                                            abs=1e-12)
+            assert m["recall"] == pytest.approx(sk.recall_score(labels, pred, pos_label=pos, zero_division=0),
+                                                abs=1e-12)
+            assert m["auc"] == pytest.approx(sk.roc_auc_score(labels == pos, prob), abs=1e-12)
+        y, x = rng.normal(size=n), rng.integers(0, 5, n).astype(float)  # STS-B, with tied predictions
+        s = metrics.glue_metrics("stsb", x[:, None], y)
+        assert s["pearson"] == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-12)
+        assert s["spearman"] == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
+
+
 def test_table_merges_seeds_into_mean_and_std():
     runs = [{"task": "mrpc", "method": "lora", "model": "/x/minilm", "metrics": {"accuracy": a},
              "trainable_pct": 1.0}
