@@ -3048,8 +3048,8 @@ def test_grad_accum_k_micro_batches_equal_one_batch_k_times_as_large(method, fla
         assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6), f"{k} differs with --grad_accum"
 
 
-@pytest.mark.parametrize("method, flags", [  # AdaLoRA: the method with the most state to keep in step
-    ("lora", []),
+@pytest.mark.parametrize("method, flags", [  # LoRA's path, plus state that the ranks must keep in step
+    ("dynamic_lora", ["--importance_every", "1", "--omega_every", "2"]),
     ("adalora", ["--init_r", "4", "--target_r", "2", "--tinit", "1", "--tfinal", "2", "--delta_t", "1"])])
 def test_torchrun_two_processes_train_what_one_process_does(method, flags, tmp_path):
     """torchrun --nproc_per_node 2 (gloo, CPU) with --batch_size 4 against one process with --batch_size 8,
@@ -3074,8 +3074,7 @@ def test_torchrun_two_processes_train_what_one_process_does(method, flags, tmp_p
     assert [l for _, l, _ in two["loss_log"]] == pytest.approx([l for _, l, _ in one["loss_log"]], rel=1e-4)
     assert two["history"][-1]["train_accuracy"] == one["history"][-1]["train_accuracy"]
     assert [h["train_examples"] for h in two["history"]] == [40, 40], "each rank trains on its shard only"
-    if method != "lora":
-        assert two["method_report"]["ranks"] == one["method_report"]["ranks"]
+    assert two["method_report"]["ranks"] == one["method_report"]["ranks"]
     wa, wb = (load_file(str(tmp_path / n / "adapter_model.safetensors")) for n in ("two", "one"))
     for k in wa:
         assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6), f"{k} differs between 2 processes and 1"
