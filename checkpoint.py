@@ -102,6 +102,8 @@ def load(args, model, method, opt, sched):
     path = os.path.join(args.out_dir, CHECKPOINT)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not {"args", "progress", "tensors", "rng"} <= set(state):
+            raise TypeError("not a train.py checkpoint")
     except Exception as e:  # a truncated or foreign file
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}); start again with "
                          f"--overwrite") from None

@@ -60,7 +60,7 @@ def reevaluate(out_dir, latency_passes=0):
     try:
         with open(path) as f:
             saved = json.load(f)
-        saved_args = dict(saved["args"])
+        saved_args, _ = dict(saved["args"]), saved["metrics"]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path} is not a metrics.json written by train.py ({type(e).__name__}: {e}); "
                          f"re-run the training") from None

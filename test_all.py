@@ -2959,6 +2959,9 @@ def test_resume_refuses_another_config_and_out_dir_is_checked_before_loading(tmp
         train.run(train.parse_args(argv[:-1] + [str(tmp_path / "file")]))
     with pytest.raises(ValueError, match="has no checkpoint.pt to resume from"):
         train.run(train.parse_args(argv[:-1] + [str(tmp_path / "new"), "--resume"]))
+    torch.save([1, 2], os.path.join(out, "checkpoint.pt"))  # a file torch loads, but not ours
+    with pytest.raises(ValueError, match="checkpoint.pt is not a readable checkpoint \\(TypeError\\)"):
+        train.run(train.parse_args(argv + ["--resume"]))
     train.run(train.parse_args(argv + ["--overwrite", "--max_steps", "2"]))  # replaces it
     assert json.load(open(os.path.join(out, "metrics.json")))["steps"] == 2
     assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
@@ -3109,6 +3112,25 @@ def test_shard_splits_a_global_batch_into_each_ranks_rows():
     assert [train.shard(short, r, 2)["labels"].tolist() for r in (0, 1)] == [[0, 1], [2, 3, 4]]
     one_row = {"labels": torch.arange(1)}
     assert [train.shard(one_row, r, 2)["labels"].tolist() for r in (0, 1)] == [[0], [0]]
+
+
+def test_holdout_selection_restores_every_trained_tensor_of_the_kept_epoch(tmp_path):
+    """--select holdout keeping an earlier epoch: the saved adapter re-scores to the reported dev metrics, so
+    the kept epoch's buffers (Dynamic LoRA's m_l) come back with its A and B. With no training example left,
+    the run is refused in one line."""
+    glue = str(tmp_path / "glue")
+    folder = tiny_checkpoint(tmp_path, write_glue(glue, n=40))
+    out = str(tmp_path / "out")
+    result = train.run(train.parse_args(
+        ["--method", "dynamic_lora", "--model", folder, "--data_dir", glue, "--epochs", "3", "--batch_size", "4",
+         "--select", "holdout", "--lr", "3e-2", "--n_cal", "2", "--importance_every", "1", "--omega_every", "1",
+         "--omega_start", "0", "--out_dir", out]))
+    assert result["selected_epoch"] < 3, "the case needs an earlier epoch kept"
+    rescored, _ = ev.reevaluate(out)
+    assert rescored["loss"] == pytest.approx(result["metrics"]["loss"], abs=1e-7)
+    line = refused("train.py", ["--model", folder, "--data_dir", glue, "--max_train_samples", "1", "--select",
+                                "holdout", "--epochs", "1"])
+    assert "no training example is left to train on" in line
 
 
 def test_holdout_rows_never_train(tmp_path, monkeypatch):

@@ -444,6 +444,9 @@ def run(args, methods=METHODS):
     train = load_examples(task, "train", args, tok)
     holdout = load_examples(task, "holdout", args, tok) if args.select == "holdout" else None
     dev = load_examples(task, "dev", args, tok)
+    if args.epochs and not train:
+        raise ValueError(f"no training example is left to train on (--max_train_samples "
+                         f"{args.max_train_samples}, --select {args.select}); pass more examples")
     steps_per_epoch = math.ceil(math.ceil(len(train) / (args.batch_size * world)) / args.grad_accum)
     total = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
     warmup = int(args.warmup_ratio * total) if args.lr_schedule == "linear" else 0
@@ -534,18 +537,19 @@ def run(args, methods=METHODS):
             print(f"epoch {epoch + 1}: {shown}{held}")
             kept = progress["kept"] and progress["history"][progress["kept"][0] - 1]["holdout"][key]
             if holdout and (kept is None or row["holdout"][key] > kept):
-                progress["kept"] = (epoch + 1, {n: p.detach().clone() for n, p in model.named_parameters()
-                                                if p.requires_grad})
+                # every tensor training changes: adapters, head, and buffers such as Dynamic LoRA's m_l
+                progress["kept"] = (epoch + 1, {n: t.detach().clone()
+                                                for n, t in checkpoint.trained_state(model).items()})
             if args.save_every and progress["epoch"] < args.epochs and progress["step"] < total:
                 checkpoint.save(args, progress, model, method, opt, sched)
     finally:
         stop["restore"]()
-    if args.epochs == 0:  # zero-shot: the model as loaded, its adapters at their identity init
-        progress["history"] = [{"epoch": 0, "step": 0, **evaluate(model, dev, task, args, tok, forward)}]
-        progress["predictions"][0] = progress["history"][0].pop("predictions", None)
     if rank:
         torch.distributed.barrier()
         return None
+    if args.epochs == 0:  # zero-shot: the model as loaded, its adapters at their identity init
+        progress["history"] = [{"epoch": 0, "step": 0, **evaluate(model, dev, task, args, tok, forward)}]
+        progress["predictions"][0] = progress["history"][0].pop("predictions", None)
     return finish(args, progress, model, method, task, n_train, n_all, world)
 
 
@@ -553,11 +557,11 @@ def finish(args, progress, model, method, task, n_train, n_all, world):
     """Back to the selected epoch's weights; metrics.json's dict; the files (metrics.json last)."""
     history, selected = progress["history"], progress["history"][-1]["epoch"]
     if progress["kept"] is not None:  # --select holdout: back to the chosen epoch's weights
-        selected, trained = progress["kept"]
+        selected, kept = progress["kept"]
+        tensors = checkpoint.trained_state(model)
         with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in trained:
-                    p.copy_(trained[n])
+            for n, t in kept.items():
+                tensors[n].copy_(t)
     scores = {k: v for k, v in history[selected - 1].items()
               if k not in ("epoch", "step", "holdout") and not k.startswith("train_")}
     label = (method.label() + ("+nf4" if args.quant == "nf4" != method.quant else "")
