@@ -3123,8 +3123,8 @@ def test_holdout_selection_restores_every_trained_tensor_of_the_kept_epoch(tmp_p
     out = str(tmp_path / "out")
     result = train.run(train.parse_args(
         ["--method", "dynamic_lora", "--model", folder, "--data_dir", glue, "--epochs", "3",
-         "--batch_size", "4", "--select", "holdout", "--lr", "3e-2", "--n_cal", "2", "--importance_every", "1",
-         "--omega_every", "1", "--omega_start", "0", "--out_dir", out]))
+         "--batch_size", "4", "--select", "holdout", "--lr", "3e-2", "--n_cal", "2",
+         "--importance_every", "1", "--omega_every", "1", "--omega_start", "0", "--out_dir", out]))
     assert result["selected_epoch"] < 3, "the case needs an earlier epoch kept"
     rescored, _ = ev.reevaluate(out)
     assert rescored["loss"] == pytest.approx(result["metrics"]["loss"], abs=1e-7)
