@@ -68,11 +68,13 @@ def check_out_dir(args):
             os.remove(os.path.join(d, f))
 
 
+def write_file(path, text):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    write_atomic(os.path.dirname(path) or ".", {os.path.basename(path): write})
+    write_atomic(os.path.dirname(path) or ".", {os.path.basename(path): lambda tmp: write_file(tmp, text)})
 
 
 def write_json(path, obj):

@@ -280,10 +280,11 @@ def gsm8k_accuracy(preds, refs):
     return float(np.mean([a is not None and float(a) == float(b) for a, b in answers]))
 
 
-def generation_metrics(preds, refs, gsm8k=False, tokenize="13a"):
+def generation_metrics(preds, refs, gsm8k=False):
     """per_sample_scores averaged over samples: the paper's ROUGE-1, ROUGE-2, ROUGE-L F and BLEU-4, "avg" =
     the mean of these four (the paper's Avg), rouge-score's "rouge_score-1/2/l"; sacrebleu's corpus BLEU
-    ("13a", or "zh" for Chinese), with gsm8k=True "accuracy"."""
+    ("zh" tokenization when a reference holds CJK text, else "13a"), with gsm8k=True "accuracy"."""
+    tokenize = "zh" if any(CJK.search(r) for r in refs) else "13a"
     assert len(preds) == len(refs) > 0, (len(preds), len(refs))
     scores = [per_sample_scores(p, r) for p, r in zip(preds, refs)]
     mean = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}

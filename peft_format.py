@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from adaq_lora import AdaLoRA, SVDLinear
-from checkpoint import write_atomic
+from checkpoint import write_atomic, write_file
 from dynamic_lora import DynamicLoRA
 from lora import LoRA, adapter_layers
 from model import hf_name
@@ -155,11 +155,9 @@ def save(method, model, folder):
               tlora_config if isinstance(method, TLoRAPlus) else lora_config)(method, model)
     text = json.dumps(config, indent=2)
 
-    def write_config(path):
-        with open(path, "w") as f:
-            f.write(text)
     write_safetensors(folder, "adapter_model.safetensors", file_tensors(method, model),
-                      {"format": "pt", "nanopeft_method": method.name}, {"adapter_config.json": write_config})
+                      {"format": "pt", "nanopeft_method": method.name},
+                      {"adapter_config.json": lambda path: write_file(path, text)})
 
 
 def load(method, model, folder):

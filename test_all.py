@@ -837,6 +837,8 @@ def test_corpus_bleu_matches_sacrebleu():
     assert metrics.generation_metrics(preds, refs)["corpus_bleu"] == \
         pytest.approx(sacre(preds, refs), abs=TOL)
     assert metrics.corpus_bleu(PREDS, REFS, "zh") == pytest.approx(sacre(PREDS, REFS, "zh"), abs=TOL)
+    assert metrics.generation_metrics(PREDS, REFS)["corpus_bleu"] == \
+        pytest.approx(sacre(PREDS, REFS, "zh"), abs=TOL), "Chinese references: sacrebleu's zh tokenization"
     assert metrics.corpus_bleu(PREDS, REFS) == pytest.approx(sacre(PREDS, REFS), abs=TOL)
     assert 0 < metrics.corpus_bleu(PREDS, REFS, "zh") < 1
 
