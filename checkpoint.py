@@ -2,7 +2,7 @@
 A run's folder: every file written atomically (a temp file, then a rename), the check that --out_dir holds no
 other run, and the checkpoint that --save_every writes and --resume reads back, bit for bit: the trained
 tensors, AdamW, the schedule, every RNG, the loop's progress and the method's own state. Ctrl-C asks the loop
-to save one and stop.
+to save one and stop. A finished run's files, metrics.json last.
 """
 import json
 import os
@@ -79,6 +79,17 @@ def write_text(path, text):
 
 def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def write_run(out_dir, result, predictions=None):
+    """A finished run's files, after its adapter (peft_format.save): predictions.jsonl (a causal LM's answers,
+    a JSON line per prompt), then metrics.json last, so that a folder with metrics.json holds a whole run."""
+    if predictions:
+        write_text(os.path.join(out_dir, "predictions.jsonl"),
+                   "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+    write_json(os.path.join(out_dir, "metrics.json"), result)
+    if os.path.exists(os.path.join(out_dir, CHECKPOINT)):
+        os.remove(os.path.join(out_dir, CHECKPOINT))
 
 
 def trained_state(model):

@@ -5,7 +5,8 @@ The eight GLUE tasks: read from the hub through `datasets`, or from a folder in 
 GLUE dev split is the reported "test".
 Two causal-LM tasks train a GPT-2 on prompt -> response text and are scored on generated answers
 (metrics.py's ROUGE/BLEU, as the ADAQ-LoRA paper scores instruction tuning): alpaca (instruction/input/output)
-and gsm8k (question/answer).
+and gsm8k (question/answer). Last, a run's examples and batches from train.py's flags: a seeded subset, the
+held-out slice, each epoch's order drawn from (seed, epoch), and torchrun's shard of a batch.
 """
 import json
 import os
@@ -143,6 +144,13 @@ def load_split(task, split, data_dir=None):
                                            "train.tsv" if split == "train" else task.dev))
     hub = "train" if split == "train" else ("validation_matched" if task.name == "mnli" else "validation")
     return read_hub(task, hub)
+
+
+def subset(rows, n, seed=None):
+    """The first n rows, or (seed given) n rows drawn by random.Random(seed), kept in file order."""
+    if seed is None or n >= len(rows):
+        return rows[:n]
+    return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), n))]
 
 
 def holdout_split(rows, fraction=0.1, seed=0):
@@ -309,3 +317,49 @@ def eval_batches(examples, batch_size, pad_id, regression, multiple=1):
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
         yield idx, collate([examples[j] for j in idx], pad_id, regression, multiple)
+
+
+# -----------------------------------------------------------------------------
+# a run's examples and batches, from train.py's flags (args)
+
+def load_examples(task, split, args, tok):
+    """split: "dev", "train", or "holdout" (--select holdout: a seeded 10% of train that never trains)."""
+    rows = load_split(task, "dev" if split == "dev" else "train", args.data_dir)
+    if split != "dev" and args.max_train_samples:
+        rows = subset(rows, args.max_train_samples, args.subset_seed)
+    if split != "dev" and args.select == "holdout":
+        train, held = holdout_split(rows)
+        rows = held if split == "holdout" else train
+    if task.num_labels:
+        return encode(tok, rows, args.max_len or task.max_len)
+    if split != "train" and args.eval_samples:
+        rows = subset(rows, args.eval_samples, args.subset_seed)
+    max_len = args.max_len or task.max_len
+    chat = not args.no_chat_template and getattr(tok, "chat_template", None) is not None
+    examples, cut = encode_lm(tok, rows, max_len, train=split == "train", chat=chat)
+    if cut:
+        print(f"{cut} of {len(rows)} {split} responses were cut to fit --max_len {max_len}")
+    return examples
+
+
+def epoch_batches(examples, epoch, args, tok, world=1):
+    """One epoch of shuffled batches of B·world, in an order drawn from (seed, epoch) alone."""
+    rng = random.Random(args.seed + (epoch << 32))  # epoch 0: random.Random(seed)
+    B, regression = args.batch_size * world, get_task(args.task).num_labels == 1
+    return train_batches(examples, B, tok.pad_id, regression, rng, args.pad_multiple)
+
+
+def shard(batch, rank, world):
+    """This rank's rows of a global batch: rows rank·B … (rank+1)·B of B·world. A short last batch is split as
+    evenly as it goes; a rank left with no row gets the last one again."""
+    n = len(batch["labels"])
+    bounds = [round(i * n / world) for i in range(world + 1)]
+    rows = slice(bounds[rank], bounds[rank + 1]) if bounds[rank + 1] > bounds[rank] else slice(n - 1, n)
+    return {k: v[rows] for k, v in batch.items()}
+
+
+def calibration(task, args, tok):
+    """The first epoch's batches as the forward's arguments (no labels), tokenized only if a method reads
+    them (Dynamic LoRA)."""
+    for b in epoch_batches(load_examples(task, "train", args, tok), 0, args, tok):
+        yield {k: v for k, v in b.items() if k != "labels"}

@@ -73,7 +73,7 @@ def reevaluate(out_dir, latency_passes=0):
     method = train.method_from_args(args)
     model, tok, task = train.build(args, method)
     peft_format.load(method, model, out_dir)
-    dev = train.load_examples(task, "dev", args, tok)
+    dev = data.load_examples(task, "dev", args, tok)
     metrics = train.evaluate(model, dev, task, args, tok)
     metrics.pop("predictions", None)
     if latency_passes:

