@@ -317,6 +317,8 @@ def test_every_method_trains_a_causal_lm_and_writes_its_predictions(method, extr
     assert len(preds) == 6 and {"prompt", "reference", "prediction"} <= set(preds[0])
     assert preds[0]["reference"].endswith("#### 5"), "test row 100: a = 3, b = 2"
     assert preds[0]["prompt"].startswith("Tom has 3 apples and buys 2")
+    for k, per_prompt in result["sample_scores"].items():  # the bootstrap's input averages to the metric
+        assert per_prompt == [p[k] for p in preds] and np.mean(per_prompt) == pytest.approx(m[k], abs=1e-12)
     assert result["steps"] == (3 if "--grad_accum" in extra else 6)  # 24 examples, batches of 4
     assert math.isfinite(result["history"][0]["train_loss"])
 

@@ -16,7 +16,8 @@ chooses anything. metrics.json, written last: task, method, label, model, metric
 select, history (per epoch: train loss/accuracy, dev, holdout), loss_log ([step, mean loss since the last row,
 lr]), trainable_params, total_params, trainable_pct, steps, train_seconds (training steps only),
 compile_seconds, s_per_step (steps that did not compile), peak_memory_mb (training; CPU: peak RSS), args,
-method_config, method_report. Beside it: the adapter (peft_format.py) and, for a causal LM, predictions.jsonl.
+method_config, method_report; a causal LM adds sample_scores (each prompt's ROUGE-1/2/L and BLEU-4). Beside
+it: the adapter (peft_format.py) and, for a causal LM, predictions.jsonl.
 """
 import argparse
 import contextlib
@@ -530,6 +531,10 @@ def finish(args, progress, model, method, task, n_train, n_all, world):
               "compile_seconds": seconds[1], "s_per_step": (seconds[0] - seconds[1]) / max(1, seconds[2]),
               "peak_memory_mb": progress["peak_mb"] or peak_memory_mb(args.device), "args": vars(args),
               "method_config": dataclasses.asdict(method.cfg), "method_report": method.report(model)}
+    predictions = progress["predictions"].get(selected)
+    if predictions:  # a causal LM: each prompt's four scores, for report.py's paired bootstrap
+        result["sample_scores"] = {k: [p[k] for p in predictions] for k in ("rouge-1", "rouge-2", "rouge-l",
+                                                                            "bleu-4")}
     which = "the last" if args.select == "last" else "best on holdout"
     print(f"reported: dev at epoch {selected} ({which}): "
           + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
@@ -539,7 +544,7 @@ def finish(args, progress, model, method, task, n_train, n_all, world):
               + " ".join(f"{n}={r}" for n, r in ranks.items()))
     if args.out_dir:
         peft_format.save(method, model, args.out_dir)
-        checkpoint.write_run(args.out_dir, result, progress["predictions"].get(selected))
+        checkpoint.write_run(args.out_dir, result, predictions)
         print(f"wrote {args.out_dir}/metrics.json")
     if world > 1:
         torch.distributed.barrier()
