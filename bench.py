@@ -220,6 +220,13 @@ RANDOM_MODELS = {  # random init: memory does not depend on the weight values, s
                          n_head=12, d_ff=3072, act="gelu", eps=1e-5, pad_id=1),
     "roberta-large": dict(family="roberta", vocab_size=50265, n_positions=514, n_types=1, d=1024, n_layer=24,
                           n_head=16, d_ff=4096, act="gelu", eps=1e-5, pad_id=1),
+    # causal LMs (num_labels 0): Llama 3.2 1B's shapes, and ChatGLM2-6B's (the ADAQ-LoRA paper's model)
+    "llama-1b": dict(family="llama", vocab_size=128256, n_positions=4096, n_types=0, d=2048, n_layer=16,
+                     n_head=32, n_kv_head=8, d_ff=8192, act="silu", eps=1e-5, dropout=0.0, pad_id=0,
+                     num_labels=0, rope_theta=500000.0, tie=True),
+    "llama-6b": dict(family="llama", vocab_size=65024, n_positions=4096, n_types=0, d=4096, n_layer=28,
+                     n_head=32, n_kv_head=2, d_ff=13696, act="silu", eps=1e-5, dropout=0.0, pad_id=0,
+                     num_labels=0, tie=False),
 }
 MRPC_STEPS_30_EPOCHS = report.MRPC_STEPS_30_EPOCHS  # the schedule's length in timed steps
 MRPC_WARMUP = int(0.06 * MRPC_STEPS_30_EPOCHS)  # warmup_ratio 0.06, train.py's default
@@ -414,9 +421,10 @@ def memory_row(c):
     """One row in its own process: c = {stack: ours | reference, row, model, batch, seq, steps}. Peak RSS of
     the training steps (VmHWM reset after the build), adapter parameters, bits per 4-bit weight."""
     torch.manual_seed(0)
-    cfg, four_bit = M.Config(**RANDOM_MODELS[c["model"]]), MEMORY_ROWS[c["row"]]
-    B, T = c["batch"], c["seq"]
-    ids, labels = torch.randint(cfg.vocab_size - 1, (B, T)), torch.randint(2, (B,))
+    cfg = M.Config(**{**RANDOM_MODELS[c["model"]], **({"n_layer": c["n_layer"]} if c.get("n_layer") else {})})
+    four_bit, B, T = MEMORY_ROWS[c["row"]], c["batch"], c["seq"]
+    ids = torch.randint(cfg.vocab_size - 1, (B, T))
+    labels = ids if cfg.num_labels == 0 else torch.randint(2, (B,))  # a causal LM predicts its next tokens
     mask = torch.ones(B, T, dtype=torch.long)
     if c["stack"] == "ours":
         import adaq_lora
@@ -490,6 +498,8 @@ def memory_bench(argv):
     if a.model not in RANDOM_MODELS:
         raise ValueError(f"unknown model {a.model!r}; --model takes {', '.join(RANDOM_MODELS)}")
     rows = []
+    if RANDOM_MODELS[a.model]["family"] == "llama":  # ours only, at two depths: see llama_memory
+        return llama_memory(a)
     for stack in ("ours", "reference"):
         for row in MEMORY_ROWS:
             rows.append(fresh(memory_row, {"stack": stack, "row": row, "model": a.model, "batch": a.batch,
@@ -499,6 +509,26 @@ def memory_bench(argv):
     print(report.memory_table(rows, a.threads))
     if a.out:
         checkpoint.write_json(a.out, {"rows": rows, "threads": a.threads})
+        print(f"wrote {a.out}")
+    return rows
+
+
+def llama_memory(a):
+    """A Llama shape too large to train whole in fp32 here (6B: 25 GB of weights) is measured at two depths,
+    n_layer 1 and 2, and each row's peak is extended linearly to the shape's depth: every block is the same,
+    so each adds the same memory (weights, adapters, AdamW state, activations). Ours only."""
+    rows = []
+    for row in MEMORY_ROWS:
+        for n_layer in (1, 2):
+            rows.append(fresh(memory_row, {"stack": "ours", "row": row, "model": a.model, "batch": a.batch,
+                                           "seq": a.seq, "steps": a.steps, "n_layer": n_layer}, a.threads))
+            print(f"{row} n_layer {n_layer}: training peak {rows[-1]['train_peak_mb']:.0f} MB",
+                  file=sys.stderr, flush=True)
+    saved = {"model": a.model, "n_layer": RANDOM_MODELS[a.model]["n_layer"], "rows": rows,
+             "threads": a.threads}
+    print("\n".join(report.llama_memory_table([saved])))
+    if a.out:
+        checkpoint.write_json(a.out, saved)
         print(f"wrote {a.out}")
     return rows
 

@@ -792,6 +792,132 @@ def adaq_section(res, plots):
     return out
 
 
+# -----------------------------------------------------------------------------
+# ADAQ-LoRA's four rows on a pretrained LLM: SmolLM2-135M-Instruct, GSM8K (results/seed003/smollm2_gsm8k)
+
+# the ADAQ-LoRA paper's School_math rows (ChatGLM2-6B): ROUGE-1, ROUGE-2, ROUGE-L, BLEU-4, Avg, memory MB
+ADAQ_SCHOOL_MATH = {"zero-shot": ("GLM2", 0.5204, 0.2849, 0.3408, 0.3213, 0.3668, 48885),
+                    "lora": ("GLM2+LoRA", 0.5542, 0.3113, 0.3595, 0.3403, 0.3913, 59551),
+                    "qlora": ("GLM2+QLoRA", 0.5490, 0.3245, 0.3716, 0.3508, 0.3989, 12626),
+                    "adaq_lora": ("GLM2+ADAQ-LoRA", 0.5553, 0.3294, 0.3789, 0.3592, 0.4057, 9072)}
+SCORES = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")  # Avg is their mean
+MEMORY_ROWS_ORDER = ("lora", "qlora", "adalora", "adaq_lora")  # bench.py memory's rows
+EQUIVALENT = 0.02  # "ADAQ-LoRA ≈ QLoRA": the Avg gap's 95% interval within ±0.02 (paper: +0.002, +0.007)
+
+
+def llm_row(run):
+    """The paper's row a run stands for."""
+    if arg(run, "epochs") == 0:
+        return "zero-shot"
+    return ("qlora" if arg(run, "quant") == "nf4" else "lora") if run["method"] == "lora" else run["method"]
+
+
+def command(run):
+    """The train.py command a run used, rebuilt from its metrics.json: each flag that is not its default."""
+    a, default = run["args"], vars(train.parse_args(["--method", run["args"]["method"]]))
+    default["quant"] = train.METHODS[a["method"]].quant  # the method's own base precision: train.py fills it
+    flags = [f"--{k}" if v is True else f"--{k} {v:g}" if isinstance(v, float) else f"--{k} {v}"
+             for k, v in a.items() if k != "method" and v != default.get(k) and v is not None and v is not False]
+    return f"python train.py --method {a['method']} " + " ".join(flags)
+
+
+def paired_bootstrap(a, b, n=10000, seed=0):
+    """mean(a − b) over paired prompts and its 95% percentile interval, the prompts resampled n times."""
+    d = np.asarray(a) - np.asarray(b)
+    means = d[np.random.default_rng(seed).integers(0, len(d), (n, len(d)))].mean(1)
+    return d.mean(), np.percentile(means, 2.5), np.percentile(means, 97.5)
+
+
+def sample_avg(runs):
+    """Each prompt's Avg (the mean of its four scores), averaged over the runs' seeds."""
+    return np.mean([np.mean([r["sample_scores"][k] for k in SCORES], 0) for r in runs], 0)
+
+
+def llm_table(rows):
+    """rows: {paper row: [runs]}, ours beside the paper's School_math numbers."""
+    lines = ["| row | seeds | ROUGE-1 | ROUGE-2 | ROUGE-L | BLEU-4 | Avg | corpus BLEU | GSM8K accuracy | "
+             "peak MB | trainable % | s/step | paper's row (School_math): ROUGE-1 / 2 / L, BLEU, Avg, MB |",
+             "|---" * 13 + "|"]
+    for row, rs in rows.items():
+        m = lambda k: mean_std([r["metrics"][k] for r in rs], digits=4)
+        zero = row == "zero-shot"
+        p = ADAQ_SCHOOL_MATH[row]
+        lines.append(f"| {rs[0]['label'] if not zero else 'zero-shot'} | {len(rs)} | " +
+                     " | ".join(m(k) for k in (*SCORES, "avg", "corpus_bleu", "accuracy")) + " | " +
+                     mean_std([r["peak_memory_mb"] for r in rs], digits=0) + (" (eval)" if zero else "") +
+                     f" | {0 if zero else rs[0]['trainable_pct']:.2f} | " +
+                     ("–" if zero else mean_std([r["s_per_step"] for r in rs], digits=2)) +
+                     f" | {p[0]}: {p[1]:.4f} / {p[2]:.4f} / {p[3]:.4f}, {p[4]:.4f}, {p[5]:.4f}, {p[6]} |")
+    return lines
+
+
+def llm_verdicts(rows):
+    """The paper's claims, each with a rule that can fail. Quality: a paired bootstrap over the prompts of
+    the per-prompt Avg (evaluation noise only; with one seed, training-seed noise is not in it)."""
+    have = lambda *names: all(n in rows and "sample_scores" in rows[n][0] for n in names)
+    out = []
+    for row in ("lora", "qlora", "adaq_lora"):
+        if have(row, "zero-shot"):
+            d, lo, hi = paired_bootstrap(sample_avg(rows[row]), sample_avg(rows["zero-shot"]))
+            word = "reproduced" if lo > 0 else "not reproduced" if hi < 0 else "not shown"
+            out.append(f"- {rows[row][0]['label']} beats zero-shot (the paper: every tuned row does): Avg "
+                       f"{d:+.4f}, 95% interval [{lo:+.4f}, {hi:+.4f}]: **{word}** (*reproduced*: the "
+                       f"interval is above 0).")
+    if have("adaq_lora", "qlora"):
+        d, lo, hi = paired_bootstrap(sample_avg(rows["adaq_lora"]), sample_avg(rows["qlora"]))
+        word = ("reproduced" if -EQUIVALENT < lo and hi < EQUIVALENT else
+                "not reproduced" if lo > EQUIVALENT or hi < -EQUIVALENT else "not shown")
+        out.append(f"- ADAQ-LoRA ≈ QLoRA in quality (the paper: Avg +0.0021 and +0.0068): ADAQ − QLoRA Avg "
+                   f"{d:+.4f}, 95% interval [{lo:+.4f}, {hi:+.4f}]: **{word}** (*reproduced*: the interval "
+                   f"inside ±{EQUIVALENT}; *not reproduced*: wholly outside it).")
+    if all(n in rows for n in ("lora", "qlora", "adaq_lora")):
+        mb = {n: np.mean([r["peak_memory_mb"] for r in rows[n]]) for n in ("lora", "qlora", "adaq_lora")}
+        word = "reproduced" if mb["lora"] > mb["qlora"] > mb["adaq_lora"] else "not reproduced"
+        out.append(f"- Training memory LoRA > QLoRA > ADAQ-LoRA (the paper: 59551 > 12626 > 9072 MB on "
+                   f"School_math): {mb['lora']:.0f} > {mb['qlora']:.0f} > {mb['adaq_lora']:.0f} MB: "
+                   f"**{word}**.")
+    return out + [""]
+
+
+def llama_memory_table(saved):
+    """bench.py memory on Llama shapes: each row's peak at n_layer 1 and 2, and extended to the full depth
+    (peak(L) = peak(1) + (L − 1)·(peak(2) − peak(1))), with the ratio to LoRA's."""
+    lines = ["| shape | row | peak MB at n_layer 1 / 2 | MB per block | peak MB at full depth | × LoRA | "
+             "adapter params (full depth) |", "|---" * 7 + "|"]
+    for m in saved:
+        at = {(r["row"], r["n_layer"]): r for r in m["rows"]}
+        full = {}
+        for row in MEMORY_ROWS_ORDER:
+            one, two = at[(row, 1)], at[(row, 2)]
+            per = two["train_peak_mb"] - one["train_peak_mb"]
+            full[row] = one["train_peak_mb"] + (m["n_layer"] - 1) * per
+            params = one["adapter_params"] + (m["n_layer"] - 1) * (two["adapter_params"]
+                                                                   - one["adapter_params"])
+            lines.append(f"| {m['model']} ({m['n_layer']} layers) | {row} | {one['train_peak_mb']:.0f} / "
+                         f"{two['train_peak_mb']:.0f} | {per:.0f} | {full[row]:.0f} | "
+                         f"{full[row] / full['lora']:.2f} | {params:,} |")
+    return lines
+
+
+def llm_section(res):
+    folder = os.path.join(res, "seed003", "smollm2_gsm8k")
+    runs = runs_under(folder) if os.path.isdir(folder) else []
+    if not runs:
+        return []
+    rows = {n: [r for r in runs if llm_row(r) == n] for n in ADAQ_SCHOOL_MATH}
+    rows = {n: sorted(rs, key=lambda r: arg(r, "seed")) for n, rs in rows.items() if rs}
+    out = ["### ADAQ-LoRA's four rows on a pretrained LLM: SmolLM2-135M-Instruct, GSM8K", "",
+           *note(res, "smollm2_gsm8k"), *llm_table(rows), "", *llm_verdicts(rows),
+           "The runs' commands, rebuilt from their metrics.json:", "", "```bash",
+           *[command(r) for rs in rows.values() for r in rs], "```", ""]
+    if os.path.exists(os.path.join(res, "seed003", "llama_memory.json")):
+        m = read_bench(os.path.join(res, "seed003", "llama_memory.json"))
+        out += ["#### The same rows' training memory at 1B and 6B Llama shapes (random weights)", "",
+                *note(res, "llama_memory"), *llama_memory_table(m["shapes"]), "",
+                *note(res, "llama_memory_verdict")]
+    return out + [*note(res, "smollm2_gsm8k_verdict")]
+
+
 def scale(res):
     path = os.path.join(res, "scale.json")
     if not os.path.exists(path):
@@ -821,7 +947,8 @@ def report(res, out_path):
         if os.path.isdir(os.path.join(res, "seed000", task)):
             lines += lr_grid_section(os.path.join(res, "seed000", task), task, plots)
     lines += [*note(res, "lr_grid_verdict"), *dynamic_lora_section(res, plots), *tlora_section(res, plots),
-              *adaq_section(res, plots), *scale(res), *overview(res, plots), *note(res, "not_regenerated")]
+              *adaq_section(res, plots), *llm_section(res), *scale(res), *overview(res, plots),
+              *note(res, "not_regenerated")]
     if plots.skipped:
         lines += [f"Plots skipped (matplotlib is not installed): {', '.join(plots.skipped)}.", ""]
     text = "\n".join(line for line in lines if line is not None)

@@ -2689,6 +2689,66 @@ def test_report_renders_every_table_from_metrics_json_with_and_without_matplotli
         assert f"](results/{png})" in text and os.path.getsize(os.path.join(res, png)) > 1000
 
 
+def test_report_command_rebuilds_the_runs_own_flags():
+    argv = ["--method", "lora", "--task", "gsm8k", "--model", "m", "--quant", "nf4", "--rank", "64",
+            "--lr", "3e-4", "--lr_schedule", "constant", "--no_chat_template", "--subset_seed", "0"]
+    args = train.parse_args(argv)
+    cmd = report.command({"args": vars(args)})
+    assert cmd == ("python train.py --method lora --task gsm8k --model m --quant nf4 --no_chat_template "
+                   "--subset_seed 0 --lr_schedule constant --lr 0.0003 --rank 64")
+    assert vars(train.parse_args(cmd.split()[2:])) == vars(args)
+    adaq = vars(train.parse_args(["--method", "adaq_lora"]))
+    assert report.command({"args": {**adaq, "quant": "nf4"}}) == "python train.py --method adaq_lora "
+
+
+def llm_run(folder, name, seed=0, epochs=1, quant="none", method="lora", scores=(0.5, 0.5), mb=100.0):
+    """A causal-LM run's metrics.json with per-prompt scores (every one of the four scores alike)."""
+    args = {**vars(train.parse_args(["--method", method, "--task", "gsm8k"])), "epochs": epochs,
+            "quant": quant, "seed": seed}
+    m = {k: float(np.mean(scores)) for k in ("rouge-1", "rouge-2", "rouge-l", "bleu-4", "avg", "corpus_bleu",
+                                             "accuracy")}
+    run = {"task": "gsm8k", "method": method, "label": method + ("+nf4" if quant == "nf4" != method else ""),
+           "metrics": m, "last": m, "history": [m], "args": args, "trainable_params": 10,
+           "trainable_pct": 1.0, "peak_memory_mb": mb, "s_per_step": 2.0,
+           "sample_scores": dict.fromkeys(("rouge-1", "rouge-2", "rouge-l", "bleu-4"), list(scores))}
+    os.makedirs(os.path.join(folder, name))
+    with open(os.path.join(folder, name, "metrics.json"), "w") as f:
+        json.dump(run, f)
+
+
+def test_llm_verdicts_can_fail(tmp_path):
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.2, 0.6, 200)
+    d, lo, hi = report.paired_bootstrap(base + 0.01, base)  # a constant gap has no spread
+    assert d == pytest.approx(0.01) and lo == pytest.approx(0.01) and hi == pytest.approx(0.01)
+    noise = rng.normal(0, 0.1, 200)
+    d, lo, hi = report.paired_bootstrap(base + noise, base)  # ≈ mean ± 1.96 sd / √n
+    half = 1.96 * noise.std() / np.sqrt(200)
+    assert d == pytest.approx(noise.mean()) and (hi - lo) / 2 == pytest.approx(half, rel=0.1)
+    folder = str(tmp_path / "seed003" / "smollm2_gsm8k")
+    llm_run(folder, "zero_shot", epochs=0, method="full", scores=base - 0.1, mb=90)
+    llm_run(folder, "lora-s0", scores=base, mb=300)
+    llm_run(folder, "qlora-s0", quant="nf4", scores=base, mb=200)
+    llm_run(folder, "adaq_lora-s0", quant="nf4", method="adaq_lora", scores=base + 0.05, mb=250)
+    text = "\n".join(report.llm_section(str(tmp_path)))
+    assert "- lora beats zero-shot (the paper: every tuned row does): Avg +0.1000, 95% interval [+0.1000, " \
+           "+0.1000]: **reproduced**" in text
+    assert "ADAQ − QLoRA Avg +0.0500, 95% interval [+0.0500, +0.0500]: **not reproduced**" in text
+    assert "300 > 200 > 250 MB: **not reproduced**" in text
+    assert "| zero-shot | 1 | " in text and "90 (eval) | 0.00 | – |" in text
+    assert "python train.py --method lora --task gsm8k --quant nf4" in text
+
+
+def test_llama_memory_table_extends_two_depths_linearly():
+    rows = [{"row": r, "n_layer": n, "train_peak_mb": mb, "adapter_params": p}
+            for r, base, per, p1 in (("lora", 1000, 100, 50), ("qlora", 500, 40, 50), ("adalora", 900, 90, 10),
+                                     ("adaq_lora", 450, 35, 10))
+            for n, mb, p in ((1, base + per, p1), (2, base + 2 * per, 2 * p1))]
+    lines = report.llama_memory_table([{"model": "llama-6b", "n_layer": 28, "rows": rows}])
+    assert "| llama-6b (28 layers) | lora | 1100 / 1200 | 100 | 3800 | 1.00 | 1,400 |" in lines
+    assert "| llama-6b (28 layers) | adaq_lora | 485 / 520 | 35 | 1430 | 0.38 | 280 |" in lines
+
+
 def test_report_refuses_a_missing_or_malformed_metrics_json_in_one_line(tmp_path):
     cases = {"not valid JSON": lambda d: open(os.path.join(d, "metrics.json"), "w").write("{oops"),
              "lacks metrics, last": lambda d: json.dump({"task": "mrpc", "method": "lora", "history": [],
