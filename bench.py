@@ -8,7 +8,7 @@ imported here and in test_all.py only, never by the product.
         seeds, optimizer groups (A at lr, B at lr x lr_ratio, head at head_lr), schedule and evaluation
         (train.py's loop); --quant nf4 puts the base in bitsandbytes' NF4 + double quant (peft's QLoRA),
         evaluated like ours with the adapters beside the 4-bit base (peft's merge would requantize it)
-    python bench.py speed [--minilm DIR] [--data_dir GLUE] [--device cuda] [--compile]
+    python bench.py speed [--minilm DIR] [--data_dir GLUE] [--llm DIR --rank 64] [--device cuda] [--compile]
         ms/step, tokens/s, eval latency (merged and not), peak memory, adapter bytes and trainable parameters
         of every method, ours and transformers+peft LoRA, against the frozen base (forward + backward to the
         inputs)
@@ -20,8 +20,9 @@ imported here and in test_all.py only, never by the product.
         peak training memory and step time with and without --grad_checkpointing (LoRA r 64, batch 1 x 512);
         train.py's throughput on MiniLM MRPC, 1 process vs torchrun with 2, at the same global batch
     python bench.py generate [--n_layer 12 --n_embd 768] [--batch 4 --prompt 32 --new 64] [--out FILE.json]
-        greedy decoding tokens/s on a random GPT-2 (gpt2-small's shapes by default): ours with the KV cache,
-        ours without it, and transformers' generate(do_sample=False), the same prompts; the tokens must agree
+        greedy decoding tokens/s on a random GPT-2 (gpt2-small's shapes by default), or on a checkpoint folder
+        (--model DIR): ours with the KV cache, ours without it, and transformers' generate(do_sample=False),
+        the same prompts; the tokens must agree
     python bench.py quant [--minilm DIR] [--out FILE.json]
         stored bytes, bits/param and peak training RSS of fp32 LoRA vs QLoRA vs QLoRA + double quant (one
         fresh process each) on random-init GPT-2-small/medium and RoBERTa-base, and on MiniLM's real weights
@@ -68,11 +69,13 @@ class HFClassifier(nn.Module):
 
 
 def bnb_quantize(hf):
-    """Swap every block linear of a transformers model (encoder.layer.*, transformer.h.*) for bitsandbytes'
+    """Swap every block linear of a transformers model (encoder.layer.*, transformer.h.*, model.layers.*) for
+    bitsandbytes'
     NF4 + double-quant Linear4bit, as QLoRA's loader does: the same bytes quant.quantize_model stores."""
     import bitsandbytes as bnb
     for name, m in list(hf.named_modules()):
-        if (".layer." in name or ".h." in name) and type(m).__name__ in ("Linear", "Conv1D"):
+        block = any(k in name for k in (".layer.", ".h.", ".layers."))
+        if block and type(m).__name__ in ("Linear", "Conv1D"):
             W = m.weight.data.t() if type(m).__name__ == "Conv1D" else m.weight.data  # (out, in)
             q = bnb.nn.Linear4bit(W.shape[1], W.shape[0], bias=m.bias is not None,
                                   compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
@@ -102,11 +105,13 @@ class PeftLoRA(lora.LoRA):
 
     def wrap(self, model, head=HEAD, batches=None):
         from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForSequenceClassification
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
         ours = super().wrap(model, head)  # ours, only to draw the initial values and the target list
-        c, family = self.cfg, model.cfg.family
-        hf = self.hf_model or AutoModelForSequenceClassification.from_pretrained(
-            M.resolve(model.name_or_path), num_labels=model.cfg.num_labels, dtype=torch.float32)
+        c, family, causal = self.cfg, model.cfg.family, model.cfg.num_labels == 0
+        hf = self.hf_model or (AutoModelForCausalLM.from_pretrained(M.resolve(model.name_or_path),
+                                                                    dtype=torch.float32) if causal else
+                               AutoModelForSequenceClassification.from_pretrained(
+            M.resolve(model.name_or_path), num_labels=model.cfg.num_labels, dtype=torch.float32))
         if family == "gpt2":
             hf.config.pad_token_id = model.cfg.pad_id
         four_bit = any(isinstance(m, quant.Linear4bit) for m in model.modules())  # --quant nf4: QLoRA
@@ -114,9 +119,11 @@ class PeftLoRA(lora.LoRA):
             bnb_quantize(hf)
         PeftLoRA.last_hf = hf
         peft_model = get_peft_model(hf, LoraConfig(
-            task_type="SEQ_CLS", r=c.rank, lora_alpha=c.alpha, lora_dropout=c.dropout,
+            task_type="CAUSAL_LM" if causal else "SEQ_CLS", r=c.rank, lora_alpha=c.alpha,
+            lora_dropout=c.dropout,
             target_modules=sorted(hf_name(family, n) for n in lora.adapter_layers(ours)),
-            modules_to_save=MODULES_TO_SAVE[family], fan_in_fan_out=family == "gpt2" and not four_bit,
+            modules_to_save=None if causal else MODULES_TO_SAVE[family],
+            fan_in_fan_out=family == "gpt2" and not four_bit,
             use_rslora=c.rslora))
         theirs = dict(peft_model.named_parameters())
         with torch.no_grad():
@@ -601,17 +608,24 @@ def generate_bench(argv):
                  ("repeats", 3), ("threads", 0)):
         p.add_argument(f"--{k}", type=int, default=v)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default=None, help="a causal-LM folder (SmolLM2) instead of the random GPT-2")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    hf = T.GPT2LMHeadModel(T.GPT2Config(n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head))
+    if a.model:
+        hf = T.AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    else:
+        hf = T.GPT2LMHeadModel(T.GPT2Config(n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head))
     hf = hf.eval().to(a.device)
     hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = None, 0
-    with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d)
-        ours = M.from_pretrained(d, num_labels=0).eval().to(a.device)
+    if a.model:
+        ours = M.from_pretrained(a.model, num_labels=0).eval().to(a.device)
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            hf.save_pretrained(d)
+            ours = M.from_pretrained(d, num_labels=0).eval().to(a.device)
     lengths = [a.prompt // 2 + (a.prompt - a.prompt // 2) * i // max(1, a.batch - 1) for i in range(a.batch)]
     ids = torch.zeros(a.batch, a.prompt, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -657,7 +671,9 @@ def hf_config(cfg):
 def build_for_speed(c):
     """-> (model, method or None) for one row; model(ids, mask, types) -> logits, as train.py calls it."""
     folder = None if c["model"] in RANDOM_MODELS else c["model"]
-    ours = M.from_pretrained(folder) if folder else random_model(M.Config(**RANDOM_MODELS[c["model"]]), None)
+    num_labels = 0 if folder and M.read_config(folder).family in M.CAUSAL else 2  # a causal LM: its LM head
+    ours = M.from_pretrained(folder, num_labels) if folder else random_model(
+        M.Config(**RANDOM_MODELS[c["model"]]), None)
     if c["impl"] == "base":  # the frozen model alone, with a gradient only to its input embeddings: the bound
         for p in ours.parameters():
             p.requires_grad = False
@@ -674,7 +690,9 @@ def build_for_speed(c):
     ids = torch.randint(5, ours.cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
     calibration = [{"input_ids": ids, "attention_mask": torch.ones_like(ids),
                     "token_type_ids": torch.zeros_like(ids)}]
-    if c["impl"] == "peft":
+    if c["impl"] == "peft" and not num_labels:  # PeftLoRA loads transformers' causal LM from the folder
+        ours.name_or_path = folder
+    elif c["impl"] == "peft":
         from transformers import AutoModelForSequenceClassification as Auto
         method.hf_model = Auto.from_pretrained(folder, num_labels=2, dtype=torch.float32) if folder else \
             Auto.from_config(hf_config(ours.cfg))
@@ -694,7 +712,8 @@ def speed_config(c):
     ids = torch.randint(5, model.cfg.vocab_size, (B, T), generator=g)
     # right padding, real lengths
     mask = (torch.arange(T)[None, :] < torch.tensor(c["lengths"])[:, None]).long()
-    ids, mask, types, labels = (t.to(dev) for t in (ids, mask, torch.zeros_like(ids), torch.randint(2, (B,))))
+    labels = ids.masked_fill(mask == 0, -100) if model.cfg.num_labels == 0 else torch.randint(2, (B,))
+    ids, mask, types, labels = (t.to(dev) for t in (ids, mask, torch.zeros_like(ids), labels))
     batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels}
     params = [p for p in model.parameters() if p.requires_grad]
     fwd = train.compile_model(model, dev) if c["compile"] else model
@@ -764,7 +783,10 @@ def mrpc_lengths(batch, data_dir, folder, family, seed=0):
             for texts, _ in random.Random(seed).sample(rows, batch)]
 
 
-def speed_rows(model, compile_too, methods=OURS):
+def speed_rows(model, compile_too, methods=OURS, llm=False):
+    if llm:  # a causal LM: LoRA and QLoRA, each beside peft's (QLoRA: on bitsandbytes' NF4 + double quant)
+        return [("base", "frozen base (bound)", False), ("peft", "lora", False), ("ours", "lora", False),
+                ("peft", "qlora", False), ("ours", "qlora", False)]
     rows = [("base", "frozen base (bound)", False), ("peft", "lora", False)]
     rows += [("ours", m, False) for m in OURS if m in methods or m == "lora"]
     if compile_too:  # qlora compiled: its dequantize fused (quant.compile_dequantize)
@@ -777,6 +799,10 @@ def speed_bench(argv):
                                 description="step time, tokens/s, latency, memory")
     p.add_argument("--minilm", default=None,
                    help="MiniLM checkpoint folder (real weights); skipped if not given")
+    p.add_argument("--llm", default=None, help="a causal-LM folder (e.g. SmolLM2): LoRA and QLoRA against "
+                   "peft's, batch --llm_batch x --llm_seq tokens; skipped if not given")
+    p.add_argument("--llm_batch", type=int, default=4)
+    p.add_argument("--llm_seq", type=int, default=256)
     p.add_argument("--models", default=None, help="comma list of " + ", ".join(RANDOM_MODELS) +
                    " (default: roberta-base,gpt2-small; on cuda also roberta-large,gpt2-medium;"
                    " \"\" for none)")
@@ -800,15 +826,17 @@ def speed_bench(argv):
     unknown = [n for n in names if n not in RANDOM_MODELS]
     if unknown:
         raise ValueError(f"unknown model {unknown[0]!r}; --models takes {', '.join(RANDOM_MODELS)}")
-    models = ([a.minilm] if a.minilm else []) + names
+    models = ([a.minilm] if a.minilm else []) + ([a.llm] if a.llm else []) + names
     results, lines = [], []
     for model in models:
-        family = "bert" if model == a.minilm else RANDOM_MODELS[model]["family"]
+        family = ("bert" if model == a.minilm else "llama" if model == a.llm else
+                  RANDOM_MODELS[model]["family"])
         folder = a.minilm if model == a.minilm else a.vocab
-        lengths = (mrpc_lengths(a.batch, a.data_dir, folder, family) if a.data_dir and folder
+        lengths = ([a.llm_seq] * a.llm_batch if model == a.llm else
+                   mrpc_lengths(a.batch, a.data_dir, folder, family) if a.data_dir and folder
                    else [a.seq] * a.batch)
         rows = []
-        for impl, method, compiled in speed_rows(model, a.compile, a.methods.split(",")):
+        for impl, method, compiled in speed_rows(model, a.compile, a.methods.split(","), model == a.llm):
             c = {"model": model, "impl": impl, "method": method, "rank": a.rank, "lengths": lengths,
                  "warmup": a.warmup + (3 if compiled else 0), "steps": a.steps, "device": a.device,
                  "compile": compiled}

@@ -217,10 +217,12 @@ def speed_table(rows, device):
     """bench.py speed's table for one model: step time, tokens/s, ratios, latency, memory, adapter size."""
     base = next(r for r in rows if r["impl"] == "base")
     peft = next(r for r in rows if r["impl"] == "peft")
+    peft_of = {r["method"]: r for r in rows if r["impl"] == "peft"}  # QLoRA beside peft's QLoRA, if timed
     lora = next(r for r in rows if (r["impl"], r["method"], r["compile"]) == ("ours", "lora", False))
     name = os.path.basename(rows[0]["model"].rstrip("/"))
     out = [f"**{name}** (lengths: {base['real_tokens']} real tokens in {base['batch']} x {base['T']})", "",
-           "| impl | method | ms/step | tokens/s | × peft LoRA | × our LoRA | × frozen base | "
+           "| impl | method | ms/step | tokens/s | × peft (its method, else LoRA) | × our LoRA | "
+           "× frozen base | "
            "eval ms (merged) | peak MB | adapter KB | trainable | 30 MRPC epochs s |" +
            (" % bf16 peak |" if device == "cuda" else ""),
            "|---" * (12 + (device == "cuda")) + "|"]
@@ -229,7 +231,8 @@ def speed_table(rows, device):
         merged = f" ({r['eval_merged_ms']:.1f})" if r["eval_merged_ms"] is not None else ""
         kb = f"{r['adapter_bytes'] / 1024:.0f}" if r["adapter_bytes"] else "–"
         out.append(f"| {r['impl']} | {label} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | "
-                   f"{r['step_ms'] / peft['step_ms']:.2f} | {r['step_ms'] / lora['step_ms']:.2f} | "
+                   f"{r['step_ms'] / peft_of.get(r['method'], peft)['step_ms']:.2f} | "
+                   f"{r['step_ms'] / lora['step_ms']:.2f} | "
                    f"{r['step_ms'] / base['step_ms']:.2f} | "
                    f"{r['eval_ms']:.1f}{merged} | {r['peak_mb']:.0f} | {kb} | {r['trainable']:,} | "
                    f"{MRPC_STEPS_30_EPOCHS * r['step_ms'] / 1e3:.0f} |" +
@@ -259,7 +262,9 @@ def generate_table(result):
     """bench.py generate's table, from its json."""
     a, rows = result["config"], result["rows"]
     ref = rows["transformers"]["tokens_per_s"]
-    return [f"greedy decoding, random GPT-2 {a['n_layer']}x{a['n_embd']}, batch {a['batch']}, prompts "
+    model = (os.path.basename(a["model"].rstrip("/")) if a.get("model") else
+             f"random GPT-2 {a['n_layer']}x{a['n_embd']}")
+    return [f"greedy decoding, {model}, batch {a['batch']}, prompts "
             f"{min(result['lengths'])}-{a['prompt']} tokens (left-padded), {a['new']} new tokens, "
             f"{a['device']}, {a['threads']} thread(s); the same tokens from all three: "
             f"{result['same_tokens']}",
@@ -817,7 +822,8 @@ def command(run):
     a, default = run["args"], vars(train.parse_args(["--method", run["args"]["method"]]))
     default["quant"] = train.METHODS[a["method"]].quant  # the method's own base precision: train.py fills it
     flags = [f"--{k}" if v is True else f"--{k} {v:g}" if isinstance(v, float) else f"--{k} {v}"
-             for k, v in a.items() if k != "method" and v != default.get(k) and v is not None and v is not False]
+             for k, v in a.items()
+             if k != "method" and v != default.get(k) and v is not None and v is not False]
     return f"python train.py --method {a['method']} " + " ".join(flags)
 
 
