@@ -15,7 +15,8 @@ imported here and in test_all.py only, never by the product.
     python bench.py memory [--model gpt2-medium] [--out FILE.json]
         the ADAQ-LoRA paper's memory claim: peak training RSS of LoRA (r 64), QLoRA, AdaLoRA and ADAQ-LoRA
         (init_r 12, target_r 8) on random-init GPT-2-medium, batch 1 x 512, ours and transformers + peft +
-        bitsandbytes
+        bitsandbytes; --model llama-1b,llama-6b: ours on Llama shapes, measured at 1 and 2 layers and
+        extended linearly to the full depth
     python bench.py scale [--model gpt2-medium] [--minilm DIR --data_dir GLUE] [--out FILE.json]
         peak training memory and step time with and without --grad_checkpointing (LoRA r 64, batch 1 x 512);
         train.py's throughput on MiniLM MRPC, 1 process vs torchrun with 2, at the same global batch
@@ -502,11 +503,12 @@ def memory_bench(argv):
             saved = json.load(f)
         print(report.memory_table(saved["rows"], saved["threads"]))
         return saved["rows"]
-    if a.model not in RANDOM_MODELS:
-        raise ValueError(f"unknown model {a.model!r}; --model takes {', '.join(RANDOM_MODELS)}")
-    rows = []
-    if RANDOM_MODELS[a.model]["family"] == "llama":  # ours only, at two depths: see llama_memory
+    unknown = [m for m in a.model.split(",") if m not in RANDOM_MODELS]
+    if unknown:
+        raise ValueError(f"unknown model {unknown[0]!r}; --model takes {', '.join(RANDOM_MODELS)}")
+    if all(RANDOM_MODELS[m]["family"] == "llama" for m in a.model.split(",")):  # ours, at two depths
         return llama_memory(a)
+    rows = []
     for stack in ("ours", "reference"):
         for row in MEMORY_ROWS:
             rows.append(fresh(memory_row, {"stack": stack, "row": row, "model": a.model, "batch": a.batch,
@@ -521,23 +523,25 @@ def memory_bench(argv):
 
 
 def llama_memory(a):
-    """A Llama shape too large to train whole in fp32 here (6B: 25 GB of weights) is measured at two depths,
-    n_layer 1 and 2, and each row's peak is extended linearly to the shape's depth: every block is the same,
-    so each adds the same memory (weights, adapters, AdamW state, activations). Ours only."""
-    rows = []
-    for row in MEMORY_ROWS:
-        for n_layer in (1, 2):
-            rows.append(fresh(memory_row, {"stack": "ours", "row": row, "model": a.model, "batch": a.batch,
-                                           "seq": a.seq, "steps": a.steps, "n_layer": n_layer}, a.threads))
-            print(f"{row} n_layer {n_layer}: training peak {rows[-1]['train_peak_mb']:.0f} MB",
-                  file=sys.stderr, flush=True)
-    saved = {"model": a.model, "n_layer": RANDOM_MODELS[a.model]["n_layer"], "rows": rows,
-             "threads": a.threads}
-    print("\n".join(report.llama_memory_table([saved])))
+    """Llama shapes too large to train whole in fp32 here (6B: 25 GB of weights), --model a comma list: each
+    row is measured at two depths, n_layer 1 and 2, and its peak extended linearly to the shape's depth.
+    Every block is the same, so each adds the same memory (weights, adapters, AdamW state, activations)."""
+    shapes = []
+    for model in a.model.split(","):
+        rows = []
+        for row in MEMORY_ROWS:
+            for n_layer in (1, 2):
+                c = {"stack": "ours", "row": row, "model": model, "batch": a.batch, "seq": a.seq,
+                     "steps": a.steps, "n_layer": n_layer}
+                rows.append(fresh(memory_row, c, a.threads))
+                print(f"{model} {row} n_layer {n_layer}: training peak {rows[-1]['train_peak_mb']:.0f} MB",
+                      file=sys.stderr, flush=True)
+        shapes.append({"model": model, "n_layer": RANDOM_MODELS[model]["n_layer"], "rows": rows})
+    print("\n".join(report.llama_memory_table(shapes)))
     if a.out:
-        checkpoint.write_json(a.out, saved)
+        checkpoint.write_json(a.out, {"shapes": shapes, "threads": a.threads})
         print(f"wrote {a.out}")
-    return rows
+    return shapes
 
 
 # -----------------------------------------------------------------------------

@@ -2465,6 +2465,41 @@ def test_peft_glue_qlora_on_bitsandbytes_trains_like_ours(tmp_path):
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
 
 
+def test_bench_peft_rows_train_a_causal_lm_as_ours_do(tmp_path):
+    """bench.py speed --llm: peft's LoRA on transformers' LlamaForCausalLM, from our initial adapter values,
+    takes the same steps as ours on the same batch (the rows time the same work)."""
+    import bench
+    folder = str(tmp_path / "llama")
+    tiny_causal_lm(folder, "llama")
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
+             "labels": ids.masked_fill(mask == 0, -100)}
+    losses = []
+    for cls in (lora.LoRA, bench.PeftLoRA):
+        torch.manual_seed(0)
+        model = M.from_pretrained(folder, num_labels=0)
+        model.name_or_path = folder
+        method = cls(lora.LoRAConfig(rank=4, alpha=8, dropout=0.0, lr=1e-2))
+        model = method.wrap(model, HEAD)
+        opt, sched = train.optimizer(method, model, 10, 0, "cpu", "constant")
+        losses.append([float(train.train_step(model, model, method, [batch], opt, sched, t, 1.0, "cpu")[0])
+                       for t in (1, 2, 3)])
+    assert losses[0][0] != losses[0][2] and losses[0] == pytest.approx(losses[1], rel=1e-5), losses
+
+
+def test_bench_memory_row_trains_a_llama_shape_as_a_causal_lm(monkeypatch):
+    import bench
+    monkeypatch.setitem(bench.RANDOM_MODELS, "llama-tiny", dict(
+        family="llama", vocab_size=64, n_positions=64, n_types=0, d=128, n_layer=3, n_head=4, n_kv_head=2,
+        d_ff=128, act="silu", eps=1e-5, dropout=0.0, pad_id=0, num_labels=0))
+    r = bench.memory_row({"stack": "ours", "row": "lora", "model": "llama-tiny", "batch": 1, "seq": 8,
+                          "steps": 1, "n_layer": 1})
+    # r 64 on one block: q, o, gate, up, down are 128 -> 128; k, v are 128 -> 64 (2 heads of 32)
+    assert r["adapter_params"] == 5 * 64 * (128 + 128) + 2 * 64 * (128 + 64) and r["train_peak_mb"] > 0
+
+
 def test_trainable_pct_counts_quantized_weights_as_logical(tmp_path):
     folder = tiny_checkpoint(tmp_path, ["a", "b", "c"])
     for method in ("lora", "bitfit", "head"):
@@ -3306,6 +3341,14 @@ def test_flags_map_onto_each_methods_config():
     with pytest.raises(ValueError,
                        match="--beta does not apply to --method lora .it is dynamic_lora's.; drop"):
         train.method_from_args(train.parse_args(["--method", "lora", "--beta", "0.5"]))
+
+
+def test_readme_reading_list_counts_each_files_lines():
+    rows = re.findall(r"^\| (\w+\.py) \| (\d+) \|", open(os.path.join(HERE, "README.md")).read(), re.M)
+    files = sorted(os.path.basename(f) for f in glob.glob(os.path.join(HERE, "*.py")))
+    assert sorted(name for name, _ in rows) == files, "every .py file has its row"
+    for name, count in rows:
+        assert int(count) == sum(1 for _ in open(os.path.join(HERE, name))), f"{name}: update its line count"
 
 
 def test_a_method_is_usable_without_the_scripts(tmp_path):
