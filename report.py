@@ -6,12 +6,14 @@ by hand about those runs.
 
     python report.py --out RESULTS.md                      # the report, and its PNGs in results/
     python report.py --grid_best results/seed000/mrpc      # prints "α* λ* η*", chosen on the held-out slice
+    python report.py --eta_best results/seed002/rank       # prints the rank table's η, chosen the same way
     python report.py --table out/*/metrics.json            # one markdown table, mean ± std over seeds
     python report.py --table out/*/metrics.json --last     # the same at the last epoch
     python report.py --table runs/dyn/*/metrics.json --paper dynamic_lora   # the paper's Tables 1-2 beside
     python report.py --plot_dynamic runs/dyn/dynamic_lora-*/metrics.json --png dyn.png   # r_l map, m_l curves
     python report.py --plot_ranks runs/ada/mrpc-adalora-*/metrics.json --png ranks.png  # kept ranks
     bash experiments.sh MINILM_DIR                          # the per-matrix-rate runs, then this report
+    bash experiments_tlora.sh MINILM_DIR                    # TLoRA+'s rank, CoLA and RTE tables, then this
 
 matplotlib is optional: without it the tables render and the report lists the plots it skipped.
 """
@@ -739,6 +741,138 @@ def tlora_section(res, plots):
     return out
 
 
+# -----------------------------------------------------------------------------
+# TLoRA+'s comparison: LoRA, Ours and TLoRA across ranks, and LoRA against peft (results/seed002/rank)
+
+# the TLoRA+ paper's Tables 3-6, RoBERTa-base, MRPC: row -> {r: (Val Acc, Val MCC, Tr Acc, Tr Loss, Val Loss)}
+TLORA_PAPER = {
+    "LoRA": {8: (0.8701, 0.6926, 0.9769, 0.0763, 0.4543), 16: (0.8725, 0.6994, 0.9619, 0.1027, 0.3828),
+             32: (0.8529, 0.6511, 0.9607, 0.1179, 0.4002), 64: (0.8897, 0.7411, 0.9472, 0.1454, 0.3320)},
+    "Ours": {8: (0.8507, 0.6324, 0.8615, 0.3214, 0.3439), 16: (0.8676, 0.6966, 0.8710, 0.2942, 0.3134),
+             32: (0.8824, 0.7249, 0.8919, 0.2534, 0.3388), 64: (0.8848, 0.7283, 0.9226, 0.1859, 0.3652)},
+    "TLoRA": {8: (0.6838, 0.0, 0.6548, 0.6701, 0.6694), 16: (0.6838, 0.0, 0.6739, 0.6427, 0.6258),
+              32: (0.6838, 0.0, 0.6746, 0.6153, 0.5932), 64: (0.6838, 0.0, 0.6832, 0.5429, 0.5013)},
+}
+RANK_ROWS = {"lora": "LoRA", "tlora_plus": "Ours", "tlora": "TLoRA"}
+MUCH_LESS = 5.0  # points: "TLoRA ≪ LoRA" holds when LoRA leads by more than this on every seed
+CLOSE = 1.0  # points: "LoRA ≈ Ours" holds when the mean gap is within this
+
+
+def eta_best(runs):
+    """η for every row of the rank table: the lr of the best sel_* run by holdout_score (held-out slice)."""
+    sel = [r for r in runs if os.path.basename(os.path.dirname(r["path"])).startswith("sel_")]
+    if not sel:
+        raise ValueError("no sel_* runs (--select holdout) to choose η from; run experiments_tlora.sh")
+    return arg(max(sel, key=holdout_score), "lr")
+
+
+def rank_cells(runs, task):
+    """(paper row, r) -> the task's runs of that cell, in seed order; peft's LoRA is the row "peft"."""
+    cells = defaultdict(list)
+    for r in sorted(runs, key=lambda r: arg(r, "seed")):
+        if r["task"] == task and not os.path.basename(os.path.dirname(r["path"])).startswith("sel_"):
+            row = "peft" if "peft" in r.get("label", "") else RANK_ROWS.get(r["method"])
+            if row:
+                cells[(row, arg(r, "rank"))].append(r)
+    return cells
+
+
+def paired(cells, a, b, r, key):
+    """100 × (a − b) of the last epoch's key, per seed both cells have."""
+    x = {arg(run, "seed"): run["last"][key] for run in cells.get((a, r), [])}
+    y = {arg(run, "seed"): run["last"][key] for run in cells.get((b, r), [])}
+    return [100 * (x[s] - y[s]) for s in sorted(set(x) & set(y))]
+
+
+def rank_verdicts(cells, key, ranks):
+    """The paper's three claims at each rank, each a rule that can fail; d lists the per-seed gaps."""
+    out, per = [], lambda d, f="+.2f": "per seed " + ", ".join(f"{x:{f}}" for x in d)
+    for r in ranks:
+        d = paired(cells, "LoRA", "TLoRA", r, key)
+        if d:
+            word = ("reproduced" if min(d) > MUCH_LESS else
+                    "not reproduced" if np.mean(d) <= 0 else "not shown")
+            out.append(f"- r {r}, TLoRA ≪ LoRA ({key}, LoRA − TLoRA > {MUCH_LESS:g} points on every seed): "
+                       f"**{word}**; {per(d)}.")
+        d = paired(cells, "LoRA", "Ours", r, key)
+        if d:
+            word = "reproduced" if abs(np.mean(d)) <= CLOSE else "not reproduced"
+            out.append(f"- r {r}, LoRA ≈ Ours ({key}, |mean LoRA − Ours| ≤ {CLOSE:g} point): **{word}**: "
+                       f"{np.mean(d):+.2f}; {per(d)}.")
+        d = [x / 100 for x in paired(cells, "LoRA", "Ours", r, "loss")]
+        if d:
+            word = ("reproduced" if min(d) > 0 else
+                    "not shown (the mean goes the paper's way, not every seed)" if np.mean(d) > 0 else
+                    "not reproduced")
+            out.append(f"- r {r}, Ours' dev loss below LoRA's (less overfitting): **{word}**: LoRA − Ours "
+                       f"{np.mean(d):+.4f}; {per(d, '+.4f')}.")
+    return out
+
+
+def rank_table(cells, ranks, keys, paper_cols=None):
+    """Rows LoRA, Ours, TLoRA; a column per rank: ours (mean over n seeds), and the paper's RoBERTa-base cell
+    (MRPC) after it when paper_cols names its columns."""
+    heads = [f"r {r}: ours" + (f" | r {r}: paper" if paper_cols else "") for r in ranks]
+    lines = ["| row | " + " | ".join(heads) + " |", "|---" * (1 + (1 + bool(paper_cols)) * len(ranks)) + "|"]
+    for row in ("LoRA", "Ours", "TLoRA"):
+        cells_ = []
+        for r in ranks:
+            rs = cells.get((row, r), [])
+            ours = " / ".join(f"{np.mean([x['last'][k] for x in rs]):.4f}" for k in keys) + f" ({len(rs)})" \
+                if rs else "–"
+            paper = TLORA_PAPER[row].get(r)
+            cells_ += [ours] + ([" / ".join(f"{paper[i]:.4f}" for i in paper_cols) if paper else "–"]
+                                if paper_cols else [])
+        lines.append(f"| {row} | " + " | ".join(cells_) + " |")
+    return lines
+
+
+def peft_verdict(cells):
+    """Our LoRA against peft's at r 8, paired by seed: they agree when the mean gap is within the seed noise
+    (the larger of the two rows' std over seeds)."""
+    d = paired(cells, "LoRA", "peft", 8, "accuracy")
+    if len(d) < 2:
+        return []
+    noise = 100 * max(np.std([r["last"]["accuracy"] for r in cells[(row, 8)]]) for row in ("LoRA", "peft"))
+    word = "agree" if abs(np.mean(d)) <= noise else "differ"
+    return [f"- Our LoRA against transformers + peft (r 8, dev accuracy, {len(d)} seeds): ours − peft "
+            f"{np.mean(d):+.2f} ± {np.std(d):.2f} points (per seed " + ", ".join(f"{x:+.2f}" for x in d) +
+            f"); seed noise {noise:.2f}: **{word}** (*agree*: the mean gap within the seed noise).", ""]
+
+
+def tlora_rank_section(res):
+    folder = os.path.join(res, "seed002", "rank")
+    runs = runs_under(folder) if os.path.isdir(folder) else []
+    if not runs:
+        return []
+    out = ["### TLoRA+'s comparison: LoRA, Ours and TLoRA across ranks (MiniLM)", "",
+           *note(res, "tlora_rank")]
+    sel = [r for r in runs if os.path.basename(os.path.dirname(r["path"])).startswith("sel_")]
+    if sel:
+        out += [f"η, chosen once for every row (LoRA, r 8, seed 0, `--select holdout`): "
+                f"**{lr(eta_best(runs))}**. The held-out scores, the only numbers the choice read:", "",
+                "| η | held-out accuracy | held-out loss |", "|---|---|---|"]
+        for r in sorted(sel, key=lambda r: arg(r, "lr")):
+            h = r["history"][r.get("selected_epoch", len(r["history"])) - 1]["holdout"]
+            out.append(f"| {lr(arg(r, 'lr'))} | {h['accuracy']:.4f} | {h['loss']:.4f} |")
+        out.append("")
+    for task, key in (("mrpc", "accuracy"), ("cola", "mcc"), ("rte", "accuracy")):
+        cells, mrpc = rank_cells(runs, task), task == "mrpc"
+        ranks = sorted({r for (row, r) in cells if row != "peft"})
+        if not ranks:
+            continue
+        out += [f"#### {task.upper()}: dev accuracy / MCC at the last epoch (seeds in brackets)" +
+                (", the paper's RoBERTa-base beside" if mrpc else ""), "",
+                *rank_table(cells, ranks, ("accuracy", "mcc"), (0, 1) if mrpc else None), "",
+                "Train accuracy / train loss / dev loss, the same cells:", "",
+                *rank_table(cells, ranks, ("train_accuracy", "train_loss", "loss"),
+                            (2, 3, 4) if mrpc else None),
+                "", *rank_verdicts(cells, key, ranks), ""]
+        if task == "mrpc":
+            out += peft_verdict(cells)
+    return out + [*note(res, "tlora_rank_verdict")]
+
+
 def adaq_section(res, plots):
     folder = os.path.join(res, "seed003")
     out = ["## ADAQ-LoRA (Feng et al. 2024) and AdaLoRA (arXiv 2303.10512)", ""]
@@ -953,6 +1087,7 @@ def report(res, out_path):
         if os.path.isdir(os.path.join(res, "seed000", task)):
             lines += lr_grid_section(os.path.join(res, "seed000", task), task, plots)
     lines += [*note(res, "lr_grid_verdict"), *dynamic_lora_section(res, plots), *tlora_section(res, plots),
+              *tlora_rank_section(res),
               *adaq_section(res, plots), *llm_section(res), *scale(res), *overview(res, plots),
               *note(res, "not_regenerated")]
     if plots.skipped:
@@ -981,6 +1116,8 @@ def main(argv=None):
     p.add_argument("--results", default="results", help="the folder of run folders and bench json files")
     p.add_argument("--out", default="RESULTS.md", help="written atomically (a temp file, then a rename)")
     p.add_argument("--grid_best", metavar="FOLDER", help="print the per-matrix-rate grid's α* λ* η* and exit")
+    p.add_argument("--eta_best", metavar="FOLDER", help="print the rank table's η, chosen on the held-out "
+                   "slice by its sel_* runs, and exit")
     p.add_argument("--table", nargs="+", metavar="METRICS_JSON",
                    help="metrics.json files to merge into a table")
     p.add_argument("--columns", help="with --table: comma-separated metrics to show (default: all)")
@@ -1000,6 +1137,8 @@ def main(argv=None):
             if not os.path.isdir(a.grid_best):
                 raise ValueError(f"{a.grid_best} is not a folder of runs (e.g. results/seed000/mrpc)")
             print(" ".join(f"{x:g}" for x in grid_best(runs_under(a.grid_best))))  # α* λ* η*
+        elif a.eta_best:
+            print(f"{eta_best(runs_under(a.eta_best)):g}")
         elif a.table or a.plot_dynamic or a.plot_ranks:
             runs = read_runs(a.table or a.plot_dynamic or a.plot_ranks)
             if a.plot_dynamic:

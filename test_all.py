@@ -2784,6 +2784,44 @@ def test_llama_memory_table_extends_two_depths_linearly():
     assert "| llama-6b (28 layers) | adaq_lora | 485 / 520 | 35 | 1430 | 0.38 | 280 |" in lines
 
 
+def rank_run(root, name, method, rank, seed, acc, loss=0.6, task="mrpc", label=None, held=None, lr=5e-4):
+    last = {"epoch": 2, "step": 20, "accuracy": acc, "mcc": acc - 0.4, "loss": loss, "train_accuracy": 0.9,
+            "train_loss": 0.3, **({"holdout": {"accuracy": held, "loss": 0.5}} if held else {})}
+    os.makedirs(os.path.join(root, name))
+    with open(os.path.join(root, name, "metrics.json"), "w") as f:
+        json.dump({"task": task, "method": method, "label": label or method, "metrics": last, "last": last,
+                   "history": [last], "trainable_params": 1, "trainable_pct": 1.0, "selected_epoch": 1,
+                   "args": {"method": method, "rank": rank, "seed": seed, "lr": lr}}, f)
+
+
+def test_tlora_rank_verdicts_read_paired_seeds_and_can_fail(tmp_path):
+    d = str(tmp_path / "seed002" / "rank")
+    for e, held, dev in ((2e-4, 0.70, 0.90), (5e-4, 0.75, 0.60), (1e-3, 0.72, 0.95)):  # dev points elsewhere
+        rank_run(d, f"sel_lora-e{e}", "lora", 8, 0, dev, held=held, lr=e)
+    for s, (lo, ours, t, ours_loss, peft) in enumerate(((0.80, 0.805, 0.70, 0.50, 0.80),
+                                                        (0.81, 0.80, 0.70, 0.55, 0.80),
+                                                        (0.79, 0.79, 0.72, 0.65, 0.80))):
+        rank_run(d, f"mrpc-lora-r8-s{s}", "lora", 8, s, lo)
+        rank_run(d, f"mrpc-ours-r8-s{s}", "tlora_plus", 8, s, ours, loss=ours_loss)
+        rank_run(d, f"mrpc-tlora-r8-s{s}", "tlora", 8, s, t)
+        rank_run(d, f"mrpc-peft-r8-s{s}", "lora", 8, s, peft, label="peft_lora")
+    rank_run(d, "mrpc-lora-r16-s0", "lora", 16, 0, 0.80)
+    rank_run(d, "mrpc-ours-r16-s0", "tlora_plus", 16, 0, 0.77)
+    rank_run(d, "mrpc-tlora-r16-s0", "tlora", 16, 0, 0.78)
+    assert report.eta_best(report.runs_under(d)) == 5e-4
+    text = "\n".join(report.tlora_rank_section(str(tmp_path)))
+    assert "**5e-4**" in text and "| 5e-4 | 0.7500 | 0.5000 |" in text
+    assert "| LoRA | 0.8000 / 0.4000 (3) | 0.8701 / 0.6926 | 0.8000 / 0.4000 (1) | 0.8725 / 0.6994 |" in text
+    assert "- r 8, TLoRA ≪ LoRA (accuracy, LoRA − TLoRA > 5 points on every seed): **reproduced**; per seed " \
+           "+10.00, +11.00, +7.00." in text
+    assert "- r 8, LoRA ≈ Ours (accuracy, |mean LoRA − Ours| ≤ 1 point): **reproduced**: +0.17" in text
+    assert "- r 8, Ours' dev loss below LoRA's (less overfitting): **not shown (the mean goes the paper's way, " \
+           "not every seed)**: LoRA − Ours +0.0333; per seed +0.1000, +0.0500, -0.0500." in text
+    assert "- r 16, TLoRA ≪ LoRA (accuracy, LoRA − TLoRA > 5 points on every seed): **not shown**" in text
+    assert "- r 16, LoRA ≈ Ours (accuracy, |mean LoRA − Ours| ≤ 1 point): **not reproduced**: +3.00" in text
+    assert "ours − peft +0.00 ± 0.82 points (per seed +0.00, +1.00, -1.00); seed noise 0.82: **agree**" in text
+
+
 def test_report_refuses_a_missing_or_malformed_metrics_json_in_one_line(tmp_path):
     cases = {"not valid JSON": lambda d: open(os.path.join(d, "metrics.json"), "w").write("{oops"),
              "lacks metrics, last": lambda d: json.dump({"task": "mrpc", "method": "lora", "history": [],

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# TLoRA+'s tables (arXiv 2604.13368, Tables 3-6 and Fig. 12) on MiniLM, then RESULTS.md. One run at a time
+# (two at once double each step's time); a finished run (its metrics.json exists) is skipped on a re-run.
+#
+#   bash experiments_tlora.sh MINILM_DIR [GLUE_DIR]
+#
+# A reduced protocol, the same for every cell: 2 epochs (the paper: 30), batch 16, warmup 0.1, wd 0.1, every
+# block linear, the last epoch reported. Rows: LoRA (the paper's baseline: α 8, no dropout; A, B and the head
+# at η), TLoRA+ "Ours" (T3: A, B, C trained, λ 4) and TLoRA (B and one scalar per module). η is chosen once,
+# for every row, from LoRA at r 8 on the held-out 10% of train (--select holdout, seed 0); dev plays no part.
+set -euo pipefail
+cd "$(dirname "$0")"
+M=${1:?usage: bash experiments_tlora.sh MINILM_DIR [GLUE_DIR]}
+G=${2:-../shared/data/glue}
+D=results/seed002/rank
+P="--model $M --data_dir $G --epochs 2 --batch_size 16 --warmup_ratio 0.1 --weight_decay 0.1 --log_every 10"
+declare -A ROW=([lora]="--method lora --alpha 8 --dropout 0"
+                [ours]="--method tlora_plus --tlora_train ABC --ratio 4"
+                [tlora]="--method tlora")
+
+run() {  # OUT_DIR FLAGS...: train.py, unless OUT_DIR holds a finished run
+    local out=$1; shift
+    [ -f "$out/metrics.json" ] && return
+    mkdir -p "$(dirname "$out")"
+    echo "$out"
+    python train.py $P "$@" --overwrite --out_dir "$out" > "$out.log" 2>&1 ||
+        { echo "FAILED $out (see $out.log)"; exit 1; }
+}
+
+# 1. η on the held-out slice: LoRA, r 8, seed 0
+for e in 2e-4 5e-4 1e-3; do
+    run $D/sel_lora-e$e --task mrpc ${ROW[lora]} --rank 8 --lr $e --head_lr $e --select holdout --seed 0
+done
+E=$(python report.py --eta_best $D)
+# 2. MRPC: every row at r 8, 16, 32, 64; seeds 0, 1, 2 at r 8 and 32, seed 0 at r 16 and 64
+for r in 8 32 16 64; do
+    case $r in 8|32) seeds="0 1 2" ;; *) seeds=0 ;; esac
+    for s in $seeds; do for row in lora ours tlora; do
+        run $D/mrpc-$row-r$r-s$s --task mrpc ${ROW[$row]} --rank $r --lr $E --head_lr $E --seed $s
+    done; done
+done
+# 3. LoRA on transformers + peft: the r 8 LoRA runs' flags, seeds 0, 1, 2
+for s in 0 1 2; do
+    out=$D/mrpc-peft-r8-s$s
+    [ -f $out/metrics.json ] || python bench.py peft_glue $P --task mrpc ${ROW[lora]} --rank 8 --lr $E \
+        --head_lr $E --seed $s --overwrite --out_dir $out > $out.log 2>&1
+done
+# 4. CoLA (2 epochs) and RTE (6 epochs: at 1 it sat at chance), every row at r 8, seeds 0, 1, 2
+for s in 0 1 2; do for row in lora ours tlora; do
+    run $D/cola-$row-r8-s$s --task cola ${ROW[$row]} --rank 8 --lr $E --head_lr $E --seed $s
+    run $D/rte-$row-r8-s$s --task rte --epochs 6 ${ROW[$row]} --rank 8 --lr $E --head_lr $E --seed $s
+done; done
+
+python report.py --out RESULTS.md
