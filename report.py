@@ -1073,8 +1073,9 @@ def llm_section(res):
                  for r in q["rows"] if r["impl"] == "ours"}
         out += ["#### SmolLM2's step time against transformers + peft (`python bench.py speed --llm`)", "",
                 q["header"], "", *speed_table(q["rows"], q["rows"][0].get("device", "cpu")),
-                "Target ≤ 1.00× peft's step: " + ", ".join(f"{m} {x:.2f}× (**{'met' if x <= 1.0 else 'not met'}**)"
-                                                           for m, x in ratio.items()) + ".", ""]
+                "Target ≤ 1.00× peft's step: " + ", ".join(
+                    f"{m} {x:.2f}× (**{'met' if x <= 1.0 else 'not met'}**)" for m, x in ratio.items()) + ".",
+                ""]
     if os.path.exists(path("smollm2_generate.json")):
         g = read_bench(path("smollm2_generate.json"))
         x = g["rows"]["ours (KV cache)"]["tokens_per_s"] / g["rows"]["transformers"]["tokens_per_s"]

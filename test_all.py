@@ -2773,6 +2773,24 @@ def test_llm_verdicts_can_fail(tmp_path):
     assert "(load and training): 300, 200, 250 MB: **not reproduced**" in text
     assert "| zero-shot | 1 | " in text and "90 (eval) | 0.00 | – |" in text
     assert "python train.py --method lora --task gsm8k --quant nf4" in text
+    speed = lambda impl, method, ms: {
+        "impl": impl, "method": method, "compile": False, "step_ms": ms, "tokens_per_s": 1.0, "eval_ms": 1.0,
+        "eval_merged_ms": None, "peak_mb": 1.0, "adapter_bytes": 0, "trainable": 1, "real_tokens": 8,
+        "batch": 2, "T": 4, "model": "smollm2", "causal": True}
+    rows = [speed("base", "frozen base (bound)", 50.0), speed("peft", "lora", 100.0),
+            speed("ours", "lora", 90.0), speed("peft", "qlora", 200.0), speed("ours", "qlora", 240.0)]
+    with open(os.path.join(tmp_path, "seed003", "smollm2_speed.json"), "w") as f:
+        json.dump({"header": "cpu", "rows": rows}, f)
+    gen = {"config": {"model": "smollm2", "batch": 2, "prompt": 8, "new": 4, "device": "cpu", "threads": 2},
+           "lengths": [4, 8], "same_tokens": True,
+           "rows": {k: {"seconds": 1.0, "tokens_per_s": v} for k, v in
+                    (("ours (KV cache)", 30.0), ("ours (no cache)", 10.0), ("transformers", 20.0))}}
+    with open(os.path.join(tmp_path, "seed003", "smollm2_generate.json"), "w") as f:
+        json.dump(gen, f)
+    text = "\n".join(report.llm_section(str(tmp_path)))
+    assert "Target ≤ 1.00× peft's step: lora 0.90× (**met**), qlora 1.20× (**not met**)." in text
+    assert "Target ≥ 1.00× transformers' tokens/s: 1.50× (**met**)." in text
+    assert "30 MRPC epochs" not in text and "greedy decoding, smollm2, batch 2" in text
 
 
 def test_llama_memory_table_extends_two_depths_linearly():
