@@ -19,6 +19,7 @@ matplotlib is optional: without it the tables render and the report lists the pl
 """
 import argparse
 import functools
+import glob
 import json
 import os
 import sys
@@ -1061,11 +1062,10 @@ def llm_section(res):
            *[command(r) for rs in rows.values() for r in rs], "```", ""]
     out += note(res, "smollm2_gsm8k_verdict")
     path = lambda name: os.path.join(res, "seed003", name)
-    if os.path.exists(path("llama_memory.json")):
-        m = read_bench(path("llama_memory.json"))
+    shapes = [s for f in sorted(glob.glob(path("llama_memory*.json"))) for s in read_bench(f)["shapes"]]
+    if shapes:  # one bench.py memory file per shape, or one for both
         out += ["#### The same rows' training memory at 1B and 6B Llama shapes (random weights)", "",
-                *note(res, "llama_memory"), *llama_memory_table(m["shapes"]), "",
-                *note(res, "llama_memory_verdict")]
+                *note(res, "llama_memory"), *llama_memory_table(shapes), "", *note(res, "llama_memory_verdict")]
     if os.path.exists(path("smollm2_speed.json")):
         q = read_bench(path("smollm2_speed.json"))
         ratio = {r["method"]: r["step_ms"] / next(p["step_ms"] for p in q["rows"]
