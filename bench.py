@@ -217,7 +217,7 @@ def peak_rss_mb():
 
 
 # -----------------------------------------------------------------------------
-# quant: the stored size and the training memory of fp32 LoRA vs QLoRA vs QLoRA + double quant (issue 5)
+# quant: the stored size and the training memory of fp32 LoRA vs QLoRA vs QLoRA + double quant
 
 RANDOM_MODELS = {  # random init: memory does not depend on the weight values, so nothing is downloaded
     "gpt2-small": dict(family="gpt2", vocab_size=50257, n_positions=1024, n_types=0, d=768, n_layer=12,
@@ -337,7 +337,7 @@ def quant_speed(c):
 
 
 def quant_bench(argv):
-    p = argparse.ArgumentParser(prog="python bench.py quant", description="NF4 memory and speed (issue 5)")
+    p = argparse.ArgumentParser(prog="python bench.py quant", description="NF4 memory and speed")
     p.add_argument("--minilm", default=None,
                    help="a MiniLM checkpoint folder (real weights); skipped if not given")
     p.add_argument("--out", default=None, help="also write the results to this JSON file")
@@ -392,7 +392,7 @@ def quant_bench(argv):
 
 # -----------------------------------------------------------------------------
 # memory: the ADAQ-LoRA paper's claim (it trains in less memory than QLoRA and LoRA), ours beside transformers
-# + peft + bitsandbytes, on random-init GPT-2-medium (issue 19)
+# + peft + bitsandbytes, on random-init GPT-2-medium
 
 MEMORY_ROWS = {"lora": False, "qlora": True, "adalora": False, "adaq_lora": True}  # row -> 4-bit base
 
@@ -491,7 +491,7 @@ def random_model_flags(p):
 
 def memory_bench(argv):
     p = argparse.ArgumentParser(prog="python bench.py memory",
-                                description="the ADAQ-LoRA paper's memory claim (issue 19)")
+                                description="the ADAQ-LoRA paper's memory claim")
     random_model_flags(p)
     p.add_argument("--steps", type=int, default=2, help="training steps (the 2nd has AdamW's state)")
     p.add_argument("--threads", type=int, default=1)
@@ -545,7 +545,7 @@ def llama_memory(a):
 
 
 # -----------------------------------------------------------------------------
-# scale: --grad_checkpointing's memory and time, and torchrun's throughput (issue 17)
+# scale: --grad_checkpointing's memory and time, and torchrun's throughput
 
 def scale_bench(argv):
     p = argparse.ArgumentParser(prog="python bench.py scale",
