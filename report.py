@@ -1065,7 +1065,8 @@ def llm_section(res):
     shapes = [s for f in sorted(glob.glob(path("llama_memory*.json"))) for s in read_bench(f)["shapes"]]
     if shapes:  # one bench.py memory file per shape, or one for both
         out += ["#### The same rows' training memory at 1B and 6B Llama shapes (random weights)", "",
-                *note(res, "llama_memory"), *llama_memory_table(shapes), "", *note(res, "llama_memory_verdict")]
+                *note(res, "llama_memory"), *llama_memory_table(shapes), "",
+                *note(res, "llama_memory_verdict")]
     if os.path.exists(path("smollm2_speed.json")):
         q = read_bench(path("smollm2_speed.json"))
         ratio = {r["method"]: r["step_ms"] / next(p["step_ms"] for p in q["rows"]
