@@ -798,6 +798,12 @@ def speed_rows(model, compile_too, methods=OURS, llm=False):
     return rows
 
 
+def median_round(rounds):
+    """The round with the median step time, whole (its memory and eval times too), and every round's."""
+    row = sorted(rounds, key=lambda r: r["step_ms"])[(len(rounds) - 1) // 2]
+    return {**row, "step_ms_rounds": [r["step_ms"] for r in rounds]}
+
+
 def speed_bench(argv):
     p = argparse.ArgumentParser(prog="python bench.py speed",
                                 description="step time, tokens/s, latency, memory")
@@ -819,6 +825,8 @@ def speed_bench(argv):
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="timed steps per row (the median is reported)")
+    p.add_argument("--rounds", type=int, default=1, help="time every row this many times, the rows in turn; "
+                   "each row reports its median round")
     p.add_argument("--compile", action="store_true",
                    help="also time lora, tlora_plus and qlora under torch.compile")
     p.add_argument("--methods", default=",".join(OURS), help="our rows to time (default: all; lora always)")
@@ -840,18 +848,25 @@ def speed_bench(argv):
         lengths = ([a.llm_seq] * a.llm_batch if model == a.llm else
                    mrpc_lengths(a.batch, a.data_dir, folder, family) if a.data_dir and folder
                    else [a.seq] * a.batch)
-        rows = []
-        for impl, method, compiled in speed_rows(model, a.compile, a.methods.split(","), model == a.llm):
-            c = {"model": model, "impl": impl, "method": method, "rank": a.rank, "lengths": lengths,
-                 "warmup": a.warmup + (3 if compiled else 0), "steps": a.steps, "device": a.device,
-                 "compile": compiled}
-            rows.append(fresh(speed_config, c, a.threads))
-            print(f"{os.path.basename(model)} {impl} {method}{' compiled' if compiled else ''}: "
-                  f"{rows[-1]['step_ms']:.1f} ms/step", file=sys.stderr, flush=True)
+        configs = [{"model": model, "impl": impl, "method": method, "rank": a.rank, "lengths": lengths,
+                    "warmup": a.warmup + (3 if compiled else 0), "steps": a.steps, "device": a.device,
+                    "compile": compiled}
+                   for impl, method, compiled in speed_rows(model, a.compile, a.methods.split(","),
+                                                            model == a.llm)]
+        rounds = [[] for _ in configs]
+        for _ in range(a.rounds):  # the rows in turn, so a busy spell of the machine hits them alike
+            for c, done in zip(configs, rounds):
+                done.append(fresh(speed_config, c, a.threads))
+                print(f"{os.path.basename(model)} {c['impl']} {c['method']}{' compiled' if c['compile'] else ''}"
+                      f": {done[-1]['step_ms']:.1f} ms/step", file=sys.stderr, flush=True)
+        rows = [median_round(done) for done in rounds]
         results += rows
         lines += report.speed_table(rows, a.device)
-    header = (f"{a.device}, batch {a.batch}, rank {a.rank}, median of {a.steps} steps after {a.warmup} "
-              f"warm-up, one fresh process per row "
+    shape = f"batch {a.batch}" if names or a.minilm else f"batch {a.llm_batch} x {a.llm_seq} tokens"
+    header = (f"{a.device}, {shape}, rank {a.rank}, median of {a.steps} steps after {a.warmup} "
+              f"warm-up, one fresh process per row" + (f" and round, the median of {a.rounds} rounds that "
+                                                       f"took the rows in turn" if a.rounds > 1 else "") +
+              f" "
               f"({torch.get_num_threads() if a.threads is None else a.threads} threads)")
     print("\n".join([header, ""] + lines))
     checkpoint.write_json(a.out, {"header": header, "rows": results})

@@ -27,7 +27,7 @@ row adaq_lora-s0 --method adaq_lora --tinit 50 --tfinal 150 --delta_t 10
 
 python bench.py memory --model llama-1b --out $R/llama_memory_1b.json
 python bench.py memory --model llama-6b --out $R/llama_memory_6b.json
-python bench.py speed --models "" --llm $M --rank 64 --llm_batch 2 --llm_seq 128 --warmup 1 --steps 3 \
+python bench.py speed --models "" --llm $M --rank 64 --llm_batch 2 --llm_seq 128 --warmup 2 --steps 3 --rounds 3 \
     --out $R/smollm2_speed.json
 python bench.py generate --model $M --batch 8 --prompt 64 --new 64 --out $R/smollm2_generate.json
 python report.py --out RESULTS.md

@@ -994,6 +994,11 @@ def llm_table(rows):
     return lines
 
 
+def memory_order(*mb):
+    """The paper's memory ordering (LoRA > QLoRA > ADAQ-LoRA): each row over 2% below the one before."""
+    return "reproduced" if all(a > 1.02 * b for a, b in zip(mb, mb[1:])) else "not reproduced"
+
+
 def llm_verdicts(rows):
     """The paper's claims, each with a rule that can fail. Quality: a paired bootstrap over the prompts of
     the per-prompt Avg (evaluation noise only; with one seed, training-seed noise is not in it)."""
@@ -1015,8 +1020,7 @@ def llm_verdicts(rows):
                    f"inside ±{EQUIVALENT}; *not reproduced*: wholly outside it).")
     if all(n in rows for n in ("lora", "qlora", "adaq_lora")):
         mb = {n: np.mean([r["peak_memory_mb"] for r in rows[n]]) for n in ("lora", "qlora", "adaq_lora")}
-        word = ("reproduced" if mb["lora"] > 1.02 * mb["qlora"] and mb["qlora"] > 1.02 * mb["adaq_lora"] else
-                "not reproduced")
+        word = memory_order(mb["lora"], mb["qlora"], mb["adaq_lora"])
         out.append(f"- Training memory LoRA > QLoRA > ADAQ-LoRA (the paper: 59551 > 12626 > 9072 MB on "
                    f"School_math), on this CPU's process peak RSS (load and training): {mb['lora']:.0f}, "
                    f"{mb['qlora']:.0f}, {mb['adaq_lora']:.0f} MB: **{word}** (*reproduced*: each row over 2% "
@@ -1026,9 +1030,11 @@ def llm_verdicts(rows):
 
 def llama_memory_table(saved):
     """bench.py memory on Llama shapes: each row's peak at n_layer 1 and 2, and extended to the full depth
-    (peak(L) = peak(1) + (L − 1)·(peak(2) − peak(1))), with the ratio to LoRA's."""
+    (peak(L) = peak(1) + (L − 1)·(peak(2) − peak(1))), with the ratio to LoRA's; then the paper's memory
+    ordering at each full depth."""
     lines = ["| shape | row | peak MB at n_layer 1 / 2 (measured) | MB per block | peak MB at full depth "
              "(extended) | × LoRA | adapter params (full depth) |", "|---" * 7 + "|"]
+    verdicts = []
     for m in saved:
         at = {(r["row"], r["n_layer"]): r for r in m["rows"]}
         full = {}
@@ -1041,7 +1047,11 @@ def llama_memory_table(saved):
             lines.append(f"| {m['model']} ({m['n_layer']} layers) | {row} | {one['train_peak_mb']:.0f} / "
                          f"{two['train_peak_mb']:.0f} | {per:.0f} | {full[row]:.0f} | "
                          f"{full[row] / full['lora']:.2f} | {params:,} |")
-    return lines
+        verdicts.append(f"- {m['model']}: LoRA > QLoRA > ADAQ-LoRA at full depth (extended): "
+                        f"{full['lora']:.0f}, {full['qlora']:.0f}, {full['adaq_lora']:.0f} MB: "
+                        f"**{memory_order(full['lora'], full['qlora'], full['adaq_lora'])}** (*reproduced*: "
+                        f"each row over 2% below the one before).")
+    return lines + [""] + verdicts
 
 
 def llm_section(res):
@@ -1076,7 +1086,7 @@ def llm_section(res):
                 q["header"], "", *speed_table(q["rows"], q["rows"][0].get("device", "cpu")),
                 "Target ≤ 1.00× peft's step: " + ", ".join(
                     f"{m} {x:.2f}× (**{'met' if x <= 1.0 else 'not met'}**)" for m, x in ratio.items()) + ".",
-                ""]
+                "", *note(res, "smollm2_speed")]
     if os.path.exists(path("smollm2_generate.json")):
         g = read_bench(path("smollm2_generate.json"))
         x = g["rows"]["ours (KV cache)"]["tokens_per_s"] / g["rows"]["transformers"]["tokens_per_s"]

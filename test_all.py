@@ -2489,6 +2489,19 @@ def test_bench_peft_rows_train_a_causal_lm_as_ours_do(tmp_path):
     assert losses[0][0] != losses[0][2] and losses[0] == pytest.approx(losses[1], rel=1e-5), losses
 
 
+def test_bench_speed_rounds_take_the_rows_in_turn_and_report_the_median_round(monkeypatch, tmp_path):
+    import bench
+    calls, times = [], iter([30, 10, 10, 50, 20, 30])  # rounds: (30, 10), (10, 50), (20, 30) ms per row
+    monkeypatch.setattr(bench, "speed_rows", lambda *a: [("peft", "lora", False), ("ours", "lora", False)])
+    monkeypatch.setattr(bench, "fresh", lambda fn, c, threads: calls.append(c["impl"]) or
+                        {"impl": c["impl"], "method": "lora", "step_ms": next(times), "round": len(calls)})
+    monkeypatch.setattr(bench.report, "speed_table", lambda rows, device: [])
+    rows = bench.speed_bench(["--models", "", "--llm", "x", "--rounds", "3", "--out", str(tmp_path / "s.json")])
+    assert calls == ["peft", "ours"] * 3
+    assert [(r["step_ms"], r["round"], r["step_ms_rounds"]) for r in rows] == [(20, 5, [30, 10, 20]),
+                                                                              (30, 6, [10, 50, 30])]
+
+
 def test_bench_memory_row_trains_a_llama_shape_as_a_causal_lm(monkeypatch):
     import bench
     monkeypatch.setitem(bench.RANDOM_MODELS, "llama-tiny", dict(
@@ -2793,7 +2806,7 @@ def test_llm_verdicts_can_fail(tmp_path):
     assert "30 MRPC epochs" not in text and "greedy decoding, smollm2, batch 2" in text
 
 
-def test_llama_memory_table_extends_two_depths_linearly():
+def test_llama_memory_table_extends_two_depths_linearly_and_checks_the_ordering():
     rows = [{"row": r, "n_layer": n, "train_peak_mb": mb, "adapter_params": p}
             for r, base, per, p1 in (("lora", 1000, 100, 50), ("qlora", 500, 40, 50),
                                      ("adalora", 900, 90, 10), ("adaq_lora", 450, 35, 10))
@@ -2801,6 +2814,13 @@ def test_llama_memory_table_extends_two_depths_linearly():
     lines = report.llama_memory_table([{"model": "llama-6b", "n_layer": 28, "rows": rows}])
     assert "| llama-6b (28 layers) | lora | 1100 / 1200 | 100 | 3800 | 1.00 | 1,400 |" in lines
     assert "| llama-6b (28 layers) | adaq_lora | 485 / 520 | 35 | 1430 | 0.38 | 280 |" in lines
+    assert any(l.startswith("- llama-6b: LoRA > QLoRA > ADAQ-LoRA at full depth (extended): 3800, 1620, "
+                            "1430 MB: **reproduced**") for l in lines)
+    for r in rows:  # ADAQ-LoRA's base the same as QLoRA's: the ordering fails
+        if r["row"] == "adaq_lora":
+            r["train_peak_mb"] = 500 + 40 * r["n_layer"]
+    lines = report.llama_memory_table([{"model": "llama-6b", "n_layer": 28, "rows": rows}])
+    assert any("1620, 1620 MB: **not reproduced**" in l for l in lines)
 
 
 def rank_run(root, name, method, rank, seed, acc, loss=0.6, task="mrpc", label=None, held=None, lr=5e-4):
