@@ -228,7 +228,11 @@ RANDOM_MODELS = {  # random init: memory does not depend on the weight values, s
                          n_head=12, d_ff=3072, act="gelu", eps=1e-5, pad_id=1),
     "roberta-large": dict(family="roberta", vocab_size=50265, n_positions=514, n_types=1, d=1024, n_layer=24,
                           n_head=16, d_ff=4096, act="gelu", eps=1e-5, pad_id=1),
-    # causal LMs (num_labels 0): Llama 3.2 1B's shapes, and ChatGLM2-6B's (the ADAQ-LoRA paper's model)
+    # causal LMs (num_labels 0): SmolLM2-135M's shapes, Llama 3.2 1B's, and ChatGLM2-6B's (the ADAQ-LoRA
+    # paper's model)
+    "llama-135m": dict(family="llama", vocab_size=49152, n_positions=8192, n_types=0, d=576, n_layer=30,
+                       n_head=9, n_kv_head=3, d_ff=1536, act="silu", eps=1e-5, dropout=0.0, pad_id=2,
+                       num_labels=0, rope_theta=100000.0, tie=True),
     "llama-1b": dict(family="llama", vocab_size=128256, n_positions=4096, n_types=0, d=2048, n_layer=16,
                      n_head=32, n_kv_head=8, d_ff=8192, act="silu", eps=1e-5, dropout=0.0, pad_id=0,
                      num_labels=0, rope_theta=500000.0, tie=True),
@@ -495,6 +499,8 @@ def memory_bench(argv):
     random_model_flags(p)
     p.add_argument("--steps", type=int, default=2, help="training steps (the 2nd has AdamW's state)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--full_depth", action="store_true", help="Llama shapes: also measure each row at the "
+                   "shape's own depth, to check the extension from n_layer 1 and 2 (needs the memory)")
     p.add_argument("--out", default=None, help="also write the rows to this JSON file")
     p.add_argument("--table", default=None, metavar="FILE.json", help="only print the table of a saved run")
     a = p.parse_args(argv)
@@ -530,7 +536,7 @@ def llama_memory(a):
     for model in a.model.split(","):
         rows = []
         for row in MEMORY_ROWS:
-            for n_layer in (1, 2):
+            for n_layer in (1, 2) + ((RANDOM_MODELS[model]["n_layer"],) if a.full_depth else ()):
                 c = {"stack": "ours", "row": row, "model": model, "batch": a.batch, "seq": a.seq,
                      "steps": a.steps, "n_layer": n_layer}
                 rows.append(fresh(memory_row, c, a.threads))

@@ -25,6 +25,7 @@ row lora-s0 --method lora --rank 64 --alpha 16 --dropout 0.1
 row qlora-s0 --method lora --quant nf4 --rank 64 --alpha 16 --dropout 0.1
 row adaq_lora-s0 --method adaq_lora --tinit 50 --tfinal 150 --delta_t 10
 
+python bench.py memory --model llama-135m --full_depth --out $R/llama_memory_135m.json
 python bench.py memory --model llama-1b --out $R/llama_memory_1b.json
 python bench.py memory --model llama-6b --out $R/llama_memory_6b.json
 python bench.py speed --models "" --llm $M --rank 64 --llm_batch 2 --llm_seq 128 --warmup 2 --steps 3 --rounds 3 \

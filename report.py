@@ -1030,26 +1030,32 @@ def llm_verdicts(rows):
 
 def llama_memory_table(saved):
     """bench.py memory on Llama shapes: each row's peak at n_layer 1 and 2, and extended to the full depth
-    (peak(L) = peak(1) + (L − 1)·(peak(2) − peak(1))), with the ratio to LoRA's; then the paper's memory
-    ordering at each full depth."""
+    (peak(L) = peak(1) + (L − 1)·(peak(2) − peak(1))), with the ratio to LoRA's, and the peak measured at
+    full depth where bench.py had the memory for it; then the paper's memory ordering at each full depth,
+    measured where it was."""
     lines = ["| shape | row | peak MB at n_layer 1 / 2 (measured) | MB per block | peak MB at full depth "
-             "(extended) | × LoRA | adapter params (full depth) |", "|---" * 7 + "|"]
+             "(extended) | × LoRA | adapter params (full depth) | peak MB at full depth (measured) |",
+             "|---" * 8 + "|"]
     verdicts = []
     for m in saved:
         at = {(r["row"], r["n_layer"]): r for r in m["rows"]}
-        full = {}
+        full, measured = {}, {}
         for row in MEMORY_ROWS_ORDER:
             one, two = at[(row, 1)], at[(row, 2)]
+            whole = at.get((row, m["n_layer"]))  # bench.py memory --full_depth, where it fits
+            measured[row] = whole and whole["train_peak_mb"]
             per = two["train_peak_mb"] - one["train_peak_mb"]
             full[row] = one["train_peak_mb"] + (m["n_layer"] - 1) * per
             params = one["adapter_params"] + (m["n_layer"] - 1) * (two["adapter_params"]
                                                                    - one["adapter_params"])
             lines.append(f"| {m['model']} ({m['n_layer']} layers) | {row} | {one['train_peak_mb']:.0f} / "
                          f"{two['train_peak_mb']:.0f} | {per:.0f} | {full[row]:.0f} | "
-                         f"{full[row] / full['lora']:.2f} | {params:,} |")
-        verdicts.append(f"- {m['model']}: LoRA > QLoRA > ADAQ-LoRA at full depth (extended): "
-                        f"{full['lora']:.0f}, {full['qlora']:.0f}, {full['adaq_lora']:.0f} MB: "
-                        f"**{memory_order(full['lora'], full['qlora'], full['adaq_lora'])}** (*reproduced*: "
+                         f"{full[row] / full['lora']:.2f} | {params:,} | "
+                         f"{f'{measured[row]:.0f}' if measured[row] else '–'} |")
+        kind = "measured" if all(measured.values()) else "extended"  # a measurement, where there is one
+        mb = [measured[r] if kind == "measured" else full[r] for r in ("lora", "qlora", "adaq_lora")]
+        verdicts.append(f"- {m['model']}: LoRA > QLoRA > ADAQ-LoRA at full depth ({kind}): "
+                        f"{mb[0]:.0f}, {mb[1]:.0f}, {mb[2]:.0f} MB: **{memory_order(*mb)}** (*reproduced*: "
                         f"each row over 2% below the one before).")
     return lines + [""] + verdicts
 
@@ -1074,7 +1080,7 @@ def llm_section(res):
     path = lambda name: os.path.join(res, "seed003", name)
     shapes = [s for f in sorted(glob.glob(path("llama_memory*.json"))) for s in read_bench(f)["shapes"]]
     if shapes:  # one bench.py memory file per shape, or one for both
-        out += ["#### The same rows' training memory at 1B and 6B Llama shapes (random weights)", "",
+        out += ["#### The same rows' training memory at 135M, 1B and 6B Llama shapes (random weights)", "",
                 *note(res, "llama_memory"), *llama_memory_table(shapes), "",
                 *note(res, "llama_memory_verdict")]
     if os.path.exists(path("smollm2_speed.json")):

@@ -2812,8 +2812,8 @@ def test_llama_memory_table_extends_two_depths_linearly_and_checks_the_ordering(
                                      ("adalora", 900, 90, 10), ("adaq_lora", 450, 35, 10))
             for n, mb, p in ((1, base + per, p1), (2, base + 2 * per, 2 * p1))]
     lines = report.llama_memory_table([{"model": "llama-6b", "n_layer": 28, "rows": rows}])
-    assert "| llama-6b (28 layers) | lora | 1100 / 1200 | 100 | 3800 | 1.00 | 1,400 |" in lines
-    assert "| llama-6b (28 layers) | adaq_lora | 485 / 520 | 35 | 1430 | 0.38 | 280 |" in lines
+    assert "| llama-6b (28 layers) | lora | 1100 / 1200 | 100 | 3800 | 1.00 | 1,400 | – |" in lines
+    assert "| llama-6b (28 layers) | adaq_lora | 485 / 520 | 35 | 1430 | 0.38 | 280 | – |" in lines
     assert any(l.startswith("- llama-6b: LoRA > QLoRA > ADAQ-LoRA at full depth (extended): 3800, 1620, "
                             "1430 MB: **reproduced**") for l in lines)
     for r in rows:  # ADAQ-LoRA's base the same as QLoRA's: the ordering fails
@@ -2821,6 +2821,13 @@ def test_llama_memory_table_extends_two_depths_linearly_and_checks_the_ordering(
             r["train_peak_mb"] = 500 + 40 * r["n_layer"]
     lines = report.llama_memory_table([{"model": "llama-6b", "n_layer": 28, "rows": rows}])
     assert any("1620, 1620 MB: **not reproduced**" in l for l in lines)
+    # measured at full depth (--full_depth): shown beside the extension, and the verdict takes it
+    rows += [{"row": r, "n_layer": 28, "train_peak_mb": mb, "adapter_params": 0}
+             for r, mb in (("lora", 3700), ("qlora", 1700), ("adalora", 3300), ("adaq_lora", 1500))]
+    lines = report.llama_memory_table([{"model": "llama-6b", "n_layer": 28, "rows": rows}])
+    assert "| llama-6b (28 layers) | qlora | 540 / 580 | 40 | 1620 | 0.43 | 1,400 | 1700 |" in lines
+    assert any(l.startswith("- llama-6b: LoRA > QLoRA > ADAQ-LoRA at full depth (measured): 3700, 1700, "
+                            "1500 MB: **reproduced**") for l in lines)
 
 
 def rank_run(root, name, method, rank, seed, acc, loss=0.6, task="mrpc", label=None, held=None, lr=5e-4):
