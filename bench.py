@@ -863,17 +863,16 @@ def speed_bench(argv):
         for _ in range(a.rounds):  # the rows in turn, so a busy spell of the machine hits them alike
             for c, done in zip(configs, rounds):
                 done.append(fresh(speed_config, c, a.threads))
-                print(f"{os.path.basename(model)} {c['impl']} {c['method']}{' compiled' if c['compile'] else ''}"
-                      f": {done[-1]['step_ms']:.1f} ms/step", file=sys.stderr, flush=True)
+                name = f"{os.path.basename(model)} {c['impl']} {c['method']}" + " compiled" * c["compile"]
+                print(f"{name}: {done[-1]['step_ms']:.1f} ms/step", file=sys.stderr, flush=True)
         rows = [median_round(done) for done in rounds]
         results += rows
         lines += report.speed_table(rows, a.device)
     shape = f"batch {a.batch}" if names or a.minilm else f"batch {a.llm_batch} x {a.llm_seq} tokens"
-    header = (f"{a.device}, {shape}, rank {a.rank}, median of {a.steps} steps after {a.warmup} "
-              f"warm-up, one fresh process per row" + (f" and round, the median of {a.rounds} rounds that "
-                                                       f"took the rows in turn" if a.rounds > 1 else "") +
-              f" "
-              f"({torch.get_num_threads() if a.threads is None else a.threads} threads)")
+    turns = f" and round, the median of {a.rounds} rounds that took the rows in turn" if a.rounds > 1 else ""
+    header = (f"{a.device}, {shape}, rank {a.rank}, median of {a.steps} steps after {a.warmup} warm-up, one "
+              f"fresh process per row{turns} ({torch.get_num_threads() if a.threads is None else a.threads} "
+              f"threads)")
     print("\n".join([header, ""] + lines))
     checkpoint.write_json(a.out, {"header": header, "rows": results})
     print(f"wrote {a.out}")

@@ -268,8 +268,8 @@ def generate_table(result):
              f"random GPT-2 {a['n_layer']}x{a['n_embd']}")
     return [f"greedy decoding, {model}, batch {a['batch']}, prompts "
             f"{min(result['lengths'])}-{a['prompt']} tokens (left-padded), {a['new']} new tokens, "
-            f"{a['device']}, {a['threads']} thread(s), the median of {a.get('repeats', 1)} runs that took the "
-            f"decoders in turn; the same tokens from all three: {result['same_tokens']}",
+            f"{a['device']}, {a['threads']} thread(s), the median of {a.get('repeats', 1)} runs that took "
+            f"the decoders in turn; the same tokens from all three: {result['same_tokens']}",
             "",
             "| decoding | s | tokens/s | tokens/s ÷ transformers' |", "|---|---|---|---|"] + [
         f"| {name} | {r['seconds']:.3f} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / ref:.2f}× |"

@@ -2496,10 +2496,13 @@ def test_bench_speed_rounds_take_the_rows_in_turn_and_report_the_median_round(mo
     monkeypatch.setattr(bench, "fresh", lambda fn, c, threads: calls.append(c["impl"]) or
                         {"impl": c["impl"], "method": "lora", "step_ms": next(times), "round": len(calls)})
     monkeypatch.setattr(bench.report, "speed_table", lambda rows, device: [])
-    rows = bench.speed_bench(["--models", "", "--llm", "x", "--rounds", "3", "--out", str(tmp_path / "s.json")])
+    out = str(tmp_path / "s.json")
+    rows = bench.speed_bench(["--models", "", "--llm", "x", "--rounds", "3", "--out", out])
     assert calls == ["peft", "ours"] * 3
     assert [(r["step_ms"], r["round"], r["step_ms_rounds"]) for r in rows] == [(20, 5, [30, 10, 20]),
                                                                               (30, 6, [10, 50, 30])]
+    header = json.load(open(out))["header"]
+    assert "batch 4 x 256 tokens" in header and "the median of 3 rounds" in header, header
 
 
 def test_bench_memory_row_trains_a_llama_shape_as_a_causal_lm(monkeypatch):
