@@ -3440,6 +3440,31 @@ def test_readme_reading_list_counts_each_files_lines():
         assert int(count) == sum(1 for _ in open(os.path.join(HERE, name))), f"{name}: update its line count"
 
 
+def test_requirements_declare_every_module_the_code_imports():
+    """Every import in a .py file is the standard library, one of ours, or declared: requirements.txt for
+    the product, requirements-dev.txt too for the tests' and benches' references (bench.py, gpu_check.py)."""
+    import ast
+    ours = {os.path.basename(f)[:-3] for f in glob.glob(os.path.join(HERE, "*.py"))}
+    module = {"scikit-learn": "sklearn", "rouge-chinese": "rouge_chinese", "rouge-score": "rouge_score"}
+
+    def declared(name):
+        lines = open(os.path.join(HERE, name)).read().splitlines()
+        pkgs = [re.match(r"[A-Za-z0-9_.-]+", l.strip()).group() for l in lines if l.strip()[:1].isalnum()]
+        return {module.get(p, p.replace("-", "_")) for p in pkgs}
+
+    runtime = declared("requirements.txt")
+    everything = runtime | declared("requirements-dev.txt")
+    for f in sorted(glob.glob(os.path.join(HERE, "*.py"))):
+        name = os.path.basename(f)
+        allowed = everything if name in ("test_all.py", "bench.py", "gpu_check.py") else runtime | {"matplotlib"}
+        tree = ast.parse(open(f).read())
+        found = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        found |= {n.module.split(".")[0] for n in ast.walk(tree)
+                  if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+        missing = found - set(sys.stdlib_module_names) - ours - allowed
+        assert not missing, f"{name} imports {sorted(missing)}, which no requirements file declares"
+
+
 def test_a_method_is_usable_without_the_scripts(tmp_path):
     """The README's notebook lines: a method from its config alone; no script and no file format is
     imported."""
