@@ -3432,6 +3432,18 @@ def test_flags_map_onto_each_methods_config():
         train.method_from_args(train.parse_args(["--method", "lora", "--beta", "0.5"]))
 
 
+def test_train_help_documents_metrics_json_resume_and_torchrun(capsys):
+    """The README sends readers to `python train.py --help` for metrics.json, resuming, accumulation and
+    torchrun: --help prints train.py's docstring, then the run's and the method's flags."""
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--method", "adalora", "--help"])
+    text = capsys.readouterr().out
+    assert e.value.code == 0
+    for words in ("metrics.json, written last", "--resume", "--grad_accum K", "torchrun --standalone",
+                  "--target_r"):
+        assert words in text, words
+
+
 def test_readme_reading_list_counts_each_files_lines():
     rows = re.findall(r"^\| (\w+\.py) \| (\d+) \|", open(os.path.join(HERE, "README.md")).read(), re.M)
     files = sorted(os.path.basename(f) for f in glob.glob(os.path.join(HERE, "*.py")))

@@ -128,7 +128,8 @@ def parse_args(argv=None, methods=METHODS):
     name = pre.parse_known_args(argv)[0].method
     if name not in methods:
         raise ValueError(f"unknown --method {name!r}; choose one of {', '.join(methods)}")
-    p = argparse.ArgumentParser(description="nanoPEFT: fine-tune with one PEFT method", allow_abbrev=False)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # --help: this docstring (metrics.json, resume, ...)
     run_flags(p)
     method_flags(p, methods[name], {a.dest for a in p._actions})
     args, rest = p.parse_known_args(argv)
