@@ -849,13 +849,17 @@ def tlora_rank_section(res):
            *note(res, "tlora_rank")]
     sel = [r for r in runs if os.path.basename(os.path.dirname(r["path"])).startswith("sel_")]
     if sel:
+        eta = eta_best(runs)
+        stale = [r for r in runs if r not in sel and arg(r, "lr") != eta]
+        runs = [r for r in runs if r in sel or arg(r, "lr") == eta]  # a cell trained at another η is no cell
         out += [f"η, chosen once for every row (LoRA, r 8, seed 0, `--select holdout`): "
-                f"**{lr(eta_best(runs))}**. The held-out scores, the only numbers the choice read:", "",
+                f"**{lr(eta)}**. The held-out scores, the only numbers the choice read:", "",
                 "| η | held-out accuracy | held-out loss |", "|---|---|---|"]
         for r in sorted(sel, key=lambda r: arg(r, "lr")):
             h = r["history"][r.get("selected_epoch", len(r["history"])) - 1]["holdout"]
             out.append(f"| {lr(arg(r, 'lr'))} | {h['accuracy']:.4f} | {h['loss']:.4f} |")
-        out.append("")
+        out += ["", f"{len(stale)} runs trained at another η are left out (experiments_tlora.sh redoes them)."
+                if stale else ""]
     for task, key in (("mrpc", "accuracy"), ("cola", "mcc"), ("rte", "accuracy")):
         cells, mrpc = rank_cells(runs, task), task == "mrpc"
         ranks = sorted({r for (row, r) in cells if row != "peft"})

@@ -2857,9 +2857,11 @@ def test_tlora_rank_verdicts_read_paired_seeds_and_can_fail(tmp_path):
     rank_run(d, "mrpc-lora-r16-s0", "lora", 16, 0, 0.80)
     rank_run(d, "mrpc-ours-r16-s0", "tlora_plus", 16, 0, 0.77)
     rank_run(d, "mrpc-tlora-r16-s0", "tlora", 16, 0, 0.78)
+    rank_run(d, "mrpc-lora-r64-s0", "lora", 64, 0, 0.99, lr=1e-3)  # trained at another η: no cell
     assert report.eta_best(report.runs_under(d)) == 5e-4
     text = "\n".join(report.tlora_rank_section(str(tmp_path)))
     assert "**5e-4**" in text and "| 5e-4 | 0.7500 | 0.5000 |" in text
+    assert "r 64" not in text and "1 runs trained at another η are left out" in text
     assert "| LoRA | 0.8000 / 0.4000 (3) | 0.8701 / 0.6926 | 0.8000 / 0.4000 (1) | 0.8725 / 0.6994 |" in text
     assert "- r 8, TLoRA ≪ LoRA (accuracy, LoRA − TLoRA > 5 points on every seed; *not reproduced*: on " \
            "none): **reproduced**; per seed +10.00, +11.00, +7.00." in text
