@@ -858,8 +858,8 @@ def tlora_rank_section(res):
         for r in sorted(sel, key=lambda r: arg(r, "lr")):
             h = r["history"][r.get("selected_epoch", len(r["history"])) - 1]["holdout"]
             out.append(f"| {lr(arg(r, 'lr'))} | {h['accuracy']:.4f} | {h['loss']:.4f} |")
-        out += ["", f"{len(stale)} runs trained at another η are left out (experiments_tlora.sh redoes them)."
-                if stale else ""]
+        out += [""] + ([f"{len(stale)} runs trained at another η are left out (experiments_tlora.sh redoes "
+                         f"them).", ""] if stale else [])
     for task, key in (("mrpc", "accuracy"), ("cola", "mcc"), ("rte", "accuracy")):
         cells, mrpc = rank_cells(runs, task), task == "mrpc"
         ranks = sorted({r for (row, r) in cells if row != "peft"})
