@@ -98,6 +98,14 @@ def trained_state(model):
             **{n: b for n, b in model.named_buffers() if ".lora_" in n}}
 
 
+def restore(model, tensors):
+    """Copy saved tensors back into the model's trained tensors, in place."""
+    trained = trained_state(model)
+    with torch.no_grad():
+        for n, t in tensors.items():
+            trained[n].copy_(t)
+
+
 def save(args, progress, model, method, opt, sched):
     """Everything to continue bit for bit: trained tensors, AdamW, the schedule, every RNG, the loop's
     progress and the method's own state."""
@@ -125,10 +133,7 @@ def load(args, model, method, opt, sched):
         if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k):
             raise ValueError(f"{path} is a checkpoint of a run with --{k} {saved.get(k)}, not {now.get(k)}: "
                              f"resume with the flags it was started with, or --overwrite to start over")
-    tensors = trained_state(model)
-    with torch.no_grad():
-        for n, t in state["tensors"].items():
-            tensors[n].copy_(t)
+    restore(model, state["tensors"])
     opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])
     method.load_state_dict(state["method"])

@@ -322,6 +322,12 @@ def eval_batches(examples, batch_size, pad_id, regression, multiple=1):
 # -----------------------------------------------------------------------------
 # a run's examples and batches, from train.py's flags (args)
 
+def to_device(batch, device):
+    """Pinned host memory and an asynchronous copy on CUDA; as is on CPU."""
+    cuda = device.startswith("cuda")
+    return {k: (v.pin_memory() if cuda else v).to(device, non_blocking=cuda) for k, v in batch.items()}
+
+
 def load_examples(task, split, args, tok):
     """split: "dev", "train", or "holdout" (--select holdout: a seeded 10% of train that never trains)."""
     rows = load_split(task, "dev" if split == "dev" else "train", args.data_dir)

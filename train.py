@@ -30,7 +30,6 @@ import math
 import os
 import random
 import re
-import resource
 import sys
 import time
 
@@ -47,7 +46,8 @@ import quant
 from adaq_lora import AdaLoRA, AdaQLoRA
 from dynamic_lora import DynamicLoRA
 from lora import LoRA
-from model import CAUSAL, from_pretrained, read_config, resolve
+from model import (CAUSAL, autocast, compile_model, from_pretrained, graphs_compiled, peak_memory_mb,
+                   read_config, resolve)
 from tlora_plus import TLoRA, TLoRAPlus
 from tokenizer import load_tokenizer
 
@@ -99,25 +99,18 @@ def run_flags(p):
                    "(default: 32 with --compile, else 1)")
 
 
-def field_comments(cls):
-    """{field: its trailing comment}, read from the source of a config dataclass and its bases."""
-    comments = {}
-    for c in reversed(cls.__mro__[:-1]):
-        for name, text in re.findall(r"^\s+(\w+): \w+ = [^#\n]*#\s*(.*)$", inspect.getsource(c), re.M):
-            comments[name] = text
-    return comments
-
-
 def method_flags(p, cls, taken):
-    """A flag per field of the method's config: its name, type, default, and its comment as the help. A field
-    the run already has a flag for (TLoRA+'s seed) takes the run's value."""
-    comments = field_comments(cls.Config)
+    """A flag per field of the method's config: its name, type and default, and as its help the comment that
+    follows the field in the source of the config or its bases. A field the run already has a flag for
+    (TLoRA+'s seed) takes the run's value."""
+    comments = {}
+    for c in reversed(cls.Config.__mro__[:-1]):
+        comments |= dict(re.findall(r"^\s+(\w+): \w+ = [^#\n]*#\s*(.*)$", inspect.getsource(c), re.M))
     for f in dataclasses.fields(cls.Config):
-        if f.name in taken:
-            continue
-        kind = {"action": "store_true"} if f.type is bool else {"type": f.type}
-        help = f"{comments.get(f.name, '')} ({f.default})"
-        p.add_argument("--" + f.name, default=f.default, help=help, **kind)
+        if f.name not in taken:
+            kind = {"action": "store_true"} if f.type is bool else {"type": f.type}
+            p.add_argument("--" + f.name, default=f.default, help=f"{comments.get(f.name, '')} ({f.default})",
+                           **kind)
 
 
 def parse_args(argv=None, methods=METHODS):
@@ -162,7 +155,7 @@ def method_from_args(args, methods=METHODS):
 
 
 # -----------------------------------------------------------------------------
-# setup: processes, devices, precision
+# setup: processes and devices (model.py runs the model: autocast, compile_model, peak_memory_mb)
 
 def distributed(args):
     """(rank, world): torchrun sets RANK and WORLD_SIZE; nccl on CUDA, gloo on CPU. Plain python is (0, 1)."""
@@ -182,35 +175,6 @@ def distributed(args):
         torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo",
                                              timeout=datetime.timedelta(hours=3))
     return rank, world
-
-
-def autocast(device):
-    """bf16 autocast on CUDA (fp32 master weights); plain fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
-
-
-def to_device(batch, device):
-    """Pinned host memory and an asynchronous copy on CUDA; as is on CPU."""
-    cuda = device.startswith("cuda")
-    return {k: (v.pin_memory() if cuda else v).to(device, non_blocking=cuda) for k, v in batch.items()}
-
-
-def compile_model(model, device, grad_accum=1):
-    """torch.compile, one graph per padded shape. On CUDA with one micro-batch per step, "reduce-overhead"
-    replays each step as a CUDA graph; with --grad_accum it does not, because the next micro-batch's replay
-    would overwrite the outputs and gradients the step still holds. On CPU, dropout keeps ATen's RNG
-    (inductor's own was ~10% slower here)."""
-    if device.startswith("cuda"):
-        return torch.compile(model, mode="reduce-overhead" if grad_accum == 1 else "default")
-    from torch._inductor import config as inductor
-    inductor.fallback_random = True
-    return torch.compile(model)
-
-
-def graphs_compiled():
-    """Graphs torch.compile has built so far: a step that compiled is timed apart from s/step."""
-    from torch._dynamo.utils import counters  # here, not at the top: dynamo takes seconds to import
-    return counters["stats"]["unique_graphs"]
 
 
 # -----------------------------------------------------------------------------
@@ -285,7 +249,7 @@ def train_step(model, forward, method, batches, opt, sched, step, grad_clip, dev
     n = sum(weight(b) for b in batches)
     loss_sum, correct = 0.0, None
     for i, batch in enumerate(batches):
-        b, last = to_device(batch, device), i == len(batches) - 1
+        b, last = data.to_device(batch, device), i == len(batches) - 1
         with contextlib.nullcontext() if last or not hasattr(forward, "no_sync") else forward.no_sync():
             with autocast(device):  # DDP all-reduces on the last micro-batch only
                 logits = forward(b["input_ids"], b["attention_mask"], b["token_type_ids"])
@@ -317,7 +281,7 @@ def evaluate(model, examples, task, args, tok, forward=None):
     logits = [None] * len(examples)
     for idx, b in data.eval_batches(examples, args.eval_batch_size, tok.pad_id, task.num_labels == 1,
                                     args.pad_multiple):
-        b = to_device(b, args.device)
+        b = data.to_device(b, args.device)
         with autocast(args.device):
             out = (model if forward is None else forward)(b["input_ids"], b["attention_mask"],
                                                           b["token_type_ids"]).float().cpu()
@@ -335,7 +299,7 @@ def generate_and_score(model, examples, task, args, tok):
     ROUGE-1/2/L, BLEU-4 and, for gsm8k, the exact match of the final number."""
     texts = [None] * len(examples)
     for idx, b in data.prompt_batches(examples, args.eval_batch_size, tok.pad_id):
-        b = to_device(b, args.device)
+        b = data.to_device(b, args.device)
         with autocast(args.device):
             out = model.generate(b["input_ids"], b["attention_mask"], args.max_new_tokens, tok.eos).tolist()
         for i, tokens in zip(idx, out):
@@ -348,13 +312,6 @@ def generate_and_score(model, examples, task, args, tok):
     return scores
 
 
-def peak_memory_mb(device):
-    """Training's peak: CUDA's allocator since the epoch began; on CPU the process's peak RSS so far."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 # -----------------------------------------------------------------------------
 # the result: the selected epoch's weights, metrics.json and the run's files
 
@@ -363,27 +320,23 @@ def finish(args, progress, model, method, task, n_train, n_all, world):
     history, selected = progress["history"], progress["history"][-1]["epoch"]
     if progress["kept"] is not None:  # --select holdout: back to the chosen epoch's weights
         selected, kept = progress["kept"]
-        tensors = checkpoint.trained_state(model)
-        with torch.no_grad():
-            for n, t in kept.items():
-                tensors[n].copy_(t)
+        checkpoint.restore(model, kept)
     scores = {k: v for k, v in history[selected - 1].items()
               if k not in ("epoch", "step", "holdout") and not k.startswith("train_")}
     label = (method.label() + ("+nf4" if args.quant == "nf4" != method.quant else "")
              + (" zero-shot" if args.epochs == 0 else ""))  # QLoRA's row apart from LoRA's
-    seconds, steps = progress["seconds"], progress["step"]
+    (seconds, compiling, timed), predictions = progress["seconds"], progress["predictions"].get(selected)
     result = {"task": task.name, "method": args.method, "label": label, "model": args.model,
               "metrics": scores, "select": args.select, "selected_epoch": selected, "last": history[-1],
               "history": history, "loss_log": progress["log"], "trainable_params": n_train,
-              "total_params": n_all,
-              "trainable_pct": 100 * n_train / n_all, "steps": steps, "train_seconds": seconds[0],
-              "compile_seconds": seconds[1], "s_per_step": (seconds[0] - seconds[1]) / max(1, seconds[2]),
+              "total_params": n_all, "trainable_pct": 100 * n_train / n_all, "steps": progress["step"],
+              "train_seconds": seconds,
+              "compile_seconds": compiling, "s_per_step": (seconds - compiling) / max(1, timed),
               "peak_memory_mb": progress["peak_mb"] or peak_memory_mb(args.device), "args": vars(args),
               "method_config": dataclasses.asdict(method.cfg), "method_report": method.report(model)}
-    predictions = progress["predictions"].get(selected)
     if predictions:  # a causal LM: each prompt's four scores, for report.py's paired bootstrap
-        result["sample_scores"] = {k: [p[k] for p in predictions] for k in ("rouge-1", "rouge-2", "rouge-l",
-                                                                            "bleu-4")}
+        result["sample_scores"] = {k: [p[k] for p in predictions]
+                                   for k in ("rouge-1", "rouge-2", "rouge-l", "bleu-4")}
     which = "the last" if args.select == "last" else "best on holdout"
     print(f"reported: dev at epoch {selected} ({which}): "
           + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
@@ -424,13 +377,6 @@ def log_row(progress, sched, bar):
         seconds = progress["seconds"]
         print(f"step {progress['step']}: loss {w_loss / steps:.4f}, lr {lr:.2e}, "
               f"{seconds[0] / progress['step']:.3f} s/step", flush=True)
-
-
-def epoch_row(progress, epoch, steps, classify):
-    """The epoch's training numbers, from the rows read back."""
-    sums = progress["sums"]
-    return {"epoch": epoch + 1, "step": progress["step"], "train_loss": sums[0] / steps,
-            **({"train_accuracy": sums[1] / sums[2]} if classify else {}), "train_examples": int(sums[2])}
 
 
 def run(args, methods=METHODS):
@@ -525,7 +471,10 @@ def run(args, methods=METHODS):
                         raise InterruptedError(f"interrupted at step {progress['step']}; resume with the "
                                                f"same command and --resume")
             progress["peak_mb"] = max(progress["peak_mb"], peak_memory_mb(args.device))  # before evaluating
-            row = epoch_row(progress, epoch, progress["batch"], classify)
+            sums = progress["sums"]  # the epoch's training numbers, from the rows read back
+            row = {"epoch": epoch + 1, "step": progress["step"], "train_loss": sums[0] / progress["batch"],
+                   **({"train_accuracy": sums[1] / sums[2]} if classify else {}),
+                   "train_examples": int(sums[2])}
             progress.update(epoch=epoch + 1, batch=0, sums=[0.0, 0.0, 0.0])
             if rank:  # rank 0 evaluates and keeps the epoch; the others go on
                 continue
