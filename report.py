@@ -759,11 +759,16 @@ CLOSE = 1.0  # points: "LoRA ≈ Ours" holds when the mean gap is within this
 
 
 def eta_best(runs):
-    """η for every row of the rank table: the lr of the best sel_* run by holdout_score (held-out slice)."""
+    """η for every row of the rank table: among the η at which every row has a sel_* run (r 8, seed 0, the
+    held-out slice), the one with the best mean holdout_score over the rows. Dev is never read."""
     sel = [r for r in runs if os.path.basename(os.path.dirname(r["path"])).startswith("sel_")]
     if not sel:
         raise ValueError("no sel_* runs (--select holdout) to choose η from; run experiments_tlora.sh")
-    return arg(max(sel, key=holdout_score), "lr")
+    rows, by_eta = {r["method"] for r in sel}, defaultdict(list)
+    for r in sel:
+        by_eta[arg(r, "lr")].append(r)
+    whole = {e: rs for e, rs in by_eta.items() if {r["method"] for r in rs} == rows}
+    return max(whole, key=lambda e: tuple(np.mean([holdout_score(r)[i] for r in whole[e]]) for i in (0, 1)))
 
 
 def rank_cells(runs, task):
@@ -850,16 +855,23 @@ def tlora_rank_section(res):
     sel = [r for r in runs if os.path.basename(os.path.dirname(r["path"])).startswith("sel_")]
     if sel:
         eta = eta_best(runs)
-        stale = [r for r in runs if r not in sel and arg(r, "lr") != eta]
-        runs = [r for r in runs if r in sel or arg(r, "lr") == eta]  # a cell trained at another η is no cell
-        out += [f"η, chosen once for every row (LoRA, r 8, seed 0, `--select holdout`): "
-                f"**{lr(eta)}**. The held-out scores, the only numbers the choice read:", "",
-                "| η | held-out accuracy | held-out loss |", "|---|---|---|"]
-        for r in sorted(sel, key=lambda r: arg(r, "lr")):
-            h = r["history"][r.get("selected_epoch", len(r["history"])) - 1]["holdout"]
-            out.append(f"| {lr(arg(r, 'lr'))} | {h['accuracy']:.4f} | {h['loss']:.4f} |")
-        out += [""] + ([f"{len(stale)} runs trained at another η are left out (experiments_tlora.sh redoes "
-                         f"them).", ""] if stale else [])
+        aside = lambda r: "other_eta" in r["path"].split(os.sep)  # runs experiments_tlora.sh set aside
+        stale = [r for r in runs if r not in sel and (arg(r, "lr") != eta or aside(r))]
+        runs = [r for r in runs if r not in stale]  # a cell trained at another η is no cell
+        rows = [m for m in RANK_ROWS if any(r["method"] == m for r in sel)]
+        out += [f"η, chosen once for every row (r 8, seed 0, `--select holdout`; the best mean held-out "
+                f"accuracy over the rows): **{lr(eta)}**. The held-out accuracy / loss, the only numbers the "
+                f"choice read:", "", "| η | " + " | ".join(RANK_ROWS[m] for m in rows) + " | mean accuracy |",
+                "|---|" + "---|" * (len(rows) + 1)]
+        for e in sorted({arg(r, "lr") for r in sel}):
+            held = {r["method"]: r["history"][r.get("selected_epoch", len(r["history"])) - 1]["holdout"]
+                    for r in sel if arg(r, "lr") == e}
+            cells = [f"{held[m]['accuracy']:.4f} / {held[m]['loss']:.4f}" if m in held else "–" for m in rows]
+            mean = f"{np.mean([h['accuracy'] for h in held.values()]):.4f}" if len(held) == len(rows) else "–"
+            out.append(f"| {lr(e)} | " + " | ".join(cells) + f" | {mean} |")
+        out += [""] + ([f"{len(stale)} runs trained at another η are left out of the tables "
+                         f"(experiments_tlora.sh moves each to other_eta/ and trains its cell again).", ""]
+                       if stale else [])
     for task, key in (("mrpc", "accuracy"), ("cola", "mcc"), ("rte", "accuracy")):
         cells, mrpc = rank_cells(runs, task), task == "mrpc"
         ranks = sorted({r for (row, r) in cells if row != "peft"})

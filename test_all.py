@@ -2845,8 +2845,15 @@ def rank_run(root, name, method, rank, seed, acc, loss=0.6, task="mrpc", label=N
 
 def test_tlora_rank_verdicts_read_paired_seeds_and_can_fail(tmp_path):
     d = str(tmp_path / "seed002" / "rank")
-    for e, held, dev in ((2e-4, 0.70, 0.90), (5e-4, 0.75, 0.60), (1e-3, 0.72, 0.95)):  # dev points elsewhere
-        rank_run(d, f"sel_lora-e{e}", "lora", 8, 0, dev, held=held, lr=e)
+    # η: the best mean held-out accuracy over the rows (5e-4), not LoRA's best (1e-3), nor dev's; 2e-3 lacks
+    # two rows' runs, so its 0.99 is no candidate
+    for e, lo, ours, t, dev in ((2e-4, 0.70, 0.70, 0.65, 0.90), (5e-4, 0.72, 0.76, 0.70, 0.60),
+                                (1e-3, 0.75, 0.60, 0.66, 0.95)):
+        rank_run(d, f"sel_lora-e{e}", "lora", 8, 0, dev, held=lo, lr=e)
+        rank_run(d, f"sel_ours-e{e}", "tlora_plus", 8, 0, dev, held=ours, lr=e)
+        rank_run(d, f"sel_tlora-e{e}", "tlora", 8, 0, dev, held=t, lr=e)
+    rank_run(d, "sel_ours-e2e-3", "tlora_plus", 8, 0, 0.5, held=0.99, lr=2e-3)
+    rank_run(d, "other_eta/mrpc-lora-r8-s0-e0.001", "lora", 8, 0, 0.99)  # set aside: no cell, at any η
     for s, (lo, ours, t, ours_loss, peft) in enumerate(((0.80, 0.805, 0.70, 0.50, 0.80),
                                                         (0.81, 0.80, 0.70, 0.55, 0.80),
                                                         (0.79, 0.79, 0.72, 0.65, 0.80))):
@@ -2860,8 +2867,10 @@ def test_tlora_rank_verdicts_read_paired_seeds_and_can_fail(tmp_path):
     rank_run(d, "mrpc-lora-r64-s0", "lora", 64, 0, 0.99, lr=1e-3)  # trained at another η: no cell
     assert report.eta_best(report.runs_under(d)) == 5e-4
     text = "\n".join(report.tlora_rank_section(str(tmp_path)))
-    assert "**5e-4**" in text and "| 5e-4 | 0.7500 | 0.5000 |" in text
-    assert "r 64" not in text and "1 runs trained at another η are left out" in text
+    assert "**5e-4**" in text
+    assert "| 5e-4 | 0.7200 / 0.5000 | 0.7600 / 0.5000 | 0.7000 / 0.5000 | 0.7267 |" in text
+    assert "| 2e-3 | – | 0.9900 / 0.5000 | – | – |" in text
+    assert "r 64" not in text and "2 runs trained at another η are left out of the tables" in text
     assert "| LoRA | 0.8000 / 0.4000 (3) | 0.8701 / 0.6926 | 0.8000 / 0.4000 (1) | 0.8725 / 0.6994 |" in text
     assert "- r 8, TLoRA ≪ LoRA (accuracy, LoRA − TLoRA > 5 points on every seed; *not reproduced*: on " \
            "none): **reproduced**; per seed +10.00, +11.00, +7.00." in text
