@@ -870,7 +870,8 @@ def tlora_rank_section(res):
             mean = f"{np.mean([h['accuracy'] for h in held.values()]):.4f}" if len(held) == len(rows) else "–"
             out.append(f"| {lr(e)} | " + " | ".join(cells) + f" | {mean} |")
         out += [""] + ([f"{len(stale)} runs trained at another η are left out of the tables "
-                         f"(kept under other_eta/; experiments_tlora.sh trains each cell at the chosen η).", ""]
+                         f"(kept under other_eta/; experiments_tlora.sh trains each cell at the chosen "
+                         f"η).", ""]
                        if stale else [])
     for task, key in (("mrpc", "accuracy"), ("cola", "mcc"), ("rte", "accuracy")):
         cells, mrpc = rank_cells(runs, task), task == "mrpc"
