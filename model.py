@@ -1,7 +1,6 @@
 """
 One small transformer that loads four checkpoint families:
-- GPT-2: pre-LN, causal, fused q/k/v (`c_attn`), Conv1D layers that store the weight as (in, out), tied LM
-  head.
+- GPT-2: pre-LN, causal, fused q/k/v (`c_attn`), Conv1D layers storing the weight as (in, out), tied LM head.
 - RoBERTa: post-LN encoder, positions offset past the padding index, dense-tanh-out classification head.
 - BERT: post-LN encoder, token types, pooler (dense + tanh on [CLS]) then a linear classifier.
 - Llama (also Qwen2, Mistral, SmolLM2): pre-RMSNorm, causal, rotary positions instead of a position table,
@@ -191,15 +190,11 @@ class Head(nn.Module):
             self.out_proj = nn.Linear(cfg.d, cfg.num_labels)
 
     def forward(self, h, attention_mask):
-        if self.family in CAUSAL:
-            # last non-pad position
+        if self.family in CAUSAL:  # score the last non-pad position
             last = attention_mask.size(1) - 1 - attention_mask.flip(1).long().argmax(1)
             return self.score(h[torch.arange(h.size(0), device=h.device), last])
-        x = h[:, 0]
-        if self.family == "roberta":
-            x = self.drop(x)
-        x = self.drop(torch.tanh(self.dense(x)))
-        return self.out_proj(x)
+        x = self.drop(h[:, 0]) if self.family == "roberta" else h[:, 0]  # RoBERTa also drops out <s>
+        return self.out_proj(self.drop(torch.tanh(self.dense(x))))
 
 
 class Transformer(nn.Module):
@@ -208,8 +203,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d)
-        # Llama rotates q and k by position instead of adding a learned position embedding
-        self.wpe = nn.Embedding(cfg.n_positions, cfg.d) if cfg.family != "llama" else None
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.d) if cfg.family != "llama" else None  # Llama: RoPE
         self.wtt = nn.Embedding(cfg.n_types, cfg.d) if cfg.n_types else None
         self.ln_emb = nn.LayerNorm(cfg.d, eps=cfg.eps) if cfg.family not in CAUSAL else None  # post-LN ones
         self.drop = nn.Dropout(cfg.dropout)
@@ -219,8 +213,7 @@ class Transformer(nn.Module):
         untied = cfg.num_labels == 0 and not cfg.tie
         self.lm_head = nn.Linear(cfg.d, cfg.vocab_size, bias=False) if untied else None  # (vocab, d)
         self.apply(self._init_weights)
-        # recompute each block's activations in backward instead of keeping them (torch.utils.checkpoint):
-        # memory for time, the same gradients
+        # recompute each block's activations in backward (torch.utils.checkpoint): memory for time, same grads
         self.grad_checkpointing = False
 
     @staticmethod
@@ -255,9 +248,7 @@ class Transformer(nn.Module):
             rope = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         if self.wtt is not None:
             x = x + self.wtt(token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids))
-        if self.ln_emb is not None:
-            x = self.ln_emb(x)
-        x = self.drop(x)
+        x = self.drop(self.ln_emb(x) if self.ln_emb is not None else x)
         mask = keep[:, None, None, :]  # (B, 1, 1, S): True = attend to this key
         if cfg.family in CAUSAL:  # causal, and every token sees itself, so a left pad's row is never empty
             causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
@@ -339,9 +330,8 @@ HF_NAMES["llama"] = {
     **{f"attn.{p}_proj": f"self_attn.{p}_proj" for p in "qkvo"},
     **{f"mlp.{p}_proj": f"mlp.{p}_proj" for p in ("gate", "up", "down")},
 }
-# the backbone's attribute in HF's
+# the backbone's attribute in HF's model, and the head modules HF keeps inside it (BERT's pooler: in bert.)
 HF_PREFIX = {"bert": "bert.", "roberta": "roberta.", "gpt2": "transformer.", "llama": "model."}
-# BERT's pooler: in bert.
 HEAD_IN_BACKBONE = {"bert": ("head.dense",), "roberta": (), "gpt2": (), "llama": ()}
 
 
@@ -350,13 +340,11 @@ def hf_name(family, name):
     h.3.attn.query.weight -> roberta.encoder.layer.3.attention.self.query.weight,
     h.3.attn.q_proj.weight -> model.layers.3.self_attn.q_proj.weight, lm_head.weight -> lm_head.weight."""
     table, prefix = HF_NAMES[family], HF_PREFIX[family]
-    if name.startswith("h."):
-        _, i, rest = name.split(".", 2)
-        module, _, leaf = rest.rpartition(".") if rest.endswith((".weight", ".bias")) else (rest, "", "")
-        local = table[module] + (("." + leaf) if leaf else "")
-        return f"{prefix}{table['h']}.{i}.{local}"
-    module, _, leaf = name.rpartition(".") if name.endswith((".weight", ".bias")) else (name, "", "")
+    _, i, rest = name.split(".", 2) if name.startswith("h.") else (None, None, name)  # block i, or None
+    module, _, leaf = rest.rpartition(".") if rest.endswith((".weight", ".bias")) else (rest, "", "")
     local = table[module] + (("." + leaf) if leaf else "")
+    if i is not None:
+        return f"{prefix}{table['h']}.{i}.{local}"
     if module == "lm_head" or module.startswith("head.") and module not in HEAD_IN_BACKBONE[family]:
         return local
     return prefix + local
@@ -439,12 +427,11 @@ def resolve(name_or_dir):
 def load_state_dict(folder):
     path = os.path.join(folder, "model.safetensors")
     try:
+        from safetensors.torch import load_file
         if os.path.exists(path):
-            from safetensors.torch import load_file
             return load_file(path)
         path = os.path.join(folder, "model.safetensors.index.json")
         if os.path.exists(path):  # a checkpoint in shards (Llama 3B and up): the index names each file
-            from safetensors.torch import load_file
             with open(path) as f:
                 files = sorted(set(json.load(f)["weight_map"].values()))
             return {k: t for name in files for k, t in load_file(os.path.join(folder, name)).items()}
@@ -506,8 +493,7 @@ def from_pretrained(name_or_dir, num_labels=2):
     read = set()
     for name, t in model.state_dict().items():
         key = hf_name(cfg.family, name)
-        # a bare backbone (BertModel, GPT2Model): no "bert." prefix
-        if key not in sd and key.startswith(prefix):
+        if key not in sd and key.startswith(prefix):  # a bare backbone (BertModel, GPT2Model) has no prefix
             key = key[len(prefix):]
         if key not in sd or sd[key].shape != t.shape:
             if name.startswith("head."):

@@ -1919,7 +1919,7 @@ def test_adalora_matches_peft_step_for_step(tmp_path):
         ids, mask, types = batch(family, seed=t)
         labels = torch.tensor([t % 2, 1, 0])
         b = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels}
-        ce, _ = train.train_step(ours, ours, method, [b], opt, sched, t, 1.0, "cpu")
+        ce = train.train_step(ours, ours, method, [b], opt, sched, t, 1.0, "cpu")[0]
         loss = ce + method.cfg.orth_reg_weight * method.orth[-1]
         out = theirs(input_ids=ids, attention_mask=mask, labels=labels)
         out.loss.backward()
@@ -3208,9 +3208,10 @@ def test_train_loss_and_accuracy_are_every_steps_not_a_sample(tmp_path, monkeypa
     steps, real = [], train.train_step
 
     def record(model, fwd, method, b, *a):
-        loss, correct = real(model, fwd, method, b, *a)
-        steps.append((loss.item(), correct.item(), sum(len(m["labels"]) for m in b)))
-        return loss, correct
+        window = real(model, fwd, method, b, *a)  # (loss, correct, examples)
+        steps.append((window[0].item(), window[1].item(), sum(len(m["labels"]) for m in b)))
+        assert window[2].item() == steps[-1][2]
+        return window
     monkeypatch.setattr(train, "train_step", record)
     r = train.run(train.parse_args(["--model", folder, "--data_dir", glue, "--epochs", "2",
                                           "--batch_size", "8", "--log_every", "4", "--lr", "1e-2"]))
@@ -3404,7 +3405,7 @@ def test_train_step_adds_the_extra_loss_clips_and_calls_after_step(tmp_path):
         opt, sched = train.optimizer(method, model, 10, 0, "cpu")
         with torch.no_grad():
             hits = (model(ids, mask, types).argmax(-1) == b["labels"]).sum().item()
-        loss, correct = train.train_step(model, model, method, [b], opt, sched, 7, clip, "cpu")
+        loss, correct, seen = train.train_step(model, model, method, [b], opt, sched, 7, clip, "cpu")
         assert loss.item() == pytest.approx(task, rel=1e-6), f"{name}: step returns {loss} != the task loss"
         assert correct.item() == hits, f"{name}: {correct} correct, the logits give {hits}"
         assert [s for s, _, _ in method.seen] == [7], \

@@ -244,10 +244,10 @@ def train_step(model, forward, method, batches, opt, sched, step, grad_clip, dev
     """The step-th optimizer step over a list of micro-batches: each one's task loss weighted by its share of
     the step's examples (or response tokens), the method's extra loss once, clip, AdamW, the schedule, then
     the method's after_step (before zero_grad, so it can read the gradients). `forward` is the model,
-    compiled or under DDP. Returns the task loss and the number of correct predictions (None for a causal LM
-    or a regression), on the device: reading them is the caller's host sync."""
+    compiled or under DDP. Returns (task loss, correct predictions, examples) on the device, for the loop's
+    window: reading them is the caller's host sync. A causal LM or a regression counts no correct ones."""
     n = sum(weight(b) for b in batches)
-    loss_sum, correct = 0.0, None
+    loss_sum, correct = 0.0, torch.zeros((), device=device)
     for i, batch in enumerate(batches):
         b, last = data.to_device(batch, device), i == len(batches) - 1
         with contextlib.nullcontext() if last or not hasattr(forward, "no_sync") else forward.no_sync():
@@ -256,8 +256,7 @@ def train_step(model, forward, method, batches, opt, sched, step, grad_clip, dev
             loss = task_loss(logits, b["labels"]) * (weight(batch) / n)
             loss_sum = loss_sum + loss.detach()
             if logits.dim() == 2 and logits.size(-1) > 1:
-                hits = (logits.argmax(-1) == b["labels"]).sum()
-                correct = hits if correct is None else correct + hits
+                correct = correct + (logits.argmax(-1) == b["labels"]).sum()
             extra = method.extra_loss(model) if last else None
             (loss if extra is None else loss + extra).backward()
     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
@@ -265,7 +264,8 @@ def train_step(model, forward, method, batches, opt, sched, step, grad_clip, dev
     sched.step()
     method.after_step(model, step)
     opt.zero_grad(set_to_none=True)
-    return loss_sum, correct
+    seen = torch.tensor(float(sum(len(b["labels"]) for b in batches)), device=device)
+    return torch.stack([loss_sum, correct, seen])
 
 
 # -----------------------------------------------------------------------------
@@ -328,9 +328,9 @@ def finish(args, progress, model, method, task, n_train, n_all, world):
     (seconds, compiling, timed), predictions = progress["seconds"], progress["predictions"].get(selected)
     result = {"task": task.name, "method": args.method, "label": label, "model": args.model,
               "metrics": scores, "select": args.select, "selected_epoch": selected, "last": history[-1],
-              "history": history, "loss_log": progress["log"], "trainable_params": n_train,
-              "total_params": n_all, "trainable_pct": 100 * n_train / n_all, "steps": progress["step"],
-              "train_seconds": seconds,
+              "history": history,
+              "loss_log": progress["log"], "trainable_params": n_train, "total_params": n_all,
+              "trainable_pct": 100 * n_train / n_all, "steps": progress["step"], "train_seconds": seconds,
               "compile_seconds": compiling, "s_per_step": (seconds - compiling) / max(1, timed),
               "peak_memory_mb": progress["peak_mb"] or peak_memory_mb(args.device), "args": vars(args),
               "method_config": dataclasses.asdict(method.cfg), "method_report": method.report(model)}
@@ -447,13 +447,8 @@ def run(args, methods=METHODS):
                 t0, graphs = time.time(), graphs_compiled() if args.compile else 0
                 progress["step"] += 1
                 progress["batch"] += 1
-                loss, correct = train_step(model, forward, method, batches, opt, sched, progress["step"],
-                                           args.grad_clip, args.device)
-                window = progress["window"]
-                window[0] += loss
-                if correct is not None:
-                    window[1] += correct
-                window[2] += sum(len(b["labels"]) for b in batches)
+                progress["window"] += train_step(model, forward, method, batches, opt, sched,
+                                                 progress["step"], args.grad_clip, args.device)
                 last = progress["batch"] == steps_per_epoch or progress["step"] >= total
                 if progress["step"] % args.log_every == 0 or last:
                     log_row(progress, sched, bar)
@@ -463,13 +458,12 @@ def run(args, methods=METHODS):
                 seconds[2] += not compiled
                 if progress["step"] >= total:
                     break
-                if stop["now"] and not args.out_dir:
-                    raise InterruptedError(f"interrupted at step {progress['step']}; nothing saved")
-                if stop["now"] or args.save_every and progress["step"] % args.save_every == 0:
+                due = args.save_every and progress["step"] % args.save_every == 0  # (it needs --out_dir)
+                if due or stop["now"] and args.out_dir:
                     checkpoint.save(args, progress, model, method, opt, sched)
-                    if stop["now"]:
-                        raise InterruptedError(f"interrupted at step {progress['step']}; resume with the "
-                                               f"same command and --resume")
+                if stop["now"]:
+                    raise InterruptedError(f"interrupted at step {progress['step']}; " + (
+                        "resume with the same command and --resume" if args.out_dir else "nothing saved"))
             progress["peak_mb"] = max(progress["peak_mb"], peak_memory_mb(args.device))  # before evaluating
             sums = progress["sums"]  # the epoch's training numbers, from the rows read back
             row = {"epoch": epoch + 1, "step": progress["step"], "train_loss": sums[0] / progress["batch"],
