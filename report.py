@@ -756,6 +756,7 @@ TLORA_PAPER = {
 RANK_ROWS = {"lora": "LoRA", "tlora_plus": "Ours", "tlora": "TLoRA"}
 MUCH_LESS = 5.0  # points: "TLoRA ≪ LoRA" holds when LoRA leads by more than this on every seed
 CLOSE = 1.0  # points: "LoRA ≈ Ours" holds when the mean gap is within this
+RTE_MAJORITY = 146 / 277  # RTE's dev split: 146 of its 277 examples are "entailment"
 
 
 def eta_best(runs):
@@ -819,17 +820,34 @@ def rank_table(cells, ranks, keys, paper_cols=None):
     (MRPC) after it when paper_cols names its columns."""
     heads = [f"r {r}: ours" + (f" | r {r}: paper" if paper_cols else "") for r in ranks]
     lines = ["| row | " + " | ".join(heads) + " |", "|---" * (1 + (1 + bool(paper_cols)) * len(ranks)) + "|"]
-    for row in ("LoRA", "Ours", "TLoRA"):
+    for row in ("LoRA", "peft", "Ours", "TLoRA"):
+        if row == "peft" and not any(row == c[0] for c in cells):
+            continue
         cells_ = []
         for r in ranks:
             rs = cells.get((row, r), [])
             ours = " / ".join(f"{np.mean([x['last'][k] for x in rs]):.4f}" for k in keys) + f" ({len(rs)})" \
                 if rs else "–"
-            paper = TLORA_PAPER[row].get(r)
+            paper = TLORA_PAPER.get(row, {}).get(r)
             cells_ += [ours] + ([" / ".join(f"{paper[i]:.4f}" for i in paper_cols) if paper else "–"]
                                 if paper_cols else [])
-        lines.append(f"| {row} | " + " | ".join(cells_) + " |")
+        name = "LoRA (transformers + peft)" if row == "peft" else row
+        lines.append(f"| {name} | " + " | ".join(cells_) + " |")
     return lines
+
+
+def chance_verdict(cells, r=8):
+    """RTE: whether each row left chance, i.e. beat the majority class by more than two binomial standard
+    errors of a dev accuracy (2·sqrt(p(1 − p)/277) = 0.060) on every seed."""
+    bar = RTE_MAJORITY + 2 * np.sqrt(RTE_MAJORITY * (1 - RTE_MAJORITY) / 277)
+    out = []
+    for row in ("LoRA", "Ours", "TLoRA"):
+        acc = [x["last"]["accuracy"] for x in cells.get((row, r), [])]
+        if acc:
+            word = "left chance" if min(acc) > bar else "did not leave chance on every seed"
+            out.append(f"- RTE, {row} (r {r}): **{word}** (the majority class is {RTE_MAJORITY:.4f}, the bar "
+                       f"{bar:.4f}); per seed " + ", ".join(f"{a:.4f}" for a in acc) + ".")
+    return out
 
 
 def peft_verdict(cells):
@@ -885,8 +903,10 @@ def tlora_rank_section(res):
                 *rank_table(cells, ranks, ("train_accuracy", "train_loss", "loss"),
                             (2, 3, 4) if mrpc else None),
                 "", *rank_verdicts(cells, key, ranks), ""]
-        if task == "mrpc":
+        if mrpc:
             out += peft_verdict(cells)
+        if task == "rte":
+            out += [*chance_verdict(cells), ""]
     return out + [*note(res, "tlora_rank_verdict")]
 
 

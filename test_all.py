@@ -2865,6 +2865,9 @@ def test_tlora_rank_verdicts_read_paired_seeds_and_can_fail(tmp_path):
     rank_run(d, "mrpc-ours-r16-s0", "tlora_plus", 16, 0, 0.77)
     rank_run(d, "mrpc-tlora-r16-s0", "tlora", 16, 0, 0.78)
     rank_run(d, "mrpc-lora-r64-s0", "lora", 64, 0, 0.99, lr=1e-3)  # trained at another η: no cell
+    for s, (lo, ours) in enumerate(((0.62, 0.60), (0.60, 0.55))):  # RTE's bar: 146/277 + 2 s.e. = 0.5871
+        rank_run(d, f"rte-lora-r8-s{s}", "lora", 8, s, lo, task="rte")
+        rank_run(d, f"rte-ours-r8-s{s}", "tlora_plus", 8, s, ours, task="rte")
     assert report.eta_best(report.runs_under(d)) == 5e-4
     text = "\n".join(report.tlora_rank_section(str(tmp_path)))
     assert "**5e-4**" in text
@@ -2882,6 +2885,12 @@ def test_tlora_rank_verdicts_read_paired_seeds_and_can_fail(tmp_path):
     assert "- r 16, LoRA ≈ Ours (accuracy, |mean LoRA − Ours| ≤ 1 point): **not reproduced**: +3.00" in text
     assert "ours − peft +0.00 ± 0.82 points (per seed +0.00, +1.00, -1.00); seed noise 0.82: " \
            "**agree**" in text
+    assert "| LoRA (transformers + peft) | 0.8000 / 0.4000 (3) | 0.8701 / 0.6926 | – | 0.8725 / 0.6994 |" \
+        not in text and "| LoRA (transformers + peft) | 0.8000 / 0.4000 (3) | – | – | – |" in text
+    assert "- RTE, LoRA (r 8): **left chance** (the majority class is 0.5271, the bar 0.5871); per seed " \
+           "0.6200, 0.6000." in text
+    assert "- RTE, Ours (r 8): **did not leave chance on every seed** (the majority class is 0.5271, the bar " \
+           "0.5871); per seed 0.6000, 0.5500." in text and "- RTE, TLoRA" not in text
 
 
 def test_report_refuses_a_missing_or_malformed_metrics_json_in_one_line(tmp_path):
