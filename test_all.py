@@ -2889,8 +2889,8 @@ def test_tlora_rank_verdicts_read_paired_seeds_and_can_fail(tmp_path):
         not in text and "| LoRA (transformers + peft) | 0.8000 / 0.4000 (3) | – | – | – |" in text
     assert "- RTE, LoRA (r 8): **left chance** (the majority class is 0.5271, the bar 0.5871); per seed " \
            "0.6200, 0.6000." in text
-    assert "- RTE, Ours (r 8): **did not leave chance on every seed** (the majority class is 0.5271, the bar " \
-           "0.5871); per seed 0.6000, 0.5500." in text and "- RTE, TLoRA" not in text
+    assert "- RTE, Ours (r 8): **did not leave chance on every seed** (the majority class is 0.5271, " \
+           "the bar 0.5871); per seed 0.6000, 0.5500." in text and "- RTE, TLoRA" not in text
 
 
 def test_report_refuses_a_missing_or_malformed_metrics_json_in_one_line(tmp_path):
