@@ -74,8 +74,8 @@ for s in 0 1 2; do
         { echo "FAILED $out (see $out.log)"; exit 1; }
 done
 # 4. CoLA (2 epochs) and RTE (6 epochs: at 1 it sat at chance), every row at r 8, seeds 0, 1, 2
-# A seed's three rows on a task finish before the next task or seed starts.
-for s in 0 1 2; do for task in cola rte; do for row in lora ours tlora; do
+# A seed's three rows finish before the next seed starts, and CoLA (short) before RTE.
+for task in cola rte; do for s in 0 1 2; do for row in lora ours tlora; do
     case $task in rte) ep="--epochs 6" ;; *) ep="" ;; esac
     run $D/$task-$row-r8-s$s $E --task $task $ep ${ROW[$row]} --rank 8 --seed $s
 done; done; done
