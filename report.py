@@ -891,12 +891,12 @@ def tlora_rank_section(res):
                          f"(kept under other_eta/; experiments_tlora.sh trains each cell at the chosen "
                          f"η).", ""]
                        if stale else [])
-    for task, key in (("mrpc", "accuracy"), ("cola", "mcc"), ("rte", "accuracy")):
+    for task, name, key in (("mrpc", "MRPC", "accuracy"), ("cola", "CoLA", "mcc"), ("rte", "RTE", "accuracy")):
         cells, mrpc = rank_cells(runs, task), task == "mrpc"
         ranks = sorted({r for (row, r) in cells if row != "peft"})
         if not ranks:
             continue
-        out += [f"#### {task.upper()}: dev accuracy / MCC at the last epoch (seeds in brackets)" +
+        out += [f"#### {name}: dev accuracy / MCC at the last epoch (seeds in brackets)" +
                 (", the paper's RoBERTa-base beside" if mrpc else ""), "",
                 *rank_table(cells, ranks, ("accuracy", "mcc"), (0, 1) if mrpc else None), "",
                 "Train accuracy / train loss / dev loss, the same cells:", "",
