@@ -838,13 +838,15 @@ def rank_table(cells, ranks, keys, paper_cols=None):
 
 def chance_verdict(cells, r=8):
     """RTE: whether each row left chance, i.e. beat the majority class by more than two binomial standard
-    errors of a dev accuracy (2·sqrt(p(1 − p)/277) = 0.060) on every seed."""
+    errors of a dev accuracy (2·sqrt(p(1 − p)/277) = 0.060) on every seed, or stayed at chance on every
+    seed, or neither."""
     bar = RTE_MAJORITY + 2 * np.sqrt(RTE_MAJORITY * (1 - RTE_MAJORITY) / 277)
     out = []
     for row in ("LoRA", "Ours", "TLoRA"):
         acc = [x["last"]["accuracy"] for x in cells.get((row, r), [])]
         if acc:
-            word = "left chance" if min(acc) > bar else "did not leave chance on every seed"
+            word = ("left chance" if min(acc) > bar else "stayed at chance" if max(acc) <= bar else
+                    "left chance on some seeds only")
             out.append(f"- RTE, {row} (r {r}): **{word}** (the majority class is {RTE_MAJORITY:.4f}, the bar "
                        f"{bar:.4f}); per seed " + ", ".join(f"{a:.4f}" for a in acc) + ".")
     return out
@@ -891,7 +893,8 @@ def tlora_rank_section(res):
                          f"(kept under other_eta/; experiments_tlora.sh trains each cell at the chosen "
                          f"η).", ""]
                        if stale else [])
-    for task, name, key in (("mrpc", "MRPC", "accuracy"), ("cola", "CoLA", "mcc"), ("rte", "RTE", "accuracy")):
+    tasks = (("mrpc", "MRPC", "accuracy"), ("cola", "CoLA", "mcc"), ("rte", "RTE", "accuracy"))
+    for task, name, key in tasks:
         cells, mrpc = rank_cells(runs, task), task == "mrpc"
         ranks = sorted({r for (row, r) in cells if row != "peft"})
         if not ranks:
